@@ -1,0 +1,30 @@
+# Set-up and the two main commands. TORCH_SPEC is installed first: pip would otherwise
+# resolve a bare torch requirement to a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m benchmarks demo
+
+test: $(STAMP)
+	$(BIN)/ruff check klj_reg benchmarks tests
+	$(BIN)/ruff format --check klj_reg benchmarks tests
+	$(BIN)/mypy klj_reg
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

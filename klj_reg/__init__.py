@@ -1,0 +1,41 @@
+"""klj-reg: the KL-Jacobian regulariser for normalizing flows (Song et al., AAAI 2024).
+
+loss = nll + klj_reg.penalty(model, x)
+"""
+
+from .capture import Capture, attach, capturing, clear, detach
+from .divergence import divergence, klj_terms
+from .errors import (
+    AdapterMismatchError,
+    CaptureError,
+    CompileOrderError,
+    KLJError,
+    NonFiniteScaleError,
+    UnsupportedModelError,
+)
+from .penalty import penalty
+from .records import Factor, LayerRecord
+from .registry import register_adapter, register_runner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterMismatchError",
+    "Capture",
+    "CaptureError",
+    "CompileOrderError",
+    "Factor",
+    "KLJError",
+    "LayerRecord",
+    "NonFiniteScaleError",
+    "UnsupportedModelError",
+    "attach",
+    "capturing",
+    "clear",
+    "detach",
+    "divergence",
+    "klj_terms",
+    "penalty",
+    "register_adapter",
+    "register_runner",
+]

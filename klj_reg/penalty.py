@@ -1,0 +1,205 @@
+r"""The regulariser users add to their loss.
+
+.. math::
+
+    \text{penalty} = \frac{\alpha}{\text{normaliser}} \, \operatorname{mean}_{b}\,
+    \sum_i \sum_j \big(d_{ij}(x_b)^2 - 1 - 2\log|d_{ij}(x_b)|\big)
+    \;+\; \tau \sum \|W\|_F^2
+
+over captured layers :math:`i` and their Jacobian diagonal entries :math:`j` (paper Eq. 10-11
+with :math:`s_i` the true diagonal; summed over layers the log terms are the model's
+log-determinant, the paper's R3). The default normaliser is the data dimension :math:`D`, which
+puts the penalty on the scale of a per-dimension NLL so that one ``alpha`` suits models of
+any size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import registry
+from .capture import attach, get_capture, unwrap
+from .checks import check
+from .divergence import FORMS, divergence
+from .errors import CaptureError, UnsupportedModelError
+from .fallback import exact_klj, hutchinson_klj
+from .records import LayerRecord
+
+ESTIMATORS = ("capture", "exact", "hutchinson")
+NORMALISERS = ("dim", "layers", "none")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _validate(alpha: float, tau: float, form: str, estimator: str, reduction: str) -> None:
+    for name, value in (("alpha", alpha), ("tau", tau)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, not {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _normaliser(normaliser: str | float | None, form: str, dim: int, layers: int) -> float:
+    if normaliser is None:
+        normaliser = "dim" if form == "jacobian" else "layers"
+    if isinstance(normaliser, str):
+        if normaliser not in NORMALISERS:
+            raise ValueError(f"normaliser must be one of {NORMALISERS} or a number > 0")
+        return {"dim": float(dim), "layers": float(layers), "none": 1.0}[normaliser]
+    if isinstance(normaliser, bool) or not isinstance(normaliser, (int, float)):
+        raise ValueError(f"normaliser must be one of {NORMALISERS} or a number > 0")
+    if not (math.isfinite(normaliser) and normaliser > 0):
+        raise ValueError(f"normaliser must be > 0, got {normaliser}")
+    return float(normaliser)
+
+
+def _reduce(per_sample: Tensor, reduction: str, batch: int) -> Tensor:
+    if reduction == "none":
+        return per_sample.expand(batch) if per_sample.shape[0] == 1 else per_sample
+    if reduction == "sum":
+        return per_sample.sum() * (batch if per_sample.shape[0] == 1 else 1)
+    return per_sample.mean()
+
+
+def _flow_fn(model: Any, context: Any) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """A function x -> (z, log_det) for a model: its framework's runner, or the callable."""
+    target = unwrap(model)
+    runner = registry.runner_for(type(target)) if isinstance(target, nn.Module) else None
+    if runner is not None:
+        return lambda x: runner(target, x, context)
+    if not callable(model):
+        raise UnsupportedModelError(f"{type(model).__name__} is not callable")
+    if context is None:
+        return model
+    return lambda x: model(x, context)
+
+
+def _batch_of(records: list[LayerRecord]) -> int:
+    sizes = {f.source.shape[0] for r in records for f in r.factors} - {1}
+    if len(sizes) > 1:
+        raise CaptureError(
+            f"captured layers disagree on the batch size ({sorted(sizes)}): the records mix "
+            "several forward passes. Call klj_reg.clear(model) before the training forward "
+            "pass, or compute the penalty right after it."
+        )
+    return sizes.pop() if sizes else 1
+
+
+def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[list[LayerRecord], Any]:
+    first_use = get_capture(model) is None
+    capture = attach(model)
+    if not capture.records:
+        if x is None:
+            raise CaptureError(
+                f"no captured forward pass of {type(unwrap(model)).__name__} and no x: run "
+                "the model's forward pass (e.g. its log_prob) before klj_reg.penalty(model), "
+                "or pass x so that the penalty runs one."
+            )
+        # On first use the hooks did not exist during the user's pass: one extra pass, once.
+        if not first_use and not capture.warned_own_pass:
+            capture.warned_own_pass = True
+            warnings.warn(
+                "klj_reg.penalty found no captured forward pass and ran its own, which "
+                "doubles the cost of a step: call it after your own forward pass on x.",
+                stacklevel=3,
+            )
+        runner = _flow_fn(model, context)
+        runner(x)
+        if not capture.records:
+            raise CaptureError(
+                f"running {type(unwrap(model)).__name__} on x recorded no layer: the pass "
+                "did not go data-to-latent through any captured layer."
+            )
+    return capture.take(), capture
+
+
+def penalty(
+    model: Any,
+    x: Tensor | None = None,
+    *,
+    alpha: float = 1e-2,
+    tau: float = 0.0,
+    form: str = "jacobian",
+    normaliser: str | float | None = None,
+    reduction: str = "mean",
+    context: Any = None,
+    estimator: str = "capture",
+    n_samples: int = 1,
+    check_finite: bool | None = None,
+) -> Tensor:
+    r"""The KLJ penalty of ``model`` on the batch of its latest forward pass.
+
+    Args:
+        model: A FrEIA, nflows, normflows or zuko model (or any module with registered
+            adapters). With ``estimator="exact"|"hutchinson"``, any callable
+            ``x -> (z, log_det)``.
+        x: The batch. Optional when a captured forward pass exists (it is then only used to
+            check the batch size and to read :math:`D`); if none exists, the penalty runs
+            the model on ``x`` itself, which doubles the cost (warned once).
+        alpha: Weight :math:`\alpha \ge 0`.
+        tau: Weight :math:`\tau \ge 0` of :math:`\sum\|W\|_F^2` over coupling subnetworks
+            (the paper's R1; weight decay plays the same role).
+        form: ``"jacobian"``: :math:`d^2 - 1 - 2\log|d|` on the true Jacobian diagonal.
+            ``"released-code"``: the authors' code, squared raw pre-activations minus twice
+            the log-det (see :mod:`klj_reg.divergence`).
+        normaliser: ``"dim"`` (data dimension :math:`D`, default for ``"jacobian"``),
+            ``"layers"`` (number of captured layers, default for ``"released-code"``, as the
+            authors divided by the number of blocks), ``"none"``, or a number.
+        reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` for the
+            per-sample vector (without the ``tau`` term).
+        context: Conditioning input, used only when the penalty runs its own pass.
+        estimator: ``"capture"`` (default), or a fallback for models without an adapter:
+            ``"exact"`` (full Jacobian, small D) or ``"hutchinson"`` (``n_samples`` probes).
+        check_finite: Raise :class:`NonFiniteScaleError` naming the layer when the penalty
+            is not finite. ``None`` checks on CPU always and on accelerators during the
+            first batches (while adapters are being verified), to avoid a sync per step.
+
+    Returns:
+        A scalar tensor (or ``(B,)`` with ``reduction="none"``) connected to the graph.
+    """
+    _validate(alpha, tau, form, estimator, reduction)
+    if estimator != "capture":
+        if x is None:
+            raise ValueError(f"estimator={estimator!r} needs x")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        fn = _flow_fn(model, context)
+        per_sample = exact_klj(fn, x) if estimator == "exact" else hutchinson_klj(fn, x, n_samples)
+        scale = alpha / _normaliser(normaliser, "jacobian", x[0].numel(), 1)
+        value = _reduce(per_sample, reduction, x.shape[0]) * scale
+        return value + tau * _weight_norm(model) if reduction != "none" and tau else value
+
+    records, capture = _captured(model, x, context)
+    batch = _batch_of(records)
+    if x is not None and batch not in (1, x.shape[0]):
+        raise CaptureError(
+            f"the latest captured pass had batch size {batch} but x has {x.shape[0]}: "
+            "compute the penalty right after the forward pass on x (an evaluation pass in "
+            "between replaces the records; call klj_reg.clear(model) after it)."
+        )
+    dim = x[0].numel() if x is not None else max(r.dim for r in records)
+    per_sample = divergence(records, form)
+    value = _reduce(per_sample, reduction, batch if x is None else x.shape[0])
+    value = value * (alpha / _normaliser(normaliser, form, dim, len(records)))
+    if check_finite is None:
+        check_finite = value.device.type == "cpu"
+    check(records, capture, value, check_finite)
+    if tau and reduction != "none":
+        value = value + tau * sum(p.square().sum() for p in capture.subnet_parameters())
+    return value
+
+
+def _weight_norm(model: Any) -> Tensor:
+    params = [p for p in unwrap(model).parameters() if p.dim() >= 2]
+    return torch.stack([p.square().sum() for p in params]).sum()

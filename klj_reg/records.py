@@ -1,0 +1,62 @@
+"""What a capture stores: each layer's triangular factors, as tensors the flow already made.
+
+A layer's Jacobian is a product of triangular factors (one for a one-sided coupling or an
+elementwise map, two for a two-sided coupling, coupling and scale for Glow-style blocks).
+Each factor is described by its diagonal d through ``log|d|``; entries not listed are 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from torch import Tensor
+
+Map = Callable[[Tensor], Tensor]
+
+
+class Factor(NamedTuple):
+    r"""One triangular factor of a layer's Jacobian.
+
+    Attributes:
+        source: A tensor the layer computed during its forward pass, of shape ``(B, ...)``,
+            or ``(1, ...)`` when the factor is shared by the whole batch (ActNorm).
+        log_abs: Maps ``source`` to :math:`\log|d|` elementwise; ``None`` when ``source``
+            already is :math:`\log|d|`. Evaluated lazily, in :func:`klj_reg.penalty`.
+        repeat: How many diagonal entries each element of ``log|d|`` stands for (e.g. the
+            number of pixels sharing a per-channel scale).
+        raw: Maps ``source`` to the scale's pre-activation (subnet output before clamping),
+            used only by ``form="released-code"``; ``None`` if the factor has none.
+    """
+
+    source: Tensor
+    log_abs: Map | None = None
+    repeat: int = 1
+    raw: Map | None = None
+
+    def log_abs_d(self) -> Tensor:
+        """:math:`\\log|d|`, shape ``(B, ...)`` or ``(1, ...)``."""
+        return self.source if self.log_abs is None else self.log_abs(self.source)
+
+    def pre_activation(self) -> Tensor | None:
+        """The raw pre-activation, or ``None``."""
+        return None if self.raw is None else self.raw(self.source)
+
+
+class LayerRecord(NamedTuple):
+    """The factors of one layer, from its latest data-to-latent call.
+
+    Attributes:
+        name: The layer's path in the model (``named_modules``), e.g. ``"module_list.3"``.
+        kind: The layer's class name, for error messages.
+        factors: Its triangular factors.
+        log_det: The log-determinant the layer itself returned, shape ``(B,)`` or scalar,
+            used to check the adapter; ``None`` if the layer returns none.
+        dim: The length of the layer's Jacobian diagonal per sample (numel of one input).
+    """
+
+    name: str
+    kind: str
+    factors: tuple[Factor, ...]
+    log_det: Tensor | None
+    dim: int
