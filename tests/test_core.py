@@ -1,0 +1,340 @@
+"""The framework-agnostic core: math, capture lifecycle, errors, fallbacks, user adapters."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import klj_reg
+from klj_reg.fallback import exact_klj, hutchinson_klj
+from klj_reg.records import Factor, LayerRecord
+from tests.truth import jacobian
+
+
+class Coupling(nn.Module):
+    """A user's own affine coupling, y2 = x2 * exp(s(x1)) + t(x1), storing its log-scale."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.half = dim // 2
+        self.net = nn.Sequential(nn.Linear(self.half, 16), nn.Tanh(), nn.Linear(16, 2 * self.half))
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.calls += 1
+        x1, x2 = x[:, : self.half], x[:, self.half :]
+        s, t = self.net(x1).chunk(2, dim=1)
+        self.log_scale = torch.tanh(s)
+        return torch.cat([x1, x2 * self.log_scale.exp() + t], 1), self.log_scale.sum(1)
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int = 3, dim: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Coupling(dim) for _ in range(n))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = torch.zeros(x.shape[0], dtype=x.dtype)
+        for layer in self.layers:
+            x = x.flip(1)
+            x, ld = layer(x)
+            log_det = log_det + ld
+        return x, log_det
+
+
+@pytest.fixture(autouse=True)
+def _user_adapter() -> None:
+    klj_reg.register_adapter(
+        Coupling,
+        lambda layer, inputs, output: layer.log_scale,
+        log_det=lambda layer, inputs, output: output[1],
+    )
+
+
+def train_step(model: Stack, x: Tensor, **kw: object) -> Tensor:
+    z, log_det = model(x)
+    nll = (0.5 * z.square().sum(1) - log_det).mean()
+    return nll + klj_reg.penalty(model, x, **kw)
+
+
+# ---------------------------------------------------------------- the math
+
+
+@given(st.floats(-8, 8, allow_nan=False))
+def test_klj_term_is_the_kl_of_the_diagonal(s: float) -> None:
+    t = klj_reg.klj_terms(torch.tensor([s], dtype=torch.float64)).item()
+    d = math.exp(s)
+    assert t == pytest.approx(d * d - 1 - 2 * math.log(d), rel=1e-9, abs=1e-12)
+    assert t >= 0
+    if 1e-6 < abs(s) < 1e-3:  # precise near d = 1: t = 2 s^2 + 4/3 s^3 + O(s^4)
+        assert t == pytest.approx(2 * s * s + 4 / 3 * s**3, rel=1e-5, abs=0)
+    if s == 0:
+        assert t == 0
+
+
+def test_divergence_counts_repeats_and_shared_factors() -> None:
+    per_sample = torch.tensor([[0.1, -0.2], [0.3, 0.0]], dtype=torch.float64)
+    shared = torch.tensor([[0.05]], dtype=torch.float64)
+    rec = LayerRecord("l", "L", (Factor(per_sample), Factor(shared, repeat=4)), None, 6)
+    expected = klj_reg.klj_terms(per_sample).sum(1) + 4 * klj_reg.klj_terms(shared).sum()
+    torch.testing.assert_close(klj_reg.divergence([rec]), expected)
+
+
+def test_released_code_form_per_record() -> None:
+    raw = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    s = 0.7 * torch.tanh(0.1 * raw)
+    rec = LayerRecord(
+        "l", "L", (Factor(raw, lambda a: 0.7 * torch.tanh(0.1 * a), 1, lambda a: a),), None, 5
+    )
+    expected = raw.square().sum() + 3 - 2 * s.sum()  # three pass-through entries filled with ones
+    torch.testing.assert_close(klj_reg.divergence([rec], "released-code"), expected.reshape(1))
+
+
+# ---------------------------------------------------------------- capture lifecycle
+
+
+def test_user_adapter_matches_exact_jacobian_and_penalty_formula() -> None:
+    model = Stack().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    klj_reg.attach(model)
+    z, log_det = model(x)
+    capture = klj_reg.attach(model)
+    recs = list(capture.records.values())
+    assert len(recs) == 3
+    value = klj_reg.penalty(model, x, alpha=0.5)
+    layer_sums = []
+    for layer in model.layers:
+        s = layer.log_scale
+        layer_sums.append((s.exp() ** 2 - 1 - 2 * s).sum(1))
+    torch.testing.assert_close(value, 0.5 * torch.stack(layer_sums).sum(0).mean() / 4)
+    # the layer's factor is the diagonal of its exact Jacobian
+    layer = model.layers[0]
+    jac = jacobian(lambda xx: layer(xx)[0], x)
+    torch.testing.assert_close(
+        torch.diagonal(jac, dim1=1, dim2=2)[:, 2:],
+        layer(x)[1].new_tensor(0) + layer.log_scale.exp(),
+    )
+
+
+def test_no_extra_forward_pass_when_captured() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    x = torch.randn(8, 4)
+    train_step(model, x).backward()
+    assert [layer.calls for layer in model.layers] == [1, 1, 1]
+
+
+def test_first_use_without_attach_runs_one_pass_silently_then_warns_on_doubling(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    model = Stack()
+    klj_reg.register_runner(Stack, lambda m, x, c: m(x))
+    x = torch.randn(8, 4)
+    klj_reg.penalty(model, x)  # attaches now: one own pass, expected
+    assert not [w for w in recwarn if "doubles" in str(w.message)]
+    with pytest.warns(UserWarning, match="doubles the cost"):
+        klj_reg.penalty(model, x)  # attached but no forward ran: doubling
+
+
+def test_records_do_not_grow_and_are_released_after_penalty() -> None:
+    model = Stack()
+    capture = klj_reg.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(50):
+        opt.zero_grad()
+        train_step(model, torch.randn(8, 4)).backward()
+        opt.step()
+        assert capture.records == {}
+        assert all(site.state == {} for site in capture.sites.values())
+    for _ in range(5):
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+    assert len(capture.records) == 3
+
+
+def test_penalty_without_capture_or_x_raises() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    with pytest.raises(klj_reg.CaptureError, match="no captured forward pass"):
+        klj_reg.penalty(model)
+
+
+def test_batch_mismatch_is_detected() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    model(torch.randn(8, 4))
+    with pytest.raises(klj_reg.CaptureError, match="batch size 8"):
+        klj_reg.penalty(model, torch.randn(4, 4))
+
+
+def test_detach_removes_every_hook_and_capturing_is_scoped() -> None:
+    model = Stack()
+    before = [dict(m._forward_hooks) for m in model.modules()]
+    klj_reg.attach(model)
+    klj_reg.detach(model)
+    assert [dict(m._forward_hooks) for m in model.modules()] == before
+    assert klj_reg.capture.get_capture(model) is None
+    with klj_reg.capturing(model) as capture:
+        model(torch.randn(2, 4))
+        assert len(capture.records) == 3
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_attach_is_idempotent() -> None:
+    model = Stack()
+    assert klj_reg.attach(model) is klj_reg.attach(model)
+    assert all(len(layer._forward_hooks) == 1 for layer in model.layers)
+
+
+def test_a_copied_model_does_not_write_into_the_original() -> None:
+    model = Stack()
+    original = klj_reg.attach(model)
+    twin = copy.deepcopy(model)
+    klj_reg.attach(twin)
+    twin(torch.randn(3, 4))
+    assert original.records == {}
+    assert len(klj_reg.attach(twin).records) == 3
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unsupported_model_lists_classes_and_the_fix() -> None:
+    with pytest.raises(klj_reg.UnsupportedModelError, match=r"Linear.*register_adapter"):
+        klj_reg.attach(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+
+
+def test_data_parallel_is_refused() -> None:
+    with pytest.raises(klj_reg.UnsupportedModelError, match="DistributedDataParallel"):
+        klj_reg.attach(nn.DataParallel(Stack()))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha": -1.0},
+        {"alpha": float("nan")},
+        {"alpha": "1"},
+        {"tau": -0.1},
+        {"form": "paper"},
+        {"estimator": "magic"},
+        {"reduction": "max"},
+        {"normaliser": "pixels"},
+        {"normaliser": 0.0},
+    ],
+)
+def test_invalid_arguments_raise_value_error(kwargs: dict[str, object]) -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    model(torch.randn(2, 4))
+    with pytest.raises(ValueError):
+        klj_reg.penalty(model, torch.randn(2, 4), **kwargs)  # type: ignore[arg-type]
+
+
+def test_wrong_adapter_is_caught_by_the_log_det_check() -> None:
+    class Wrong(Coupling):
+        pass
+
+    klj_reg.register_adapter(
+        Wrong,
+        lambda layer, inputs, output: 2 * layer.log_scale,  # a formula drift
+        log_det=lambda layer, inputs, output: output[1],
+    )
+    model = Stack()
+    model.layers[1] = Wrong()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    klj_reg.attach(model)
+    model(torch.randn(4, 4))
+    with pytest.raises(klj_reg.AdapterMismatchError, match=r"layers\.1 \(Wrong"):
+        klj_reg.penalty(model)
+
+
+def test_non_finite_scale_names_the_layer() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    with torch.no_grad():
+        model.layers[2].net[-1].bias.fill_(float("nan"))
+    model(torch.randn(4, 4))
+    with pytest.raises(klj_reg.NonFiniteScaleError, match=r"layers\.2"):
+        klj_reg.penalty(model)
+
+
+def test_attach_after_compile_is_detected() -> None:
+    model = Stack()
+    compiled = torch.compile(model, backend="eager")
+    with pytest.raises(klj_reg.CompileOrderError, match="before"):
+        klj_reg.attach(compiled)
+
+
+def test_attach_then_compile_gives_the_same_penalty() -> None:
+    model = Stack()
+    x = torch.randn(6, 4)
+    klj_reg.attach(model)
+    eager = train_step(model, x)
+    compiled = torch.compile(model, backend="aot_eager")
+    z, log_det = compiled(x)
+    value = (0.5 * z.square().sum(1) - log_det).mean() + klj_reg.penalty(compiled, x)
+    torch.testing.assert_close(value, eager)
+
+
+def test_no_graph_break_from_capture() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    explanation = torch._dynamo.explain(model)(torch.randn(6, 4))
+    assert explanation.graph_break_count == 0
+
+
+def test_penalty_under_bf16_autocast_is_float32_and_finite() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    x = torch.randn(16, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        value = klj_reg.penalty(model, x)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
+# ---------------------------------------------------------------- fallback estimators
+
+
+def whole_map_klj(fn, x: Tensor) -> Tensor:  # type: ignore[no-untyped-def]
+    jac = jacobian(lambda xx: fn(xx)[0], x)
+    return jac.square().sum((1, 2)) - x[0].numel() - 2 * torch.linalg.slogdet(jac)[1]
+
+
+def test_exact_estimator_equals_the_torch_func_jacobian() -> None:
+    model = Stack().double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    torch.testing.assert_close(exact_klj(model, x), whole_map_klj(model, x))
+    value = klj_reg.penalty(model, x, estimator="exact", alpha=1.0, normaliser="none")
+    torch.testing.assert_close(value, whole_map_klj(model, x).mean())
+    assert value >= 0
+
+
+def test_hutchinson_estimator_is_unbiased() -> None:
+    model = Stack().double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    draws = torch.stack([hutchinson_klj(model, x).detach() for _ in range(4000)])
+    truth = whole_map_klj(model, x)
+    stderr = draws.std(0) / math.sqrt(draws.shape[0])
+    assert ((draws.mean(0) - truth).abs() < 4 * stderr + 1e-9).all()
+
+
+def test_fallback_works_on_a_plain_function_and_backpropagates() -> None:
+    weight = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def flow(x: Tensor) -> tuple[Tensor, Tensor]:
+        return x @ weight, torch.linalg.slogdet(weight)[1].expand(x.shape[0])
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    value = klj_reg.penalty(flow, x, estimator="hutchinson", n_samples=8)
+    value.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
