@@ -72,6 +72,7 @@ class Capture:
         self.records: dict[str, LayerRecord] = {}
         self.handles: list[registry.Handle] = []
         self.warned_own_pass = False
+        self.compiled: dict[tuple[object, ...], Any] = {}
 
     def take(self) -> list[LayerRecord]:
         """The records of the latest pass, removing them from the capture."""
@@ -96,6 +97,7 @@ class Capture:
         self.handles.clear()
         self.records.clear()
         self.sites.clear()
+        self.compiled.clear()
 
 
 def unwrap(model: Any) -> Any:

@@ -6,6 +6,7 @@ layer is still being checked (its first batches) or when finiteness checking is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,12 +40,23 @@ def _offenders(records: Sequence[LayerRecord]) -> list[str]:
     return bad
 
 
+def _raise_non_finite(records: Sequence[LayerRecord]) -> None:
+    bad = _offenders(records)
+    raise NonFiniteScaleError(
+        "KLJ penalty is not finite; non-finite Jacobian diagonal in "
+        + (", ".join(bad) if bad else "no single layer (overflow in the sum)")
+        + ". Lower the learning rate, clamp the scales, or check the input for NaN."
+    )
+
+
 def check(records: Sequence[LayerRecord], capture: Capture, value: Tensor, finite: bool) -> None:
     """Check unverified layers' records against their log-det, and ``value`` for finiteness."""
     pending = [
         r for r in records if r.log_det is not None and capture.sites[r.name].checks_left > 0
     ]
-    if not pending and not finite:
+    if not pending:
+        if finite and not math.isfinite(float(value.detach().sum())):  # one sync
+            _raise_non_finite(records)
         return
     rows = []
     for r in pending:
@@ -58,12 +70,7 @@ def check(records: Sequence[LayerRecord], capture: Capture, value: Tensor, finit
     flags = torch.cat([*rows, torch.isfinite(value.detach()).all().reshape(1).float()])
     host = flags.tolist()  # the one synchronisation
     if not host[-1]:
-        bad = _offenders(records)
-        raise NonFiniteScaleError(
-            "KLJ penalty is not finite; non-finite Jacobian diagonal in "
-            + (", ".join(bad) if bad else "no single layer (overflow in the sum)")
-            + ". Lower the learning rate, clamp the scales, or check the input for NaN."
-        )
+        _raise_non_finite(records)
     for i, r in enumerate(pending):
         error, excess, size = host[3 * i : 3 * i + 3]
         site = capture.sites[r.name]

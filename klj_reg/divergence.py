@@ -50,9 +50,11 @@ def layer_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
     for factor in record.factors:
         s = _float32(factor.log_abs_d())
         if form == "jacobian":
-            term = _per_sample_sum(klj_terms(s)) * factor.repeat
+            term = _per_sample_sum(klj_terms(s))
+            if factor.repeat != 1:
+                term = term * factor.repeat
         else:
-            term = -2.0 * factor.repeat * _per_sample_sum(s)
+            term = (-2.0 * factor.repeat) * _per_sample_sum(s)
             raw = factor.pre_activation()
             if raw is not None:
                 raw = _float32(raw)

@@ -29,6 +29,7 @@ from .checks import check
 from .divergence import FORMS, divergence
 from .errors import CaptureError, UnsupportedModelError
 from .fallback import exact_klj, hutchinson_klj
+from .fused import fused_divergence
 from .records import LayerRecord
 
 ESTIMATORS = ("capture", "exact", "hutchinson")
@@ -137,6 +138,7 @@ def penalty(
     estimator: str = "capture",
     n_samples: int = 1,
     check_finite: bool | None = None,
+    fused: bool = False,
 ) -> Tensor:
     r"""The KLJ penalty of ``model`` on the batch of its latest forward pass.
 
@@ -164,6 +166,9 @@ def penalty(
         check_finite: Raise :class:`NonFiniteScaleError` naming the layer when the penalty
             is not finite. ``None`` checks on CPU always and on accelerators during the
             first batches (while adapters are being verified), to avoid a sync per step.
+        fused: Compute the divergence through ``torch.compile`` (one fused kernel forward
+            and backward instead of a few per layer; compiled once per model, which takes
+            seconds). Worth it when the penalty is a visible share of a step.
 
     Returns:
         A scalar tensor (or ``(B,)`` with ``reduction="none"``) connected to the graph.
@@ -189,8 +194,15 @@ def penalty(
             "between replaces the records; call klj_reg.clear(model) after it)."
         )
     dim = x[0].numel() if x is not None else max(r.dim for r in records)
-    per_sample = divergence(records, form)
-    value = _reduce(per_sample, reduction, batch if x is None else x.shape[0])
+    if fused and reduction == "mean":
+        value = fused_divergence(records, form, True, capture.compiled)
+    else:
+        per_sample = (
+            fused_divergence(records, form, False, capture.compiled)
+            if fused
+            else divergence(records, form)
+        )
+        value = _reduce(per_sample, reduction, batch if x is None else x.shape[0])
     value = value * (alpha / _normaliser(normaliser, form, dim, len(records)))
     if check_finite is None:
         check_finite = value.device.type == "cpu"

@@ -338,3 +338,21 @@ def test_fallback_works_on_a_plain_function_and_backpropagates() -> None:
     value = klj_reg.penalty(flow, x, estimator="hutchinson", n_samples=8)
     value.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_fused_penalty_equals_eager_with_gradients() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    x = torch.randn(6, 4)
+    grads = []
+    for fused in (False, True):
+        model.zero_grad()
+        model(x)
+        value = klj_reg.penalty(model, x, alpha=0.3, fused=fused)
+        value.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if not fused:
+            eager = value.detach()
+    torch.testing.assert_close(value.detach(), eager)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
