@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import registry
+from . import patch, registry
 from .errors import CompileOrderError, UnsupportedModelError
 from .records import Factor, LayerRecord
 
@@ -137,6 +137,7 @@ def _strip_copied_hooks(model: nn.Module) -> None:
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [k for k, fn in hooks.items() if getattr(fn, "_klj_hook", False)]:
                 del hooks[key]
+        module.__dict__.pop(patch.INSTANCE_KEY, None)
     model.__dict__.pop(ATTRIBUTE, None)
 
 

@@ -1,0 +1,480 @@
+r"""nflows: coupling, autoregressive, spline, normalisation and linear transforms.
+
+nflows maps data to noise with ``Transform.forward``; ``Flow.log_prob`` runs
+``flow._transform(x, context=embedding_net(context))`` and containers call their children
+through ``Module.__call__``. ``inverse`` (sampling) is called directly, so it fires no forward
+hook. ``InverseTransform`` flips the direction: its ``forward`` runs the inner ``inverse``.
+
+A captured layer is read as *pieces*, the nflows transforms it consists of, each with the
+direction the data-to-noise pass runs it in (an ``InverseTransform`` flips its contents). Each
+piece's Jacobian is triangular up to a fixed permutation; its diagonal :math:`d` comes from
+tensors the layer computes anyway:
+
+- ``AffineCouplingTransform``: :math:`d` = the scale of the layer's own ``_scale_and_shift``
+  on its ``transform_net`` output (``sigmoid(u + 2) + 1e-3`` in nflows 0.14, the configurable
+  ``scale_activation`` on master); ``AdditiveCouplingTransform``: :math:`d = 1`. Identity
+  features have :math:`d = 1`, or the ``unconditional_transform``'s (a piece of its own).
+- ``MaskedAffineAutoregressiveTransform``: :math:`d = \mathrm{softplus}(u) + \epsilon`, with
+  :math:`u` from the layer's ``_unconstrained_scale_and_shift`` on its MADE output.
+- Spline couplings: the elementwise :math:`\log|dy/dx|` returned by ``_piecewise_cdf``.
+  Autoregressive splines and spline CDFs sum it before returning, so the spline functions are
+  wrapped where these layers look them up (:class:`SplineTap`) while such a layer is attached.
+- ``ActNorm`` (per channel, shared by pixels), ``BatchNorm`` (per feature, with the batch
+  variance in training as nflows' own log-det), ``PointwiseAffineTransform``.
+- ``LULinear`` / ``OneByOneConvolution``: :math:`W = LU`, :math:`L` unit-diagonal, so
+  :math:`d = \mathrm{diag}(U)` (per pixel); ``QRLinear``: :math:`\mathrm{diag}(R)`;
+  ``SVDLinear``: the singular values.
+
+In the inverse direction a piece's factor is the inverse map's, :math:`1/d` at the inverse's
+point: the log is negated, or the spline's own inverse log-derivative is taken. An
+autoregressive inverse runs its MADE :math:`D` times; the last call is the exact one and the
+one kept. Permutations, ``SqueezeTransform``, ``HouseholderSequence`` and
+``IdentityTransform`` contribute zero. ``NaiveLinear`` (dense, not triangular) and the
+elementwise nonlinearities (``Tanh``, ``Sigmoid``, ``Logit``, ``LeakyReLU``, ...) are not
+captured; attach warns about them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nflows.transforms as T
+import nflows.transforms.autoregressive as nflows_autoregressive
+import nflows.transforms.coupling as nflows_coupling
+import nflows.transforms.splines as nflows_splines
+import torch
+from nflows.flows.base import Flow
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..capture import Site, mark_hook
+from ..errors import AdapterMismatchError
+from ..patch import after_method
+from ..records import Factor, Map
+from ..registry import (
+    Handle,
+    framework_version,
+    is_neutral,
+    register_flow_base,
+    register_installer,
+    register_neutral,
+    register_runner,
+)
+
+Stash = dict[str, Any]
+"""What one piece computed during the latest call: ``input``, ``training``, ``net``, ``lad``."""
+
+SPLINE_FUNCTIONS = (
+    "linear_spline",
+    "unconstrained_linear_spline",
+    "quadratic_spline",
+    "unconstrained_quadratic_spline",
+    "cubic_spline",
+    "unconstrained_cubic_spline",
+    "rational_quadratic_spline",
+    "unconstrained_rational_quadratic_spline",
+)
+SPLINE_NAMESPACES = (nflows_splines, nflows_autoregressive)
+"""Where nflows' layers look the spline functions up (``splines.x`` and module globals)."""
+
+SUBNETS = ("transform_net", "autoregressive_net")
+"""Attributes holding a layer's coupling/MADE network (for ``tau``)."""
+
+
+class SplineTap:
+    """Keeps the elementwise :math:`\\log|dy/dx|` of the latest nflows spline call.
+
+    While some captured layer needs it, every spline function is wrapped in the namespaces
+    nflows' layers call it from; the wrapper keeps a reference to the result's log-derivative,
+    only in the thread of a captured layer's data-to-noise call (``listen``). The call inside
+    ``unconstrained_*`` splines resolves in the spline's own module and is not seen.
+    """
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.originals: dict[tuple[Any, str], Any] = {}
+        self.users = 0
+
+    def listen(self, on: bool) -> None:
+        self.local.on = on
+        self.local.latest = None
+
+    def take(self) -> Tensor | None:
+        latest: Tensor | None = getattr(self.local, "latest", None)
+        self.local.latest = None
+        return latest
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def spline(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if getattr(self.local, "on", False):
+                self.local.latest = out[1]
+            return out
+
+        spline._klj_spline = True  # type: ignore[attr-defined]
+        return spline
+
+    def acquire(self) -> Handle:
+        """Wrap the spline functions (first user); the handle unwraps them (last user)."""
+        if self.users == 0:
+            for namespace in SPLINE_NAMESPACES:
+                for name in SPLINE_FUNCTIONS:
+                    fn = getattr(namespace, name, None)
+                    if callable(fn) and not getattr(fn, "_klj_spline", False):
+                        self.originals[(namespace, name)] = fn
+                        setattr(namespace, name, self._wrap(fn))
+        if not self.originals:
+            raise AdapterMismatchError(
+                f"{framework_version('nflows')} has none of the spline functions klj-reg "
+                f"reads ({', '.join(SPLINE_FUNCTIONS)}) in nflows.transforms.splines: its "
+                "spline layers cannot be captured. Please report it with the version; "
+                "meanwhile use estimator='hutchinson'."
+            )
+        self.users += 1
+        return _Release(self)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for (namespace, name), fn in self.originals.items():
+                setattr(namespace, name, fn)
+            self.originals.clear()
+
+
+class _Release:
+    def __init__(self, tap: SplineTap) -> None:
+        self.tap: SplineTap | None = tap
+
+    def remove(self) -> None:
+        if self.tap is not None:
+            self.tap.release()
+            self.tap = None
+
+
+TAP = SplineTap()
+
+Reader = Callable[[Any, Stash, bool], list[Factor]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How to read one nflows transform class.
+
+    Attributes:
+        factors: ``(layer, stash, inverse) -> factors`` of the latest call.
+        net: A subnetwork attribute whose latest output the factors need.
+        method: A method returning ``(outputs, elementwise log|dy/dx|)`` to keep.
+        spline: Whether the factors need the layer's last spline call.
+    """
+
+    factors: Reader
+    net: str | None = None
+    method: str | None = None
+    spline: bool = False
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One nflows transform inside a captured layer, run ``inverse`` or not by the pass."""
+
+    layer: Any
+    kind: Kind
+    inverse: bool
+    name: str
+
+
+def _signed(inverse: bool) -> Map | None:
+    return torch.neg if inverse else None
+
+
+def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    """Scale of the layer's own ``_scale_and_shift``; raw: the unconstrained half."""
+    params, n = stash["net"], layer.num_transform_features
+
+    def log_abs(p: Tensor) -> Tensor:
+        log = torch.log(layer._scale_and_shift(p)[0])
+        return -log if inverse else log
+
+    raw = (lambda p: p[:, n:]) if params.shape[1] > n else None
+    return [Factor(params, log_abs, 1, raw)]
+
+
+def _affine_autoregressive(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    """``softplus(u) + eps`` with ``u`` from the layer's ``_unconstrained_scale_and_shift``."""
+
+    def unconstrained(p: Tensor) -> Tensor:
+        return layer._unconstrained_scale_and_shift(p)[0]
+
+    def log_abs(p: Tensor) -> Tensor:
+        log = torch.log(F.softplus(unconstrained(p)) + layer._epsilon)
+        return -log if inverse else log
+
+    return [Factor(stash["net"], log_abs, 1, unconstrained)]
+
+
+def _elementwise(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    """The layer's own elementwise log|dy/dx|, already of the direction it ran in."""
+    return [Factor(stash["lad"])]
+
+
+def _per_channel(stash: Stash, channels: int) -> int:
+    """How many entries share each per-channel value (pixels for images, else 1)."""
+    return int(stash["input"][0].numel()) // channels
+
+
+def _act_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    scale = layer.log_scale
+    return [Factor(scale.unsqueeze(0), _signed(inverse), _per_channel(stash, scale.numel()))]
+
+
+def _batch_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    """``weight / sqrt(var + eps)``, var the batch's (training) or the running one."""
+    training = stash["training"]
+
+    def log_abs(source: Tensor) -> Tensor:
+        var = source.var(0, keepdim=True) if training else source
+        log = torch.log(layer.weight).unsqueeze(0) - 0.5 * torch.log(var + layer.eps)
+        return -log if inverse else log
+
+    source = stash["input"] if training else layer.running_var.unsqueeze(0)
+    return [Factor(source, log_abs)]
+
+
+def _pointwise_affine(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    shape = stash["input"].shape[1:]
+    scale = layer._scale
+
+    def log_abs(s: Tensor) -> Tensor:
+        return -torch.log(s) if inverse else torch.log(s)
+
+    if scale.numel() == 1:
+        return [Factor(scale.reshape(1, 1), log_abs, shape.numel())]
+    return [Factor(scale.expand(shape).unsqueeze(0), log_abs)]
+
+
+def _linear(diagonal: str, log_diagonal: Callable[[Any], Tensor]) -> Reader:
+    """A linear layer with one triangular/diagonal factor besides orthogonal/unit ones."""
+
+    def read(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+        def log_abs(_: Tensor) -> Tensor:
+            log = log_diagonal(layer).unsqueeze(0)
+            return -log if inverse else log
+
+        source = getattr(layer, diagonal).unsqueeze(0)
+        return [Factor(source, log_abs, _per_channel(stash, layer.features))]
+
+    return read
+
+
+def _find(name: str) -> type | None:
+    for module in (T, nflows_coupling, nflows_autoregressive):
+        found = getattr(module, name, None)
+        if isinstance(found, type):
+            return found
+    return None
+
+
+def _kinds() -> dict[type, Kind]:
+    spec: dict[str, Kind] = {
+        "AffineCouplingTransform": Kind(_affine_coupling, net="transform_net"),
+        "PiecewiseCouplingTransform": Kind(_elementwise, method="_piecewise_cdf"),
+        "MaskedAffineAutoregressiveTransform": Kind(
+            _affine_autoregressive, net="autoregressive_net"
+        ),
+        "ActNorm": Kind(_act_norm),
+        "BatchNorm": Kind(_batch_norm),
+        "PointwiseAffineTransform": Kind(_pointwise_affine),
+        "LULinear": Kind(
+            _linear("unconstrained_upper_diag", lambda layer: torch.log(layer.upper_diag))
+        ),
+        "QRLinear": Kind(_linear("log_upper_diag", lambda layer: layer.log_upper_diag)),
+        "SVDLinear": Kind(_linear("unconstrained_diagonal", lambda layer: layer.log_diagonal)),
+    }
+    for name in (
+        "MaskedPiecewiseLinearAutoregressiveTransform",
+        "MaskedPiecewiseQuadraticAutoregressiveTransform",
+        "MaskedPiecewiseCubicAutoregressiveTransform",
+        "MaskedPiecewiseRationalQuadraticAutoregressiveTransform",
+        "PiecewiseLinearCDF",
+        "PiecewiseQuadraticCDF",
+        "PiecewiseCubicCDF",
+        "PiecewiseRationalQuadraticCDF",
+    ):
+        spec[name] = Kind(_elementwise, spline=True)
+    return {cls: kind for name, kind in spec.items() if (cls := _find(name)) is not None}
+
+
+KINDS = _kinds()
+CONTAINERS = (T.CompositeTransform, T.MultiscaleCompositeTransform)
+
+
+def kind_of(cls: type) -> Kind | None:
+    """The reading of ``cls`` or its nearest supported base class."""
+    for base in cls.__mro__:
+        if base in KINDS:
+            return KINDS[base]
+    return None
+
+
+def collect(layer: Any, inverse: bool, name: str, pieces: list[Piece], left: list[str]) -> None:
+    """The pieces of ``layer`` run ``inverse`` or not; unsupported transforms go to ``left``."""
+    if isinstance(layer, T.InverseTransform):
+        collect(layer._transform, not inverse, f"{name}._transform", pieces, left)
+        return
+    kind = kind_of(type(layer))
+    if kind is not None:
+        pieces.append(Piece(layer, kind, inverse, name))
+        extra = getattr(layer, "unconditional_transform", None)
+        if isinstance(extra, nn.Module):
+            collect(extra, inverse, f"{name}.unconditional_transform", pieces, left)
+        return
+    if isinstance(layer, CONTAINERS):
+        for child_name, child in layer._transforms.named_children():
+            collect(child, inverse, f"{name}._transforms.{child_name}", pieces, left)
+        return
+    if not is_neutral(type(layer)):
+        left.append(f"{name} ({type(layer).__name__})")
+
+
+def _call_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    return args[0] if args else kwargs["inputs"]
+
+
+def _tap(piece: Piece, key: str, site: Site) -> list[Handle]:
+    """Stash what ``piece`` computes, on its calls in the direction the pass runs it."""
+    layer, kind = piece.layer, piece.kind
+
+    def stash() -> Stash:
+        found: Stash = site.state.setdefault(key, {})
+        return found
+
+    def keep_net(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        stash()["net"] = output
+
+    def keep_lad(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        stash()["lad"] = out[1]
+
+    def called(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        found = stash()
+        found["input"] = _call_input(args, kwargs)
+        found["training"] = module.training
+        if kind.spline:
+            found["lad"] = TAP.take()
+
+    handles: list[Handle] = []
+    site.add_subnets(*(n for a in SUBNETS if isinstance(n := getattr(layer, a, None), nn.Module)))
+    if kind.net is not None:
+        handles.append(site.forward_hook(getattr(layer, kind.net), keep_net))
+    if kind.method is not None:
+        handles.append(after_method(layer, kind.method, keep_lad))
+    if piece.inverse:
+        handles.append(after_method(layer, "inverse", called))
+    else:
+        handles.append(site.forward_hook(layer, called, with_kwargs=True))
+    return handles
+
+
+def _missing(piece: Piece, stash: Stash | None) -> str | None:
+    """What ``piece`` failed to compute during a call of its layer, if anything."""
+    needs = ["input"]
+    if piece.kind.net is not None:
+        needs.append("net")
+    if piece.kind.method is not None or piece.kind.spline:
+        needs.append("lad")
+    absent = [n for n in needs if stash is None or stash.get(n) is None]
+    return ", ".join(absent) if absent else None
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside klj_reg (the user's ``attach`` call)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def install(module: nn.Module, site: Site) -> list[Handle]:
+    """Capture every supported piece of ``module``; record them after its forward call."""
+    pieces: list[Piece] = []
+    left: list[str] = []
+    collect(module, False, site.name or "<model>", pieces, left)
+    if left:
+        warnings.warn(
+            "klj-reg does not regularise these invertible layers (no adapter): "
+            + ", ".join(left)
+            + ". Register them with klj_reg.register_adapter if they scale their input.",
+            stacklevel=_caller_level(),
+        )
+    if not pieces:
+        return []
+    spline = any(p.kind.spline for p in pieces)
+    handles: list[Handle] = [TAP.acquire()] if spline else []
+    for i, piece in enumerate(pieces):
+        handles.extend(_tap(piece, str(i), site))
+
+    def before(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        site.state.clear()
+        if spline:
+            TAP.listen(True)
+
+    def after(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if spline:
+            TAP.listen(False)
+        found = [site.state.get(str(i)) for i in range(len(pieces))]
+        site.state.clear()
+        factors: list[Factor] = []
+        for piece, stash in zip(pieces, found, strict=True):
+            absent = _missing(piece, stash)
+            if stash is None or absent is not None:
+                direction = "inverse" if piece.inverse else "forward"
+                raise AdapterMismatchError(
+                    f"{piece.name} ({type(piece.layer).__name__}, "
+                    f"{framework_version('nflows')}) did not compute what klj-reg reads "
+                    f"({absent}) during its {direction} call: this version of nflows computes "
+                    "the layer differently from what its klj-reg adapter expects. Please "
+                    "report it with the version; meanwhile use estimator='hutchinson'."
+                )
+            factors.extend(piece.kind.factors(piece.layer, stash, piece.inverse))
+        site.record(factors, output[1], int(_call_input(args, kwargs)[0].numel()))
+
+    handles.append(module.register_forward_pre_hook(mark_hook(before)))
+    handles.append(site.forward_hook(module, after, with_kwargs=True))
+    return handles
+
+
+def run_flow(model: Any, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
+    """A ``Flow``'s data-to-noise pass: ``(noise, logabsdet)`` of its transform."""
+    noise, log_det = model._transform(x, context=model._embedding_net(context))
+    return noise, log_det
+
+
+def run_transform(model: Any, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
+    """A ``Transform``'s data-to-noise pass (its ``forward``)."""
+    noise, log_det = model(x, context)
+    return noise, log_det
+
+
+register_flow_base(T.Transform, "nflows")
+register_runner(Flow, run_flow)
+register_runner(T.Transform, run_transform)
+for cls in [*KINDS, T.InverseTransform]:
+    register_installer(cls, install)
+register_neutral(
+    *CONTAINERS,
+    *(
+        cls
+        for name in ("Permutation", "SqueezeTransform", "HouseholderSequence", "IdentityTransform")
+        if (cls := _find(name)) is not None
+    ),
+)

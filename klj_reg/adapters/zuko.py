@@ -1,0 +1,259 @@
+r"""zuko: lazy transforms, whose Transform objects compute the Jacobian later.
+
+A zuko LazyTransform module's ``forward(c)`` builds a Transform object; the flow runs
+``z, ladj = transform.call_and_ladj(x)`` later, in ``flow(c).log_prob(x)``. A forward hook on
+each captured module decorates the Transform it returns (instance attributes of that
+per-call object, nothing global), so that its ``call_and_ladj`` records the layer:
+
+- MaskedAutoregressiveTransform and GeneralCouplingTransform return an Autoregressive /
+  CouplingTransform whose ``meta(x)`` runs the hyper-network once and returns
+  ``DependentTransform(univariate(*phi), 1)``. The decorated ``meta`` taps the univariate's
+  elementwise ``call_and_ladj``: :math:`\log|f'(x_i)|`, the diagonal of the layer's Jacobian,
+  which is triangular in the layer's order (any ``passes``; pass-through coupling entries are
+  1). This covers every univariate (MonotonicAffine, RQS, Bernstein, SOS, MNN, UMNN, circular
+  splines). The layer's own summed ladj is recorded for the first-batch check.
+- The inverse direction (``LazyInverse``, IAF-like use) maps data to latent with zuko's
+  ``passes`` sequential hyper-network passes, then one more inside
+  ``log_abs_det_jacobian(z, x)``; that last one is tapped, and
+  :math:`\log|d| = -\log|f'(z_i)|`.
+- ElementWiseTransform returns a DependentTransform: its univariate is tapped directly.
+- Unconditional transforms: permutations and rotations are neutral; elementwise transforms
+  (``event_dim == 0``: learnable MonotonicAffine, fixed Softclip, ...) record their own
+  elementwise ladj; LULinearTransform records the diagonal of ``L``; any other type is left
+  out with a warning.
+
+Only ``call_and_ladj`` of the returned object records, so sampling (``flow(c).sample()``,
+which runs the inverse) records nothing, nor does ``rsample_and_log_prob``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+from typing import Any
+
+import torch
+import zuko.flows
+import zuko.transforms
+from torch import Tensor, nn
+from torch.distributions import Transform
+from torch.distributions.transforms import _InverseTransform
+from torch.distributions.utils import _sum_rightmost
+
+from ..capture import Site
+from ..errors import AdapterMismatchError
+from ..records import Factor
+from ..registry import (
+    Handle,
+    framework_version,
+    register_flow_base,
+    register_installer,
+    register_neutral,
+    register_runner,
+)
+
+
+def _lazy_module() -> ModuleType:
+    """``zuko.lazy`` (zuko >= 1.3), or ``zuko.flows.core`` where the lazy classes lived."""
+    try:
+        return importlib.import_module("zuko.lazy")
+    except ImportError:
+        return importlib.import_module("zuko.flows.core")
+
+
+def _classes(*names: str) -> tuple[Any, ...]:
+    """zuko classes by name, skipping those this zuko version does not have."""
+    places = (_lazy_module(), zuko.flows, zuko.transforms)
+    found = [next((getattr(m, n) for m in places if hasattr(m, n)), None) for n in names]
+    return tuple(c for c in found if isinstance(c, type))
+
+
+(Flow,) = _classes("Flow")
+(LazyTransform,) = _classes("LazyTransform")
+(DependentTransform,) = _classes("DependentTransform")
+(LULinearTransform,) = _classes("LULinearTransform")
+META = _classes("AutoregressiveTransform", "CouplingTransform")
+"""Transforms whose ``meta(x)`` returns ``DependentTransform(univariate, 1)``."""
+
+ORTHOGONAL = _classes("PermutationTransform", "RotationTransform", "IdentityTransform")
+"""Transforms whose Jacobian is orthogonal: their KLJ term is exactly zero."""
+
+CAPTURED = _classes(
+    "MaskedAutoregressiveTransform",
+    "GeneralCouplingTransform",
+    "ElementWiseTransform",
+    "UnconditionalTransform",
+    "Unconditional",
+    "LazyInverse",
+)
+"""Lazy modules whose per-call Transform is decorated."""
+
+
+def _rows(t: Tensor, features: int) -> Tensor:
+    """``(*, features) -> (N, features)``: zuko's arbitrary batch shape, flattened (a view)."""
+    return t.reshape(-1, features)
+
+
+def _mismatch(site: Site, what: str) -> AdapterMismatchError:
+    return AdapterMismatchError(
+        f"{site.name or '<model>'} ({site.kind}, {framework_version('zuko')}): {what}; this "
+        "version of zuko computes the layer differently from what klj-reg's adapter expects. "
+        "Please report it with the version above; meanwhile use estimator='hutchinson'."
+    )
+
+
+def _tap_meta(transform: Any, method: str, cell: list[Tensor]) -> None:
+    """Decorate ``transform.meta`` so that the univariate of each DependentTransform it
+    returns keeps, in ``cell``, the elementwise ladj its ``method`` computes."""
+    meta = transform.meta
+
+    def tapped_meta(x: Tensor) -> Any:
+        inner = meta(x)
+        if isinstance(inner, DependentTransform) and inner.base.domain.event_dim == 0:
+            _tap(inner.base, method, cell)
+        return inner
+
+    transform.meta = tapped_meta
+
+
+def _tap(univariate: Any, method: str, cell: list[Tensor]) -> None:
+    """Decorate an elementwise transform's ``call_and_ladj`` (-> ``(y, ladj)``) or
+    ``log_abs_det_jacobian`` (-> ``ladj``) to append its ladj to ``cell``."""
+    original = getattr(univariate, method)
+
+    def tapped(*args: Tensor) -> Any:
+        out = original(*args)
+        cell.append(out[1] if method == "call_and_ladj" else out)
+        return out
+
+    setattr(univariate, method, tapped)
+
+
+def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool) -> None:
+    """Decorate ``transform.call_and_ladj`` to record the ladj tapped during the call
+    (negated for an inverse), with the layer's own summed ladj."""
+    original = transform.call_and_ladj
+
+    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
+        cell.clear()
+        y, ladj = original(x)
+        if not cell:
+            raise _mismatch(site, "no elementwise log-determinant was computed in call_and_ladj")
+        features = x.shape[-1]
+        log_abs = cell[-1]
+        factor = Factor(_rows(log_abs, log_abs.shape[-1]), torch.neg if negate else None)
+        site.record([factor], ladj.reshape(-1), features)
+        cell.clear()
+        return y, ladj
+
+    transform.call_and_ladj = call_and_ladj
+
+
+def _record_elementwise(site: Site, transform: Any) -> None:
+    """An elementwise transform (``event_dim == 0``): its own ladj is log|d|."""
+    original = transform.call_and_ladj
+
+    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
+        y, ladj = original(x)
+        features = x.shape[-1] if x.dim() else 1
+        site.record([Factor(_rows(ladj.expand(x.shape), features))], None, features)
+        return y, ladj
+
+    transform.call_and_ladj = call_and_ladj
+
+
+def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
+    """LULinearTransform ``L U``: the factor ``L`` (``U`` has a unit diagonal)."""
+    original = transform.call_and_ladj
+
+    def log_abs(diag: Tensor) -> Tensor:
+        log = diag.abs().log()
+        return -log if negate else log
+
+    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
+        y, ladj = original(x)
+        features = x.shape[-1]
+        diag = torch.diagonal(lu.L, dim1=-2, dim2=-1)
+        site.record([Factor(_rows(diag, features), log_abs)], ladj.reshape(-1), features)
+        return y, ladj
+
+    transform.call_and_ladj = call_and_ladj
+
+
+def _left_out(site: Site, transform: Transform) -> None:
+    if site.state.get("warned"):
+        return
+    site.state["warned"] = True
+    warnings.warn(
+        f"klj-reg cannot read the Jacobian of {site.name or '<model>'} ({site.kind}), which "
+        f"returns a {type(transform).__name__}: it is left out of the penalty. Register the "
+        "module with klj_reg.register_adapter, or use estimator='hutchinson'.",
+        stacklevel=3,
+    )
+
+
+def decorate(site: Site, transform: Any) -> None:
+    """Make ``transform.call_and_ladj`` (the data-to-latent call) record ``site``'s factors."""
+    if not isinstance(transform, Transform):
+        return  # e.g. a deprecated ``Unconditional`` building a distribution
+    inverse = isinstance(transform, _InverseTransform)
+    forward = transform.inv if inverse else transform
+    if isinstance(forward, ORTHOGONAL):
+        return
+    if isinstance(forward, META):
+        cell: list[Tensor] = []
+        _tap_meta(forward, "log_abs_det_jacobian" if inverse else "call_and_ladj", cell)
+        _record_tapped(site, transform, cell, negate=inverse)
+    elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
+        cell = []
+        _tap(transform.base, "call_and_ladj", cell)
+        _record_tapped(site, transform, cell, negate=False)
+    elif isinstance(forward, LULinearTransform):
+        _record_lu(site, transform, forward, negate=inverse)
+    elif transform.domain.event_dim == 0:
+        _record_elementwise(site, transform)
+    else:
+        _left_out(site, transform)
+
+
+def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
+    """Decorate the Transform each call of ``module`` returns; mark its hyper-network."""
+    hyper = getattr(module, "hyper", None)
+    if hyper is None and isinstance(getattr(module, "transform", None), nn.Module):
+        hyper = getattr(module.transform, "hyper", None)  # LazyInverse
+    if isinstance(hyper, nn.Module):
+        site.add_subnets(hyper)
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        decorate(site, output)
+
+    return [site.forward_hook(module, hook)]
+
+
+def register_lazy_transform(layer_type: type) -> None:
+    """Capture a user-defined LazyTransform whose ``forward(c)`` returns a zuko
+    Autoregressive/CouplingTransform, a DependentTransform of a univariate, or an
+    elementwise transform."""
+    register_installer(layer_type, install_lazy)
+
+
+def run_flow(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
+    """A Flow's data-to-latent pass, as in ``log_prob``: ``(z, ladj)``."""
+    dist: Any = model(context)
+    z, ladj = dist.transform.call_and_ladj(x)
+    return z, _sum_rightmost(ladj, dist.reinterpreted)
+
+
+def run_transform(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
+    """A LazyTransform's ``t(c).call_and_ladj(x)``, ladj summed over the event: ``(z, ladj)``."""
+    z, ladj = model(context).call_and_ladj(x)
+    return z, _sum_rightmost(ladj, max(ladj.dim() - x.dim() + 1, 0))
+
+
+register_flow_base(LazyTransform, "zuko")
+register_runner(Flow, run_flow)
+register_runner(LazyTransform, run_transform)
+for cls in CAPTURED:
+    register_lazy_transform(cls)
+register_neutral(*_classes("Flow", "LazyComposedTransform"))
