@@ -26,7 +26,8 @@ def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
     def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = original(self, *args, **kwargs)
         callbacks = self.__dict__.get(INSTANCE_KEY)
-        if callbacks:
+        # Only the outermost wrapper dispatches (a patched subclass may call super().name).
+        if callbacks and getattr(type(self), name) is wrapper:
             for callback in callbacks.get(name, ()):
                 callback(self, args, kwargs, out)
         return out

@@ -1,0 +1,518 @@
+r"""normflows: affine and spline couplings, autoregressive flows, ActNorm, LU mixing.
+
+normflows' ``Flow.forward`` maps latent to data; training (``forward_kld``, ``log_prob``,
+``inverse_and_log_det``) calls each layer's ``.inverse`` directly, never through
+``Module.__call__``, so module hooks on the layers never fire. Each captured layer's
+``inverse`` is watched with :func:`klj_reg.patch.after_method` (class patch, per-instance
+dispatch) and records the layer from what it returned and what its subnetworks returned
+(these are called through ``__call__``, so forward hooks on them stash their outputs). Its
+``forward`` is watched only to drop whatever a latent-to-data (sampling) call stashed.
+
+The factors, as the diagonal :math:`d` of the data-to-latent map (the layer's ``.inverse``):
+
+- AffineCoupling (inside AffineCouplingBlock and GlowBlock): ``p = param_map(z1)``, scale
+  pre-activation :math:`s` = ``p[:, 1::2]`` (shift ``p[:, 0::2]``). ``scale_map='exp'``:
+  :math:`e^{-s}`; ``'sigmoid'`` (GlowBlock's default): :math:`\sigma(s + 2)`, no epsilon;
+  ``'sigmoid_inv'``: :math:`1 / \sigma(s + 2)`. One factor on z2.
+- MaskedAffineFlow: :math:`e^{-(1 - b) s}`, :math:`s` from the ``s`` net.
+- MaskedAffineAutoregressive: :math:`1 / (\sigma(u + 2) + 10^{-3})`. ``.inverse`` runs the
+  MADE D times; the last output is the exact one (each call replaces the stash).
+- ActNorm, AffineConstFlow: :math:`e^{-s}` shared by the batch (source ``(1, ...)``, repeated
+  over the broadcast dimensions); CCAffineConst: the same per sample, :math:`s` from the class.
+- Invertible1x1Conv / InvertibleAffine with ``use_lu=True``: the map is
+  :math:`W = P L U` per pixel (``z @ W``, i.e. :math:`U^T L^T P^T`, for InvertibleAffine):
+  a permutation, a unit-triangular factor (diagonal 1, KLJ term 0) and the triangular factor
+  :math:`U`, whose diagonal :math:`\pm e^{\log S}` is recorded, shared and repeated per pixel.
+  With ``use_lu=False`` the matrix is free (not triangular in any basis the layer keeps), so
+  it is left out with a warning.
+- LULinearPermute: permutation, then :math:`L U`; :math:`U`'s diagonal
+  ``softplus(u) + eps`` is recorded.
+- CoupledRationalQuadraticSpline (and Circular...): the wrapped nflows-style coupling's
+  forward is the data-to-latent map. Its ``_piecewise_cdf`` returns the elementwise
+  :math:`\log|dy/dx|` of the transformed features (tapped); the unconditional elementwise
+  spline on the identity features returns only a sum, so its elementwise derivative is
+  evaluated lazily (in the penalty) from its own parameters and the input it received.
+  Identity features first, the layer is triangular with diagonal [g', h'].
+- AutoregressiveRationalQuadraticSpline (and Circular...): one MADE pass (stashed); the
+  elementwise spline derivative is evaluated lazily from those parameters (the layer may
+  divide them in place first, which the tensor's version counter tells).
+- ``Reverse(layer)`` swaps directions: the affine layers above (not the splines or
+  containers) are then recorded from their ``forward`` with the reciprocal diagonal.
+
+Neutral (KLJ exactly 0): Permute, Split, Merge, Squeeze, PeriodicWrap, PeriodicShift, Shift,
+the LU layers' internal permutation, and the containers. ``transforms.Logit`` is left out (with
+the core's warning): it is a fixed, parameter-free preprocessing whose term is not zero but
+has no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import normflows as nf
+import torch
+import torch.nn.functional as F
+from normflows.flows.affine.autoregressive import MaskedAffineAutoregressive
+from normflows.flows.affine.coupling import (
+    AffineConstFlow,
+    AffineCoupling,
+    AffineCouplingBlock,
+    CCAffineConst,
+    MaskedAffineFlow,
+)
+from normflows.flows.affine.glow import GlowBlock
+from normflows.flows.base import Composite, Flow, Reverse
+from normflows.flows.mixing import (
+    Invertible1x1Conv,
+    InvertibleAffine,
+    LULinearPermute,
+    Permute,
+    _Permutation,
+)
+from normflows.flows.neural_spline.wrapper import (
+    AutoregressiveRationalQuadraticSpline,
+    CircularAutoregressiveRationalQuadraticSpline,
+    CircularCoupledRationalQuadraticSpline,
+    CoupledRationalQuadraticSpline,
+)
+from normflows.flows.periodic import PeriodicShift, PeriodicWrap
+from normflows.flows.reshape import Merge, Split, Squeeze
+from normflows.utils import splines
+from torch import Tensor, nn
+
+from ..capture import Site
+from ..errors import AdapterMismatchError, CaptureError, UnsupportedModelError
+from ..patch import after_method
+from ..records import Factor, Map
+from ..registry import (
+    Handle,
+    framework_version,
+    is_neutral,
+    register_flow_base,
+    register_installer,
+    register_neutral,
+    register_runner,
+)
+
+Build = Callable[[tuple[Any, ...], dict[str, Any], Any], list[Factor]]
+"""Builds a layer's factors from its data-to-latent call: ``(args, kwargs, output)``."""
+
+Install = Callable[[Any, Site, bool], list[Handle]]
+"""An installer taking ``reverse``: True when the layer's ``forward`` maps data to latent."""
+
+
+def _method(layer: Any, name: str, callback: Any) -> Handle:
+    """``after_method`` with a clear error when this normflows version lacks the method."""
+    if not callable(getattr(layer, name, None)):
+        raise AdapterMismatchError(
+            f"{type(layer).__name__} of {framework_version('normflows')} has no method "
+            f"{name!r}, which its klj-reg adapter watches. Please report it; meanwhile use "
+            "estimator='hutchinson'."
+        )
+    return after_method(layer, name, callback)
+
+
+def _dim(z: Any) -> int:
+    """Jacobian diagonal length per sample: numel of one input (or of a [z1, z2] pair)."""
+    if isinstance(z, (list, tuple)):
+        return sum(int(t[0].numel()) for t in z)
+    return int(z[0].numel())
+
+
+def _log_det(output: Any) -> Tensor | None:
+    log_det = output[1] if isinstance(output, (tuple, list)) else None
+    return log_det if isinstance(log_det, Tensor) else None
+
+
+def _watch(layer: Any, site: Site, reverse: bool, build: Build, stashed: int = 0) -> list[Handle]:
+    """Record after the layer's data-to-latent method; clear the stash after the other one.
+
+    ``stashed``: how many subnet outputs the data-to-latent call must have stashed.
+    """
+    to_latent, to_data = ("forward", "inverse") if reverse else ("inverse", "forward")
+
+    def on_latent(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        if module is not layer:  # a deepcopy of the layer carried this callback over
+            return
+        try:
+            if len(site.state) < stashed:
+                # A subclass calling super().inverse: the inner call already recorded.
+                if site.name not in site.capture.records:
+                    raise CaptureError(
+                        f"{site.name or '<model>'} ({site.kind}) ran its data-to-latent "
+                        "pass without calling its subnetwork through Module.__call__, so "
+                        "klj-reg did not see its scales. Call subnetworks as net(x), not "
+                        "net.forward(x), or use estimator='hutchinson'."
+                    )
+                return
+            z = args[0] if args else next(iter(kwargs.values()))
+            site.record(build(args, kwargs, out), _log_det(out), _dim(z))
+        finally:
+            site.state.clear()
+
+    def on_data(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if module is layer:
+            site.state.clear()
+
+    return [_method(layer, to_latent, on_latent), _method(layer, to_data, on_data)]
+
+
+def _stash(site: Site, net: nn.Module, key: str, inputs: bool = False) -> Handle:
+    """Forward hook keeping a reference to ``net``'s output (or its first input)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module is net:
+            site.state[key] = args[0] if inputs else output
+
+    return site.forward_hook(net, hook)
+
+
+def _once(fn: Map) -> Map:
+    """Evaluate a (costly) lazy map once per record: checks and penalty reuse it."""
+    result: list[Tensor] = []
+
+    def call(t: Tensor) -> Tensor:
+        if not result:
+            result.append(fn(t))
+        return result[0]
+
+    return call
+
+
+# Affine couplings -------------------------------------------------------------------------
+
+
+def _coupling_log_abs(layer: Any, site: Site) -> Map:
+    """log|d| of AffineCoupling.inverse from params, by ``scale_map``."""
+
+    def exp(p: Tensor) -> Tensor:
+        return -p[:, 1::2]
+
+    def sigmoid(p: Tensor) -> Tensor:
+        return F.logsigmoid(p[:, 1::2] + 2.0)
+
+    def sigmoid_inv(p: Tensor) -> Tensor:
+        return -F.logsigmoid(p[:, 1::2] + 2.0)
+
+    maps: dict[str, Map] = {"exp": exp, "sigmoid": sigmoid, "sigmoid_inv": sigmoid_inv}
+    if layer.scale_map not in maps:
+        raise UnsupportedModelError(
+            f"{site.name or '<model>'} (AffineCoupling) uses scale_map={layer.scale_map!r}, "
+            f"which klj-reg does not know ({framework_version('normflows')}; known: "
+            f"{', '.join(maps)}). Use estimator='hutchinson'."
+        )
+    return maps[layer.scale_map]
+
+
+def _signed(fn: Map, reverse: bool) -> Map:
+    return (lambda t: -fn(t)) if reverse else fn
+
+
+def install_affine_coupling(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """AffineCoupling: one factor on z2, from the param_map output of the same call."""
+    site.add_subnets(layer.param_map)
+    if not layer.scale:
+        return []  # additive: diagonal 1
+    log_abs = _signed(_coupling_log_abs(layer, site), reverse)
+
+    def raw(p: Tensor) -> Tensor:
+        return p[:, 1::2]
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        return [Factor(site.state["params"], log_abs, 1, raw)]
+
+    return [_stash(site, layer.param_map, "params"), *_watch(layer, site, reverse, build, 1)]
+
+
+def install_masked_affine(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """MaskedAffineFlow: factor :math:`e^{-(1-b)s}` on the unmasked entries."""
+    nets = [n for n in (layer.s, layer.t) if isinstance(n, nn.Module)]
+    site.add_subnets(*nets)
+    if not isinstance(layer.s, nn.Module):
+        return []  # no scale net: volume preserving, diagonal 1
+    sign = 1.0 if reverse else -1.0
+
+    def log_abs(s: Tensor) -> Tensor:
+        return sign * (1 - layer.b) * s
+
+    def raw(s: Tensor) -> Tensor:  # masked entries count as pass-through ones
+        return (1 - layer.b) * s + layer.b
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        return [Factor(site.state["s"], log_abs, 1, raw)]
+
+    return [_stash(site, layer.s, "s"), *_watch(layer, site, reverse, build, 1)]
+
+
+def install_maf(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """MaskedAffineAutoregressive: :math:`1/(\\sigma(u+2) + 10^{-3})`, last MADE output."""
+    site.add_subnets(layer.autoregressive_net)
+    sign = 1.0 if reverse else -1.0
+
+    def raw(p: Tensor) -> Tensor:
+        return layer._unconstrained_scale_and_shift(p)[0]
+
+    def log_abs(p: Tensor) -> Tensor:
+        return sign * torch.log(torch.sigmoid(raw(p) + 2.0) + 1e-3)
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        return [Factor(site.state["params"], log_abs, 1, raw)]
+
+    net = layer.autoregressive_net
+    return [_stash(site, net, "params"), *_watch(layer, site, reverse, build, 1)]
+
+
+# Elementwise and linear layers --------------------------------------------------------------
+
+
+def install_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """ActNorm / AffineConstFlow: :math:`e^{-s}`, one per element of ``s``, shared."""
+    sign = 1.0 if reverse else -1.0
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        s = layer.s
+        repeat = args[0][0].numel() // s[0].numel()
+        return [Factor(s, lambda t: sign * t, repeat)]
+
+    return _watch(layer, site, reverse, build)
+
+
+def install_cc_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """CCAffineConst: :math:`e^{-s(y)}` per sample, ``s(y) = s + y @ s_cc``."""
+    sign = 1.0 if reverse else -1.0
+    shape = tuple(layer.shape)
+
+    def log_abs(y: Tensor) -> Tensor:
+        return sign * (layer.s + (y @ layer.s_cc).view(-1, *shape))
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        y = args[1] if len(args) > 1 else kwargs["y"]
+        repeat = args[0][0].numel() // math.prod(shape)
+        return [Factor(y, log_abs, repeat)]
+
+    return _watch(layer, site, reverse, build)
+
+
+def _free_matrix(site: Site) -> list[Handle]:
+    warnings.warn(
+        f"klj-reg does not regularise {site.name or '<model>'} ({site.kind} with "
+        "use_lu=False): a free mixing matrix has no triangular factor the layer keeps. Build "
+        "it with use_lu=True (its P L U diagonal is then captured), or use "
+        "estimator='hutchinson'.",
+        stacklevel=4,
+    )
+    return []
+
+
+def install_lu_mixing(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """Invertible1x1Conv / InvertibleAffine (``use_lu``): :math:`U`'s diagonal
+    :math:`\\pm e^{\\log S}`, shared, repeated over pixels."""
+    if not layer.use_lu:
+        return _free_matrix(site)
+    sign = -1.0 if reverse else 1.0
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        log_s = layer.log_S.unsqueeze(0)
+        repeat = args[0][0].numel() // log_s.numel()
+        return [Factor(log_s, lambda t: sign * t, repeat)]
+
+    return _watch(layer, site, reverse, build)
+
+
+def install_lu_linear_permute(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+    """LULinearPermute: permutation, then :math:`L U`, :math:`U`'s diagonal
+    ``softplus(u) + eps`` (the layer's own ``upper_diag``)."""
+    linear = layer.linear
+    sign = -1.0 if reverse else 1.0
+
+    def log_abs(u: Tensor) -> Tensor:
+        return sign * torch.log(linear.upper_diag).unsqueeze(0)
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        return [Factor(linear.unconstrained_upper_diag.unsqueeze(0), log_abs)]
+
+    return _watch(layer, site, reverse, build)
+
+
+# Splines ----------------------------------------------------------------------------------
+
+
+def _spline_log_abs(
+    owner: Any, x: Tensor, widths: Tensor, heights: Tensor, derivs: Tensor
+) -> Tensor:
+    """Elementwise log|dy/dx| of the data-to-latent (``inverse=False``) spline, with the
+    spline function and settings ``owner`` (the normflows transform) uses."""
+    if owner.tails is None:
+        fn: Any = splines.rational_quadratic_spline
+        kwargs: dict[str, Any] = {}
+    else:
+        fn = splines.unconstrained_rational_quadratic_spline
+        kwargs = {"tails": owner.tails, "tail_bound": owner.tail_bound}
+    _, log_abs = fn(
+        inputs=x,
+        unnormalized_widths=widths,
+        unnormalized_heights=heights,
+        unnormalized_derivatives=derivs,
+        inverse=False,
+        min_bin_width=owner.min_bin_width,
+        min_bin_height=owner.min_bin_height,
+        min_derivative=owner.min_derivative,
+        **kwargs,
+    )
+    return log_abs
+
+
+def _cdf_log_abs(cdf: Any) -> Map:
+    """Elementwise derivative of a PiecewiseRationalQuadraticCDF at its input ``x``."""
+
+    def log_abs(x: Tensor) -> Tensor:
+        params = (cdf.unnormalized_widths, cdf.unnormalized_heights, cdf.unnormalized_derivatives)
+        w, h, d = (p.unsqueeze(0).expand(x.shape[0], *p.shape) for p in params)
+        return _spline_log_abs(cdf, x, w, h, d)
+
+    return _once(log_abs)
+
+
+def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
+    """Coupled RQ splines: transformed features from ``_piecewise_cdf``, identity features
+    from the unconditional spline (evaluated lazily)."""
+    coupling = layer.prqct
+    cdf = coupling.unconditional_transform
+    site.add_subnets(coupling.transform_net)
+
+    def tap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if module is coupling:
+            site.state["transformed"] = out[1]
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        factors = [Factor(site.state["transformed"])]
+        if "identity" in site.state:
+            factors.append(Factor(site.state["identity"], _cdf_log_abs(cdf)))
+        return factors
+
+    handles = [_method(coupling, "_piecewise_cdf", tap)]
+    if cdf is not None:
+        handles.append(_stash(site, cdf, "identity", inputs=True))
+    return [*handles, *_watch(layer, site, False, build, 1 if cdf is None else 2)]
+
+
+def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
+    """Autoregressive RQ splines: one MADE pass; the spline derivative is evaluated lazily."""
+    ar = layer.mprqat
+    net = ar.autoregressive_net
+    site.add_subnets(net)
+    hidden = getattr(net, "hidden_features", None)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if module is net:
+            site.state["params"] = (output, output._version)
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        params, version = site.state["params"]
+        x = args[0]
+        divided = params._version != version  # the layer scaled widths/heights in place
+
+        def log_abs(p: Tensor) -> Tensor:
+            q = p.view(x.shape[0], x.shape[1], ar._output_dim_multiplier())
+            nb = ar.num_bins
+            w, h, d = q[..., :nb], q[..., nb : 2 * nb], q[..., 2 * nb :]
+            if hidden is not None and not divided:
+                w, h = w / math.sqrt(hidden), h / math.sqrt(hidden)
+            return _spline_log_abs(ar, x, w, h, d)
+
+        return [Factor(params, _once(log_abs))]
+
+    return [site.forward_hook(net, hook), *_watch(layer, site, False, build, 1)]
+
+
+# Reverse ----------------------------------------------------------------------------------
+
+_REVERSIBLE: dict[type, Install] = {}
+
+
+def install_reverse(layer: Any, site: Site) -> list[Handle]:
+    """Reverse(flow): the inner layer's ``forward`` maps data to latent."""
+    inner = layer.flow
+    for cls in type(inner).__mro__:
+        if cls in _REVERSIBLE:
+            return _REVERSIBLE[cls](inner, site, True)
+    if is_neutral(type(inner)):
+        return []
+    warnings.warn(
+        f"klj-reg does not regularise {site.name or '<model>'} (Reverse of "
+        f"{type(inner).__name__}): reversed direction is supported for the affine layers "
+        "only. Use estimator='hutchinson' for this model.",
+        stacklevel=3,
+    )
+    return []
+
+
+# Runner -----------------------------------------------------------------------------------
+
+
+def run(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
+    """normflows' data-to-latent pass: ``(z, log_det)``, through the model's own methods."""
+    if isinstance(model, nf.MultiscaleFlow):
+        zs, log_det = model.inverse_and_log_det(x)
+        return torch.cat([z.reshape(z.shape[0], -1) for z in zs], 1), log_det
+    if isinstance(model, nf.ConditionalNormalizingFlow):
+        return model.inverse_and_log_det(x, context=context)
+    if isinstance(model, nf.NormalizingFlow):
+        return model.inverse_and_log_det(x)
+    kwargs = {} if context is None else {"context": context}
+    if isinstance(model, Flow):
+        z, log_det = model.inverse(x, **kwargs)
+        return z, torch.as_tensor(log_det, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    # ClassCondFlow: a list of flows without inverse_and_log_det
+    z, total = x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for flow in reversed(model.flows):  # type: ignore[arg-type]
+        z, log_det = flow.inverse(z)
+        total = total + log_det
+    return z, total
+
+
+def _with_direction(install: Install) -> Callable[[Any, Site], list[Handle]]:
+    return lambda layer, site: install(layer, site, False)
+
+
+_AFFINE: dict[type, Install] = {
+    AffineCoupling: install_affine_coupling,
+    MaskedAffineFlow: install_masked_affine,
+    MaskedAffineAutoregressive: install_maf,
+    AffineConstFlow: install_affine_const,  # and ActNorm
+    CCAffineConst: install_cc_affine_const,
+    Invertible1x1Conv: install_lu_mixing,
+    InvertibleAffine: install_lu_mixing,
+    LULinearPermute: install_lu_linear_permute,
+}
+_NEUTRAL = (
+    Permute,
+    Split,
+    Merge,
+    Squeeze,
+    PeriodicWrap,
+    PeriodicShift,
+    _Permutation,
+    nf.transforms.Shift,
+    Composite,
+    AffineCouplingBlock,
+    GlowBlock,
+)
+
+register_flow_base(Flow, "normflows")
+for _model in (nf.NormalizingFlow, nf.MultiscaleFlow, nf.ClassCondFlow, Flow):
+    register_runner(_model, run)
+for _cls, _install in _AFFINE.items():
+    _REVERSIBLE[_cls] = _install
+    register_installer(_cls, _with_direction(_install))
+for _cls in (CoupledRationalQuadraticSpline, CircularCoupledRationalQuadraticSpline):
+    register_installer(_cls, install_coupled_spline)
+for _cls in (AutoregressiveRationalQuadraticSpline, CircularAutoregressiveRationalQuadraticSpline):
+    register_installer(_cls, install_autoregressive_spline)
+register_installer(Reverse, install_reverse)
+register_neutral(*_NEUTRAL)
