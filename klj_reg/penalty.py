@@ -107,6 +107,12 @@ def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[list[LayerRec
                 "the model's forward pass (e.g. its log_prob) before klj_reg.penalty(model), "
                 "or pass x so that the penalty runs one."
             )
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise CaptureError(
+                "no captured forward pass under DistributedDataParallel, where an extra pass "
+                "would desynchronise gradient reduction: call klj_reg.attach(model) before "
+                "wrapping it in DDP, and the penalty after the DDP forward pass."
+            )
         # On first use the hooks did not exist during the user's pass: one extra pass, once.
         if not first_use and not capture.warned_own_pass:
             capture.warned_own_pass = True
