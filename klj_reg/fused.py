@@ -55,4 +55,6 @@ def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cach
     fn = cache.get(key)
     if fn is None:
         fn = cache[key] = _build(structure, form, mean)
-    return fn([f.source for r in records for f in r.factors])
+    # Donated buffers would forbid backward(retain_graph=True) on the user's loss.
+    with torch._functorch.config.patch(donated_buffer=False):
+        return fn([f.source for r in records for f in r.factors])

@@ -124,7 +124,9 @@ def register_flow_base(layer_type: type, framework: str) -> None:
     _flow_bases[layer_type] = framework
 
 
-ScaleFn = Callable[[nn.Module, tuple[Any, ...], Any], "Tensor | Factor | Iterable[Tensor | Factor]"]
+ScaleFn = Callable[
+    [nn.Module, tuple[Any, ...], Any], "Tensor | Factor | Iterable[Tensor | Factor] | None"
+]
 LogDetFn = Callable[[nn.Module, tuple[Any, ...], Any], Tensor]
 
 
