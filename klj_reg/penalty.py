@@ -214,10 +214,19 @@ def penalty(
         check_finite = value.device.type == "cpu"
     check(records, capture, value, check_finite)
     if tau and reduction != "none":
-        value = value + tau * sum(p.square().sum() for p in capture.subnet_parameters())
+        weights = list(capture.subnet_parameters())
+        if not weights:
+            raise ValueError(
+                "tau > 0 but no captured layer identifies its subnetworks (register_adapter("
+                "..., subnets=lambda layer: [...]) does); use weight decay instead"
+            )
+        value = value + tau * torch.stack([w.square().sum() for w in weights]).sum()
     return value
 
 
 def _weight_norm(model: Any) -> Tensor:
-    params = [p for p in unwrap(model).parameters() if p.dim() >= 2]
+    target = unwrap(model)
+    if not isinstance(target, nn.Module):
+        raise ValueError("tau > 0 needs an nn.Module whose weights it can regularise")
+    params = [p for p in target.parameters() if p.dim() >= 2]
     return torch.stack([p.square().sum() for p in params]).sum()

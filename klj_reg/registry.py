@@ -141,7 +141,13 @@ def _first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
-def register_adapter(layer_type: type, fn: ScaleFn, *, log_det: LogDetFn | None = None) -> None:
+def register_adapter(
+    layer_type: type,
+    fn: ScaleFn,
+    *,
+    log_det: LogDetFn | None = None,
+    subnets: Callable[[Any], Iterable[nn.Module]] | None = None,
+) -> None:
     r"""Teach klj-reg your own layer.
 
     ``fn(layer, inputs, output)`` is called after each forward call of a ``layer_type``
@@ -150,7 +156,8 @@ def register_adapter(layer_type: type, fn: ScaleFn, *, log_det: LogDetFn | None 
     be 1), or :class:`klj_reg.Factor` objects for more control. Return ``None`` for calls
     that must not be recorded (e.g. the inverse direction). ``log_det(layer, inputs,
     output)``, if given, returns the layer's own log-determinant, against which the
-    captured diagonal is checked on the first batches.
+    captured diagonal is checked on the first batches. ``subnets(layer)``, if given, lists
+    the layer's scale/shift subnetworks, whose weights ``penalty(..., tau=...)`` regularises.
 
     Example::
 
@@ -167,6 +174,9 @@ def register_adapter(layer_type: type, fn: ScaleFn, *, log_det: LogDetFn | None 
     """
 
     def install(module: nn.Module, site: Site) -> list[Handle]:
+        if subnets is not None:
+            site.add_subnets(*subnets(module))
+
         def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             result = fn(mod, args, output)
             if result is None:

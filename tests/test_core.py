@@ -54,6 +54,7 @@ def _user_adapter() -> None:
         Coupling,
         lambda layer, inputs, output: layer.log_scale,
         log_det=lambda layer, inputs, output: output[1],
+        subnets=lambda layer: [layer.net],
     )
 
 
@@ -356,3 +357,23 @@ def test_fused_penalty_equals_eager_with_gradients() -> None:
     torch.testing.assert_close(value.detach(), eager)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_tau_on_a_plain_function_is_a_value_error() -> None:
+    def flow(x: Tensor) -> tuple[Tensor, Tensor]:
+        return 2 * x, torch.full((x.shape[0],), 3 * math.log(2.0))
+
+    with pytest.raises(ValueError, match="tau"):
+        klj_reg.penalty(flow, torch.randn(4, 3), estimator="exact", tau=0.1)
+
+
+def test_tau_adds_the_subnetwork_weight_norm() -> None:
+    model = Stack()
+    klj_reg.attach(model)
+    x = torch.randn(4, 4)
+    model(x)
+    base = klj_reg.penalty(model, x)
+    model(x)
+    with_tau = klj_reg.penalty(model, x, tau=0.5)
+    weights = [m.weight for layer in model.layers for m in layer.net if isinstance(m, nn.Linear)]
+    torch.testing.assert_close(with_tau - base, 0.5 * sum(w.square().sum() for w in weights))
