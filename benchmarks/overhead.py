@@ -1,0 +1,691 @@
+"""``python -m benchmarks overhead``: what the KLJ penalty costs per training step.
+
+For each backend, a tabular flow (D = 64, 8 layers, :func:`benchmarks.tabular.tabular_flow`)
+and a Glow-like image flow (3x32x32, a few million parameters), the median wall time of a full
+training step (``zero_grad``, forward, loss, backward, Adam step) for each variant:
+
+==============  ===============================================================================
+plain           NLL only, on a copy of the model without capture hooks
+capture         NLL + ``klj_reg.penalty(model, x)`` after the user's own forward (normal path)
+capture+check   the same with every layer's log-det self-check on (what the first batches of
+                a training run pay, until each layer's scales are verified)
+fused           NLL + ``penalty(model, x, fused=True)`` (divergence through ``torch.compile``)
+second-pass     NLL + the penalty on a fresh pass (records cleared, so the penalty runs the
+                model on ``x`` again): what a plug-in that recomputes the scales costs
+hutchinson      NLL + ``penalty(model, x, estimator="hutchinson")`` (one probe)
+exact           NLL + ``penalty(model, x, estimator="exact")`` (tabular only: D backward passes)
+==============  ===============================================================================
+
+Every variant trains its own copy of the same initial model with its own optimiser. Steps
+are interleaved: after a warm-up, each of ``--reps`` rounds times one step of every variant in
+a shuffled order, synchronising the device around each timed step, so that drifts in machine
+load hit all variants alike. Ratios are to ``plain`` in the same process: the median over
+rounds of the round's variant step over its plain step (with their interquartile range; the
+ratio of the median times is in the JSON too). Then, per variant,
+one more step is measured for peak memory (CUDA: ``max_memory_allocated`` above the allocation
+before the step; CPU: the peak of the torch profiler's allocation events during the step) and
+one is profiled for operator counts: top-level aten operators in the forward pass, the
+penalty, the backward and the optimiser, host reads (syncs on an accelerator) and, on CUDA,
+device kernels.
+
+Writes ``<device>.json`` (machine, versions, commit, settings, raw times) and ``<device>.md``
+(``-quick`` appended with ``--quick``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import klj_reg
+from klj_reg.capture import MAX_CHECKS, get_capture
+
+from . import backends
+from .backends import BackendFlow
+
+VARIANTS = ("plain", "capture", "capture+check", "fused", "second-pass", "hutchinson", "exact")
+MODELS = ("tabular", "image")
+TARGET = 1.02
+"""The capture path should cost at most this many plain steps."""
+REFERENCE = (
+    "first reference implementation (hooks recomputing the scales from each subnet's output), "
+    "FrEIA Glow on an H200: 2000 -> 1720 images/s, i.e. 1.16x the step time"
+)
+DEFAULT_OUT = Path("benchmarks/results/overhead")
+IMAGE_SHAPE = (3, 32, 32)
+
+
+@dataclass
+class Settings:
+    """What a run measured, recorded with its results."""
+
+    device: str
+    reps: int = 20
+    warmup: int = 5
+    batch: int = 256
+    image_batch: int = 8
+    dim: int = 64
+    layers: int = 8
+    hidden: int = 64
+    lr: float = 1e-3
+    alpha: float = 1e-2
+    seed: int = 0
+    quick: bool = False
+    backends: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def tabular(backend: str, settings: Settings) -> BackendFlow:
+    """The tabular flow of ``benchmarks.tabular`` (RealNVP-style, ``layers`` layers)."""
+    from .tabular import tabular_flow
+
+    return tabular_flow(backend, settings.dim, layers=settings.layers, hidden=settings.hidden)
+
+
+def _freia_image() -> BackendFlow:
+    """IB-INN-style FrEIA flow (AllInOneBlock conv stages, learned downsampling, DCT, one
+    fully connected GLOW coupling), ~2.5M parameters."""
+    from .image_flows import freia_ibinn
+
+    inn = freia_ibinn(IMAGE_SHAPE, blocks=(2, 4, 4), widths=(32, 64, 128), fc_width=256)
+    return BackendFlow("freia", inn, lambda model, x: model(x))
+
+
+def _nflows_image() -> BackendFlow:
+    """Glow with nflows' layers: 3 levels of squeeze, 4 x (ActNorm, 1x1 LU convolution,
+    affine coupling with a ConvResidualNet), half the channels factored out per level."""
+    from nflows import transforms as T
+    from nflows.nn.nets import ConvResidualNet
+
+    def net(c_in: int, c_out: int) -> nn.Module:
+        return ConvResidualNet(c_in, c_out, hidden_channels=128, num_blocks=1)
+
+    levels, steps = 3, 4
+    multiscale = T.MultiscaleCompositeTransform(levels, split_dim=1)
+    c, h, w = IMAGE_SHAPE
+    for _ in range(levels):
+        c, h, w = 4 * c, h // 2, w // 2
+        layers: list[nn.Module] = [T.SqueezeTransform()]
+        for k in range(steps):
+            mask = (torch.arange(c) + k) % 2
+            layers += [T.ActNorm(c), T.OneByOneConvolution(c), T.AffineCouplingTransform(mask, net)]
+        next_shape = multiscale.add_transform(T.CompositeTransform(layers), (c, h, w))
+        if next_shape is not None:
+            c, h, w = next_shape
+    return BackendFlow("nflows", multiscale, lambda model, x: model(x))
+
+
+def _normflows_image() -> BackendFlow:
+    """Glow with normflows' layers: 3 levels of ``Squeeze`` and 4 ``GlowBlock``s (affine
+    coupling, 1x1 LU convolution, ActNorm) in a ``NormalizingFlow``, data to latent through
+    ``inverse_and_log_det``."""
+    import normflows as nf
+
+    levels, steps, hidden = 3, 4, 128
+    c = IMAGE_SHAPE[0]
+    data_to_latent: list[nn.Module] = []
+    for _ in range(levels):
+        c *= 4
+        data_to_latent.append(nf.flows.Squeeze())
+        data_to_latent += [nf.flows.GlowBlock(c, hidden) for _ in range(steps)]
+    size = IMAGE_SHAPE[1] >> levels
+    base = nf.distributions.DiagGaussian((c, size, size), trainable=False)
+    model = nf.NormalizingFlow(base, data_to_latent[::-1])  # normflows lists latent -> data
+    return BackendFlow("normflows", model, _inverse_and_log_det)
+
+
+def _inverse_and_log_det(model: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    return model.inverse_and_log_det(x)
+
+
+def _zuko_image() -> BackendFlow:
+    """zuko has no convolutional layers: 6 affine couplings (MLP 2 x 128) on the flattened
+    image with random masks."""
+    import zuko
+
+    features = math.prod(IMAGE_SHAPE)
+    transforms = [
+        zuko.flows.GeneralCouplingTransform(
+            features, mask=torch.randperm(features) % 2 == i % 2, hidden_features=(128, 128)
+        )
+        for i in range(6)
+    ]
+    base = zuko.flows.UnconditionalDistribution(
+        zuko.distributions.DiagNormal, torch.zeros(features), torch.ones(features), buffer=True
+    )
+    flow = zuko.flows.Flow(transforms, base)
+    return BackendFlow("zuko", flow, lambda model, x: model().transform.call_and_ladj(x))
+
+
+IMAGE_BUILDERS: dict[str, Callable[[], BackendFlow]] = {
+    "freia": _freia_image,
+    "nflows": _nflows_image,
+    "normflows": _normflows_image,
+    "zuko": _zuko_image,
+}
+
+
+def image(backend: str, settings: Settings) -> BackendFlow:
+    """The Glow-like image flow of ``backend`` (``--quick``: ``image_flows``' tiny one)."""
+    if settings.quick:
+        from .image_flows import build
+
+        return build(backend, "tiny", IMAGE_SHAPE, seed=settings.seed)
+    return IMAGE_BUILDERS[backend]()
+
+
+def batch_of(model_kind: str, backend: str, settings: Settings, device: torch.device) -> Tensor:
+    """A fixed synthetic batch: Gaussian features with unequal scales, or images in [-2, 2]
+    (flattened for zuko, whose flows take flat vectors: the penalty's own pass needs the
+    model's input)."""
+    g = torch.Generator().manual_seed(settings.seed)
+    if model_kind == "tabular":
+        scales = torch.rand(settings.dim, generator=g) * 2 + 0.5
+        x = torch.randn(settings.batch, settings.dim, generator=g) * scales
+    else:
+        x = (torch.rand(settings.image_batch, *IMAGE_SHAPE, generator=g) - 0.5) * 4
+        if backend == "zuko":
+            x = x.flatten(1)
+    return x.to(device)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------- steps
+
+
+def nll(flow: BackendFlow, x: Tensor) -> Tensor:
+    """Negative log-likelihood per dimension under a standard normal base."""
+    z, log_det = flow(x)
+    dim = z.shape[1]
+    return (0.5 * z.square().sum(1) - log_det).mean() / dim + 0.5 * math.log(2 * math.pi)
+
+
+def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Callable[[], None]:
+    """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam."""
+    model = flow.model
+    optimiser = torch.optim.Adam(flow.parameters(), lr=settings.lr)
+    capture = (
+        klj_reg.attach(model)
+        if variant in ("capture", "capture+check", "fused", "second-pass")
+        else None
+    )
+    alpha = settings.alpha
+
+    def penalty() -> Tensor:
+        with torch.profiler.record_function("klj_penalty"):
+            if variant in ("capture", "capture+check"):
+                return klj_reg.penalty(model, x, alpha=alpha)
+            if variant == "fused":
+                return klj_reg.penalty(model, x, alpha=alpha, fused=True)
+            if variant == "second-pass":
+                klj_reg.clear(model)  # discard the user's pass: the penalty runs its own
+                return klj_reg.penalty(model, x, alpha=alpha)
+            return klj_reg.penalty(model, x, alpha=alpha, estimator=variant)
+
+    def step() -> None:
+        if variant == "capture+check":
+            assert capture is not None
+            for site in capture.sites.values():
+                site.checks_left = MAX_CHECKS
+        optimiser.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("nll"):
+            loss = nll(flow, x)
+        if variant != "plain":
+            loss = loss + penalty()
+        loss.backward()
+        with torch.profiler.record_function("optimiser"):
+            optimiser.step()
+
+    return step
+
+
+def checks_pending(flow: BackendFlow) -> int:
+    """Captured layers still being checked against their own log-det."""
+    capture = get_capture(flow.model)
+    return 0 if capture is None else sum(s.checks_left > 0 for s in capture.sites.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def time_steps(
+    steps: dict[str, Callable[[], None]], reps: int, device: torch.device, seed: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each variant, ``reps`` interleaved rounds in shuffled order."""
+    order = list(steps)
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> float:
+    """Peak bytes allocated during one step above what was allocated before it."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU]
+    total = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        total += event.nbytes()
+        peak = max(peak, total)
+    return float(peak)
+
+
+def _phase(event: Any) -> str:
+    """Which part of a step a profiled operator belongs to."""
+    node = event.cpu_parent
+    while node is not None:
+        name = node.name
+        if name.startswith("autograd::engine::evaluate_function"):
+            return "backward"
+        if name in ("klj_penalty", "nll", "optimiser"):
+            return {"klj_penalty": "penalty", "nll": "forward", "optimiser": "optimiser"}[name]
+        node = node.cpu_parent
+    return "other"
+
+
+def count_ops(step: Callable[[], None], device: torch.device) -> dict[str, Any]:
+    """Top-level aten operators of one step by phase, host reads and CUDA kernel launches.
+
+    Host reads: ``aten::_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``) on
+    CPU, ``cudaStreamSynchronize`` calls on CUDA (``tolist()`` shows only there); both
+    outside the optimiser (Adam reads its CPU step counters).
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    phases: Counter[str] = Counter()
+    names: Counter[str] = Counter()
+    syncs = kernels = 0
+    sync_name = "cudaStreamSynchronize" if device.type == "cuda" else "aten::_local_scalar_dense"
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            kernels += 1
+            continue
+        if event.name == sync_name and _phase(event) != "optimiser":
+            syncs += 1
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        if parent is not None and parent.name.startswith("aten::"):
+            continue  # counted through its caller
+        phase = _phase(event)
+        phases[phase] += 1
+        names[f"{phase}:{event.name}"] += 1
+    result: dict[str, Any] = {"ops": dict(phases), "syncs": syncs, "by_name": dict(names)}
+    if device.type == "cuda":
+        result["kernels"] = kernels
+    return result
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(np.quantile(np.asarray(values), q))
+
+
+def measure(
+    model_kind: str, backend: str, settings: Settings, device: torch.device
+) -> dict[str, Any]:
+    """Every variant of one model and backend: times, ratios, memory, operator counts."""
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    original = (tabular if model_kind == "tabular" else image)(backend, settings).to(device)
+    x = batch_of(model_kind, backend, settings, device)
+    variants = [v for v in settings.variants if not (v == "exact" and model_kind == "image")]
+    if "plain" not in variants:
+        variants.insert(0, "plain")
+    result: dict[str, Any] = {
+        "model": model_kind,
+        "backend": backend,
+        "parameters": parameter_count(original),
+        "batch": int(x.shape[0]),
+        "dim": int(x[0].numel()),
+        "variants": {},
+    }
+    steps: dict[str, Callable[[], None]] = {}
+    flows: dict[str, BackendFlow] = {}
+    for variant in variants:
+        flows[variant] = copy.deepcopy(original)
+        try:
+            step = make_step(variant, flows[variant], x, settings)
+            for _ in range(settings.warmup):
+                step()
+            extra = 0  # until every layer's adapter is verified: the steady state
+            while (
+                variant != "capture+check" and checks_pending(flows[variant]) and extra < MAX_CHECKS
+            ):
+                step()
+                extra += 1
+            steps[variant] = step
+            result["variants"][variant] = {"extra_warmup": extra}
+        except Exception as error:  # report and go on with the other variants
+            result["variants"][variant] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"  {model_kind}/{backend}/{variant} failed: {type(error).__name__}: {error}")
+    if "plain" not in steps:
+        return result
+    times = time_steps(steps, settings.reps, device, settings.seed)
+    plain = statistics.median(times["plain"])
+    for variant, step in steps.items():
+        t = times[variant]
+        paired = [a / b for a, b in zip(t, times["plain"], strict=True)]
+        entry = result["variants"][variant]
+        entry.update(
+            median_ms=1e3 * statistics.median(t),
+            q25_ms=1e3 * _quantile(t, 0.25),
+            q75_ms=1e3 * _quantile(t, 0.75),
+            ratio=statistics.median(paired),
+            ratio_of_medians=statistics.median(t) / plain,
+            paired_q25=_quantile(paired, 0.25),
+            paired_q75=_quantile(paired, 0.75),
+            times_ms=[1e3 * s for s in t],
+            checks_pending=checks_pending(flows[variant]),
+        )
+        try:
+            entry["peak_mb"] = peak_memory(step, device) / 2**20
+            entry.update(count_ops(step, device))
+        except Exception as error:  # profiling is secondary to the timings
+            entry["profile_error"] = f"{type(error).__name__}: {error}"
+    return result
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _git_commit() -> str:
+    """``git describe`` of the checkout, or ``$KLJ_COMMIT`` where there is no repository."""
+    if os.environ.get("KLJ_COMMIT"):
+        return os.environ["KLJ_COMMIT"]
+    try:
+        run = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return run.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions(names: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ["torch", "numpy", *names]:
+        package = {"freia": "FrEIA"}.get(name, name)
+        try:
+            found[name] = version(package)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
+    if "error" in entry:
+        return "error"
+    if "ratio" not in entry:
+        return "—"
+    if entry["ratio"] == 1.0 and entry["paired_q25"] == entry["paired_q75"] == 1.0:
+        return f"1 ({entry['median_ms']:.1f})"
+    return (
+        f"{entry['ratio']:.3f} [{entry['paired_q25']:.2f}-{entry['paired_q75']:.2f}] "
+        f"({entry['median_ms']:.1f})"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"# KLJ penalty overhead per training step ({report['device']})",
+        "",
+        f"{report['date']}, commit `{report['commit']}`, torch {report['versions']['torch']}, "
+        f"{report['machine'].get('gpu', report['machine']['processor'])}, "
+        f"{report['machine']['torch_threads']} torch threads; load average "
+        f"{report['load_before']} before, {report['load_after']} after.",
+        "",
+        f"Median of {s['reps']} interleaved steps after {s['warmup']} warm-up steps (and until "
+        "every layer's self-check finished); each cell is the median over rounds of the ratio "
+        "to the round's plain NLL step [interquartile range], with the median step time in "
+        "ms. Tabular: D = "
+        f"{s['dim']}, {s['layers']} layers, hidden {s['hidden']}, batch {s['batch']}. Image: "
+        f"3x32x32, batch {s['image_batch']}. Adam, lr {s['lr']}, alpha {s['alpha']}.",
+        f"Target: capture <= {TARGET}x plain; {REFERENCE}.",
+        "",
+    ]
+    variants = [v for v in VARIANTS if v in s["variants"] or v == "plain"]
+    for model_kind in s["models"]:
+        rows = [r for r in report["results"] if r["model"] == model_kind]
+        if not rows:
+            continue
+        shown = [v for v in variants if any(v in r.get("variants", {}) for r in rows)]
+        lines += [
+            f"## {model_kind}",
+            "",
+            "| backend | params | " + " | ".join(shown) + " |",
+            "|---|---:|" + "---:|" * len(shown),
+        ]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['backend']} | error: {r['error']} |")
+                continue
+            cells = [_cell(r["variants"].get(v)) for v in shown]
+            size = (
+                f"{r['parameters'] / 1e6:.2f}M"
+                if r["parameters"] >= 1e5
+                else f"{r['parameters'] / 1e3:.1f}k"
+            )
+            lines.append(f"| {r['backend']} | {size} | " + " | ".join(cells) + " |")
+        verdicts = [
+            f"{r['backend']} {'yes' if e['ratio'] <= TARGET else 'no'} ({e['ratio']:.3f})"
+            for r in rows
+            if "ratio" in (e := r.get("variants", {}).get("capture", {}))
+        ]
+        if verdicts:
+            lines += ["", f"capture <= {TARGET}x plain: " + ", ".join(verdicts) + "."]
+        lines += [
+            "",
+            "Peak memory of a step above the memory held before it (MiB), and top-level aten "
+            "operators per step (forward + penalty / backward), reads of a tensor to the host "
+            "(syncs on an accelerator) outside the optimiser:",
+            "",
+            "| backend | " + " | ".join(shown) + " |",
+            "|---|" + "---:|" * len(shown),
+        ]
+        for r in rows:
+            if "error" in r:
+                continue
+            cells = []
+            for v in shown:
+                e = r["variants"].get(v)
+                if e is None or "peak_mb" not in e:
+                    cells.append("—")
+                    continue
+                ops = e["ops"]
+                fwd = ops.get("forward", 0) + ops.get("penalty", 0)
+                kernels = f", {e['kernels']} kernels" if "kernels" in e else ""
+                cells.append(
+                    f"{e['peak_mb']:.1f} MiB, {fwd}/{ops.get('backward', 0)} ops{kernels}, "
+                    f"{e['syncs']} syncs"
+                )
+            lines.append(f"| {r['backend']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    errors = [
+        f"- {r['model']}/{r['backend']}/{v}: {e['error']}"
+        for r in report["results"]
+        for v, e in r.get("variants", {}).items()
+        if "error" in e
+    ] + [f"- {r['model']}/{r['backend']}: {r['error']}" for r in report["results"] if "error" in r]
+    if errors:
+        lines += ["## Failures", "", *errors, ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks overhead", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--backend", default="all", help="comma-separated backends, or all")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed rounds (default 20; --quick 3)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps (default 5; --quick 1)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="tabular batch (default 256)")
+    parser.add_argument(
+        "--image-batch", type=int, default=None, help="image batch (default 8 on CPU, 64 on CUDA)"
+    )
+    parser.add_argument("--models", default=",".join(MODELS), help="tabular,image")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=",".join(VARIANTS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="tiny models, few reps (for tests)")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = [m for m in args.models.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    for name, chosen, allowed in (("model", models, MODELS), ("variant", variants, VARIANTS)):
+        unknown = sorted(set(chosen) - set(allowed))
+        if unknown:
+            raise SystemExit(f"unknown {name}(s) {unknown}; choose from {', '.join(allowed)}")
+    s = Settings(
+        device=device, backends=backends.parse(args.backend), models=models, variants=variants
+    )
+    if args.quick:
+        s.quick, s.reps, s.warmup, s.batch, s.image_batch = True, 3, 1, 32, 2
+        s.dim, s.layers, s.hidden = 8, 2, 16
+    elif device == "cuda":
+        s.image_batch = 64
+    for name in ("reps", "warmup", "batch", "image_batch"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < (0 if name == "warmup" else 1):
+                raise SystemExit(f"--{name.replace('_', '-')} must be positive")
+            setattr(s, name, value)
+    return s
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    results = []
+    warnings.filterwarnings("ignore", message=".*ran its own.*")
+    for model_kind in settings.models:
+        for backend in settings.backends:
+            print(f"{model_kind}/{backend} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                results.append(measure(model_kind, backend, settings, device))
+            except Exception as error:
+                results.append(
+                    {
+                        "model": model_kind,
+                        "backend": backend,
+                        "error": f"{type(error).__name__}: {error}",
+                    }
+                )
+                print(f"  failed: {type(error).__name__}: {error}")
+            print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    report = {
+        "device": settings.device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "machine": machine(device),
+        "versions": _versions(settings.backends),
+        "settings": asdict(settings),
+        "load_before": load_before,
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "target": TARGET,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = settings.device + ("-quick" if settings.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,329 @@
+"""Structural performance guarantees of capture, counted rather than timed, per backend.
+
+- no extra forward pass: ``loss_fn(x, c) + klj_reg.penalty(model, x)`` calls every submodule
+  with parameters (every scale subnetwork) as often as the loss alone, and the backward none;
+- nothing is retained: no records or stashed tensors after ``penalty()``, and a 1,000-step
+  training loop keeps hooks, records and live tensors flat;
+- capture adds no graph break under ``torch._dynamo``, and a compiled model with capture
+  attached gives the eager penalty;
+- under bf16 autocast the penalty is float32 and finite.
+
+Models: a small FrEIA ``SequenceINN`` of ``AllInOneBlock`` and the ``training_model(context)``
+of tests/test_nflows.py, tests/test_normflows.py and tests/test_zuko.py (each returns the model
+and its usual training loss ``(x, c) -> Tensor``; splines, MAF, ActNorm, couplings). The long
+loop and the compiler tests use the tiny flows of ``benchmarks.tabular`` (D = 4, two layers of
+ActNorm-like scaling + affine coupling, or MAF), to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import klj_reg
+from klj_reg.patch import INSTANCE_KEY
+from klj_reg.records import Factor, LayerRecord
+
+BACKENDS = ("freia", "nflows", "normflows", "zuko")
+FREIA_DIM = 4
+TINY_DIM = 4
+Loss = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _freia_model(context: bool) -> tuple[nn.Module, Loss, int, int]:
+    ff = pytest.importorskip("FrEIA.framework")
+    fm = pytest.importorskip("FrEIA.modules")
+    if context:
+        pytest.skip("the FrEIA model here is unconditional")
+
+    def subnet(c_in: int, c_out: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(c_in, 16), nn.ReLU(), nn.Linear(16, c_out))
+
+    inn = ff.SequenceINN(FREIA_DIM)
+    for _ in range(2):
+        inn.append(fm.AllInOneBlock, subnet_constructor=subnet, affine_clamping=2.0)
+
+    def loss(x: Tensor, c: Tensor | None) -> Tensor:
+        z, log_det = inn(x)
+        return (0.5 * z.square().sum(1) - log_det).mean()
+
+    return inn, loss, FREIA_DIM, 0
+
+
+def model_for(backend: str, context: bool = False) -> tuple[nn.Module, Loss, int, int]:
+    """``(model, loss_fn, D, context features)`` for ``backend``, or skip with the reason."""
+    if backend == "freia":
+        return _freia_model(context)
+    pytest.importorskip(backend)
+    try:
+        module = importlib.import_module(f"tests.test_{backend}")
+    except ImportError as error:
+        pytest.skip(f"tests/test_{backend}.py cannot be imported: {error}")
+    make = getattr(module, "training_model", None)
+    if make is None:
+        pytest.skip(f"tests/test_{backend}.py defines no training_model(context) yet")
+    model, loss = make(context)
+    dim = next(getattr(module, n) for n in ("FEATURES", "DIM") if hasattr(module, n))
+    features = next(
+        (getattr(module, n) for n in ("CONTEXT_FEATURES", "CONTEXT_DIM") if hasattr(module, n)), 3
+    )
+    return model, loss, int(dim), int(features) if context else 0
+
+
+def tiny(backend: str, kind: str = "realnvp") -> tuple[nn.Module, Loss, int, int]:
+    """``benchmarks.tabular``'s flow of ``backend`` on D = 4 with two layers, hidden 8."""
+    pytest.importorskip({"freia": "FrEIA"}.get(backend, backend))
+    if backend == "freia" and kind == "maf":
+        pytest.skip("FrEIA has no autoregressive layer")
+    try:
+        from benchmarks.tabular import tabular_flow
+    except ImportError as error:
+        pytest.skip(f"benchmarks/tabular.py cannot be imported: {error}")
+    flow = tabular_flow(backend, TINY_DIM, layers=2, hidden=8, kind=kind)
+    with torch.no_grad():  # away from the identity it starts at, so that the penalty is > 0
+        for p in flow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+
+    def loss(x: Tensor, c: Tensor | None) -> Tensor:
+        z, log_det = flow(x)
+        return (0.5 * z.square().sum(1) - log_det).mean()
+
+    return flow.model, loss, TINY_DIM, 0
+
+
+def inputs(dim: int, features: int, batch: int = 16) -> tuple[Tensor, Tensor | None]:
+    x = torch.randn(batch, dim)
+    return x, (torch.randn(batch, features) if features else None)
+
+
+@contextmanager
+def call_counts(model: nn.Module) -> Iterator[Counter[int]]:
+    """Counts forward calls of every submodule (by id) while active."""
+    counts: Counter[int] = Counter()
+
+    def hook(module: nn.Module, args: Any) -> None:
+        counts[id(module)] += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Module hooks and klj-reg method callbacks installed on ``model``."""
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        total += sum(len(v) for v in m.__dict__.get(INSTANCE_KEY, {}).values())
+    return total
+
+
+def live(kinds: tuple[type, ...]) -> int:
+    """Objects of ``kinds`` alive (tracked by the garbage collector) after a collection."""
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on deprecated module-level proxies
+        return sum(1 for o in gc.get_objects() if isinstance(o, kinds))
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("context", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_extra_forward_pass(backend: str, context: bool) -> None:
+    model, loss_fn, dim, features = model_for(backend, context)
+    x, c = inputs(dim, features)
+    with call_counts(model) as plain:
+        loss_fn(x, c)
+    capture = klj_reg.attach(model)
+    subnets = [net for site in capture.sites.values() for net in site.subnets]
+    assert subnets, "no scale subnetwork was marked by the adapters"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "penalty ran its own pass"
+        with call_counts(model) as penalised:
+            loss = loss_fn(x, c) + klj_reg.penalty(model, x)
+    # Every module with parameters (subnetworks and their layers) runs as often as in the
+    # loss alone; parameter-free helpers (e.g. FrEIA's Softplus for the global scale) may
+    # be reused by the penalty to turn stored tensors into log|d|.
+    weighted = {id(m) for m in model.modules() if any(True for _ in m.parameters())}
+    assert {k: v for k, v in penalised.items() if k in weighted} == {
+        k: v for k, v in plain.items() if k in weighted
+    }
+    for net in subnets:
+        assert penalised[id(net)] == plain[id(net)] >= 1
+    if backend == "freia":  # coupling subnets run exactly once per step
+        assert all(penalised[id(net)] == 1 for net in subnets)
+    with call_counts(model) as backward:
+        loss.backward()
+    assert not backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_releases_records(backend: str) -> None:
+    model, loss_fn, dim, features = model_for(backend)
+    x, c = inputs(dim, features)
+    capture = klj_reg.attach(model)
+    loss_fn(x, c)
+    assert capture.records
+    klj_reg.penalty(model, x)
+    assert not capture.records
+    assert all(not site.state for site in capture.sites.values())
+
+
+@pytest.mark.parametrize(
+    "backend, kind",
+    [(b, "realnvp") for b in BACKENDS] + [("normflows", "maf")],  # MAF: D passes per inverse
+)
+def test_training_loop_does_not_grow(backend: str, kind: str) -> None:
+    model, loss_fn, dim, features = tiny(backend, kind)
+    x, c = inputs(dim, features, batch=8)
+    capture = klj_reg.attach(model)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    snapshots = {}
+    for step in range(1, 1001):
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(x, c) + klj_reg.penalty(model, x)
+        loss.backward()
+        optimiser.step()
+        assert not capture.records
+        if step in (100, 1000):
+            del loss
+            snapshots[step] = (
+                hook_count(model),
+                len(capture.handles),
+                len(capture.sites),
+                sum(len(site.state) for site in capture.sites.values()),
+                live((Factor, LayerRecord)),
+                live((Tensor,)),
+            )
+    assert snapshots[100] == snapshots[1000]
+    assert snapshots[1000][3:5] == (0, 0)  # no stashed subnet output, no record alive
+    assert math.isfinite(float(loss_fn(x, c).detach()))
+
+
+def _explain(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[int, Counter[str]]:
+    """Graphs dynamo makes of ``fn(x)`` and its break reasons, with where each happened."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(x)
+    reasons: Counter[str] = Counter()
+    for reason in explanation.break_reasons:
+        frame = reason.user_stack[-1] if reason.user_stack else None
+        where = f"{frame.filename}:{frame.lineno}" if frame is not None else "?"
+        reasons[f"{reason.reason.splitlines()[0]} at {where}"] += 1
+    return int(explanation.graph_count), reasons
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capture_adds_no_graph_break(backend: str) -> None:
+    """Capture's hooks add no break of their own. Where the framework's own forward breaks
+    (e.g. nflows' ActNorm branches on a tensor), the broken layers' ``Module.__call__`` runs
+    in an eager frame and dynamo compiles their capture hooks as frames of their own (graphs
+    without operators, or a reshape): at most one more graph per captured layer, and none
+    where the framework's forward is one graph."""
+    model, loss_fn, dim, features = tiny(backend)
+    x, c = inputs(dim, features, batch=8)
+
+    def forward(x: Tensor) -> Tensor:
+        return loss_fn(x, c)
+
+    graphs_before, reasons_before = _explain(forward, x)
+    capture = klj_reg.attach(model)
+    graphs_after, reasons_after = _explain(forward, x)
+    torch._dynamo.reset()
+    assert reasons_after == reasons_before
+    if not reasons_before:
+        assert graphs_after == graphs_before == 1
+    else:
+        assert graphs_after - graphs_before <= len(capture.sites)
+
+
+@pytest.mark.parametrize(
+    "backend, compiler", [("freia", "inductor"), ("nflows", "aot_eager"),
+                          ("normflows", "aot_eager"), ("zuko", "aot_eager")],
+)  # fmt: skip
+def test_compiled_model_gives_the_eager_penalty(backend: str, compiler: str) -> None:
+    model, loss_fn, dim, features = tiny(backend)
+    x, c = inputs(dim, features, batch=8)
+    klj_reg.attach(model)  # before torch.compile, as documented
+    loss_fn(x, c)
+    eager = klj_reg.penalty(model, x)
+    torch._dynamo.reset()
+    compiled: Loss
+    target: Any
+    if backend == "freia":  # the module itself: its forward is the framework's call
+        compiled_model = torch.compile(model, backend=compiler)
+
+        def compiled_loss(x: Tensor, c: Tensor | None) -> Tensor:
+            z, log_det = compiled_model(x)
+            return (0.5 * z.square().sum(1) - log_det).mean()
+
+        compiled, target = compiled_loss, compiled_model
+    else:  # the training loss that calls the framework (log_prob / forward_kld)
+        compiled, target = torch.compile(loss_fn, backend=compiler), model
+    try:
+        loss = compiled(x, c)
+        value = klj_reg.penalty(target, x)
+        (loss + value).backward()
+    finally:
+        torch._dynamo.reset()
+    assert eager > 1e-4
+    torch.testing.assert_close(value, eager, rtol=1e-5, atol=1e-6)
+    assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_is_float32_under_bf16_autocast(backend: str) -> None:
+    model, loss_fn, dim, features = model_for(backend)
+    x, c = inputs(dim, features)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_fn(x, c)
+    except Exception as error:  # the framework itself, before klj-reg is involved
+        pytest.skip(f"{backend} fails under bf16 autocast without klj-reg: {error}")
+    klj_reg.attach(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(x, c)
+        value = klj_reg.penalty(model, x)
+    assert value.dtype == torch.float32
+    assert torch.isfinite(value)
+    (loss + value).backward()
+
+
+def test_overhead_benchmark_runs(tmp_path: Any) -> None:
+    """``python -m benchmarks overhead --quick`` measures every requested variant and writes
+    its JSON and Markdown; a second pass shows up as the model's operators run twice."""
+    pytest.importorskip("FrEIA")
+    overhead = pytest.importorskip("benchmarks.overhead")
+    variants = "plain,capture,second-pass"
+    argv = ["--quick", "--device", "cpu", "--backend", "freia", "--models", "tabular"]
+    assert overhead.main([*argv, "--variants", variants, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert (tmp_path / "cpu-quick.md").read_text().startswith("# KLJ penalty overhead")
+    (result,) = report["results"]
+    entries = result["variants"]
+    assert set(entries) == set(variants.split(","))
+    for entry in entries.values():
+        assert "error" not in entry and "profile_error" not in entry
+        assert len(entry["times_ms"]) == report["settings"]["reps"]
+        assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0
+    forward = entries["plain"]["ops"]["forward"]
+    assert entries["second-pass"]["ops"]["penalty"] > forward  # the model ran again
+    assert entries["capture"]["ops"]["penalty"] < entries["second-pass"]["ops"]["penalty"]
