@@ -13,22 +13,13 @@ import torch
 from torch import Tensor
 
 from .capture import Capture
-from .divergence import _float32, _per_sample_sum, log_det_of
+from .divergence import _float32, _per_sample_sum
 from .errors import AdapterMismatchError, NonFiniteScaleError
 from .records import LayerRecord
 from .registry import framework_version
 
 NONTRIVIAL = 1e-2
 """A check only counts once some |log d| exceeds this: at identity any formula agrees."""
-
-
-def _tolerance(record: LayerRecord, expected: Tensor) -> Tensor:
-    dtypes = [f.source.dtype for f in record.factors] + [expected.dtype]
-    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
-    magnitude = sum(
-        f.repeat * _per_sample_sum(_float32(f.log_abs_d()).abs()) for f in record.factors
-    )
-    return 256 * eps * (magnitude + expected.abs() + 1.0)
 
 
 def _offenders(records: Sequence[LayerRecord]) -> list[str]:
@@ -54,20 +45,27 @@ def check(records: Sequence[LayerRecord], capture: Capture, value: Tensor, finit
     pending = [
         r for r in records if r.log_det is not None and capture.sites[r.name].checks_left > 0
     ]
+    total = value.detach() if value.dim() == 0 else value.detach().sum()
     if not pending:
-        if finite and not math.isfinite(float(value.detach().sum())):  # one sync
+        if finite and not math.isfinite(total.item()):  # one sync
             _raise_non_finite(records)
         return
     rows = []
     for r in pending:
         assert r.log_det is not None
-        expected = _float32(torch.as_tensor(r.log_det)).detach()
-        implied = log_det_of(r).detach()
-        error = (implied - expected).abs().amax()
-        excess = (error - _tolerance(r, expected).detach()).amax()
-        size = max(_float32(f.log_abs_d()).detach().abs().amax() for f in r.factors)
-        rows.append(torch.stack([error, excess, size]).to(value.device))
-    flags = torch.cat([*rows, torch.isfinite(value.detach()).all().reshape(1).float()])
+        raw_logs = [f.log_abs_d().detach() for f in r.factors]
+        raw_expected = torch.as_tensor(r.log_det).detach()
+        eps = max(torch.finfo(t.dtype).eps for t in [*raw_logs, raw_expected])  # before upcast
+        logs, expected = [_float32(t) for t in raw_logs], _float32(raw_expected)
+        implied = sum(f.repeat * _per_sample_sum(s) for f, s in zip(r.factors, logs, strict=True))
+        magnitude = sum(
+            f.repeat * _per_sample_sum(s.abs()) for f, s in zip(r.factors, logs, strict=True)
+        )
+        error = (implied - expected).abs()
+        excess = (error - 256 * eps * (magnitude + expected.abs() + 1.0)).amax()
+        size = torch.stack([s.abs().amax() for s in logs]).amax()
+        rows.append(torch.stack([error.amax(), excess, size]).to(value.device))
+    flags = torch.cat([*rows, torch.isfinite(total).reshape(1).float()])
     host = flags.tolist()  # the one synchronisation
     if not host[-1]:
         _raise_non_finite(records)

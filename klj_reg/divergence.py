@@ -58,7 +58,7 @@ def layer_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
             raw = factor.pre_activation()
             if raw is not None:
                 raw = _float32(raw)
-                ones = record.dim - raw[0].numel()
+                ones = record.dim - raw.shape[1:].numel()
                 term = term + _per_sample_sum(raw.square()) + ones
         total = term if total is None else total + term
     if total is None:
@@ -77,6 +77,36 @@ def divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor
     if total is None:
         raise ValueError("no layer records to compute the divergence from")
     return total
+
+
+def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
+    """Batch mean of :func:`divergence` without per-sample sums: every factor's terms are
+    summed whole; per-sample factors are divided by the batch size once, shared ones not."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+    sums: dict[int, Tensor] = {}  # batch size of the source (B, or 1 if shared) -> sum
+    ones = 0  # released-code: pass-through entries filled with ones, per sample
+
+    def add(t: Tensor, batch: int) -> None:
+        sums[batch] = t if batch not in sums else sums[batch] + t
+
+    for record in records:
+        for factor in record.factors:
+            s = _float32(factor.log_abs_d())
+            term = klj_terms(s).sum() if form == "jacobian" else s.sum() * -2.0
+            add(term * factor.repeat if factor.repeat != 1 else term, s.shape[0])
+            raw = factor.pre_activation() if form != "jacobian" else None
+            if raw is not None:
+                add(_float32(raw).square().sum(), raw.shape[0])
+                ones += record.dim - raw.shape[1:].numel()
+    if not sums:
+        raise ValueError("no layer records to compute the divergence from")
+    total: Tensor | None = None
+    for batch, value in sums.items():
+        term = value / batch if batch != 1 else value
+        total = term if total is None else total + term
+    assert total is not None
+    return total + ones if ones else total
 
 
 def log_det_of(record: LayerRecord) -> Tensor:

@@ -25,7 +25,7 @@ def exact_klj(flow: Flow, x: Tensor) -> Tensor:
     """Per-sample KLJ from the full Jacobian, shape ``(B,)``; differentiable."""
     x = x.detach().requires_grad_(True)
     z, log_det = flow(x)
-    batch, dim = x.shape[0], x[0].numel()
+    batch, dim = x.shape[0], x.shape[1:].numel()
     rows = []
     flat = z.reshape(batch, -1)
     for j in range(flat.shape[1]):  # one VJP per output dimension; D is small here
@@ -39,7 +39,7 @@ def hutchinson_klj(flow: Flow, x: Tensor, n_samples: int = 1) -> Tensor:
     """Per-sample unbiased estimate of KLJ from ``n_samples`` Rademacher probes, ``(B,)``."""
     x = x.detach().requires_grad_(True)
     z, log_det = flow(x)
-    batch, dim = x.shape[0], x[0].numel()
+    batch, dim = x.shape[0], x.shape[1:].numel()
     total = torch.zeros(batch, dtype=z.dtype, device=z.device)
     for _ in range(n_samples):
         u = torch.empty_like(z).bernoulli_(0.5).mul_(2).sub_(1)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from . import registry
 from .capture import attach, get_capture, unwrap
 from .checks import check
-from .divergence import FORMS, divergence
+from .divergence import FORMS, divergence, mean_divergence
 from .errors import CaptureError, UnsupportedModelError
 from .fallback import exact_klj, hutchinson_klj
 from .fused import fused_divergence
@@ -187,7 +187,7 @@ def penalty(
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         fn = _flow_fn(model, context)
         per_sample = exact_klj(fn, x) if estimator == "exact" else hutchinson_klj(fn, x, n_samples)
-        scale = alpha / _normaliser(normaliser, "jacobian", x[0].numel(), 1)
+        scale = alpha / _normaliser(normaliser, "jacobian", x.shape[1:].numel(), 1)
         value = _reduce(per_sample, reduction, x.shape[0]) * scale
         return value + tau * _weight_norm(model) if reduction != "none" and tau else value
 
@@ -199,9 +199,13 @@ def penalty(
             "compute the penalty right after the forward pass on x (an evaluation pass in "
             "between replaces the records; call klj_reg.clear(model) after it)."
         )
-    dim = x[0].numel() if x is not None else max(r.dim for r in records)
-    if fused and reduction == "mean":
-        value = fused_divergence(records, form, True, capture.compiled)
+    dim = x.shape[1:].numel() if x is not None else max(r.dim for r in records)
+    if reduction == "mean":
+        value = (
+            fused_divergence(records, form, True, capture.compiled)
+            if fused
+            else mean_divergence(records, form)
+        )
     else:
         per_sample = (
             fused_divergence(records, form, False, capture.compiled)

@@ -184,7 +184,11 @@ def register_adapter(
             items = [result] if isinstance(result, (Tensor, Factor)) else list(result)
             factors = [f if isinstance(f, Factor) else Factor(f) for f in items]
             x = _first_tensor(args)
-            dim = x[0].numel() if x is not None else max(f.source[0].numel() for f in factors)
+            dim = (
+                x.shape[1:].numel()
+                if x is not None
+                else max(f.source.shape[1:].numel() for f in factors)
+            )
             site.record(factors, log_det(mod, args, output) if log_det else None, dim)
 
         return [site.forward_hook(module, hook)]

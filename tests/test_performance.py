@@ -96,7 +96,7 @@ def tiny(backend: str, kind: str = "realnvp") -> tuple[nn.Module, Loss, int, int
     flow = tabular_flow(backend, TINY_DIM, layers=2, hidden=8, kind=kind)
     with torch.no_grad():  # away from the identity it starts at, so that the penalty is > 0
         for p in flow.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+            p.add_(0.5 * torch.randn_like(p))
 
     def loss(x: Tensor, c: Tensor | None) -> Tensor:
         z, log_det = flow(x)

@@ -71,7 +71,7 @@ def _install_stashing(
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs) and len(site.state) == len(subnets):
-            site.record(factors(), _log_det(output), args[0][0][0].numel())
+            site.record(factors(), _log_det(output), args[0][0].shape[1:].numel())
         site.state.clear()
 
     site.add_subnets(*subnets.values())
@@ -194,7 +194,7 @@ def install_act_norm(block: Any, site: Site) -> list[Handle]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs):
             factor = Factor(block.scale, None, pixels)
-            site.record([factor], _log_det(output), args[0][0][0].numel())
+            site.record([factor], _log_det(output), args[0][0].shape[1:].numel())
 
     return [site.forward_hook(block, hook, with_kwargs=True)]
 
@@ -207,7 +207,7 @@ def install_uniform(block: Any, site: Site) -> list[Handle]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs):
             x = args[0][0]
-            dim = x[0].numel()
+            dim = x.shape[1:].numel()
             log_det = torch.as_tensor(output[1], dtype=x.dtype, device=x.device)
             per_entry = (log_det / dim).reshape(-1, 1)
             site.record([Factor(per_entry, None, dim)], log_det, dim)
@@ -222,7 +222,7 @@ def install_orthogonal(block: Any, site: Site) -> list[Handle]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs):
             factor = Factor(block.scaling, block._log_e)
-            site.record([factor], _log_det(output), args[0][0][0].numel())
+            site.record([factor], _log_det(output), args[0][0].shape[1:].numel())
 
     return [site.forward_hook(block, hook, with_kwargs=True)]
 

@@ -227,7 +227,7 @@ def _elementwise(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
 
 def _per_channel(stash: Stash, channels: int) -> int:
     """How many entries share each per-channel value (pixels for images, else 1)."""
-    return int(stash["input"][0].numel()) // channels
+    return stash["input"].shape[1:].numel() // channels
 
 
 def _act_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
@@ -446,7 +446,7 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
                     "report it with the version; meanwhile use estimator='hutchinson'."
                 )
             factors.extend(piece.kind.factors(piece.layer, stash, piece.inverse))
-        site.record(factors, output[1], int(_call_input(args, kwargs)[0].numel()))
+        site.record(factors, output[1], _call_input(args, kwargs).shape[1:].numel())
 
     handles.append(module.register_forward_pre_hook(mark_hook(before)))
     handles.append(site.forward_hook(module, after, with_kwargs=True))

@@ -118,8 +118,8 @@ def _method(layer: Any, name: str, callback: Any) -> Handle:
 def _dim(z: Any) -> int:
     """Jacobian diagonal length per sample: numel of one input (or of a [z1, z2] pair)."""
     if isinstance(z, (list, tuple)):
-        return sum(int(t[0].numel()) for t in z)
-    return int(z[0].numel())
+        return sum(t.shape[1:].numel() for t in z)
+    return z.shape[1:].numel()
 
 
 def _log_det(output: Any) -> Tensor | None:
@@ -276,7 +276,7 @@ def install_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         s = layer.s
-        repeat = args[0][0].numel() // s[0].numel()
+        repeat = args[0].shape[1:].numel() // s.shape[1:].numel()
         return [Factor(s, lambda t: sign * t, repeat)]
 
     return _watch(layer, site, reverse, build)
@@ -292,7 +292,7 @@ def install_cc_affine_const(layer: Any, site: Site, reverse: bool = False) -> li
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         y = args[1] if len(args) > 1 else kwargs["y"]
-        repeat = args[0][0].numel() // math.prod(shape)
+        repeat = args[0].shape[1:].numel() // math.prod(shape)
         return [Factor(y, log_abs, repeat)]
 
     return _watch(layer, site, reverse, build)
@@ -318,7 +318,7 @@ def install_lu_mixing(layer: Any, site: Site, reverse: bool = False) -> list[Han
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         log_s = layer.log_S.unsqueeze(0)
-        repeat = args[0][0].numel() // log_s.numel()
+        repeat = args[0].shape[1:].numel() // log_s.numel()
         return [Factor(log_s, lambda t: sign * t, repeat)]
 
     return _watch(layer, site, reverse, build)
