@@ -327,3 +327,51 @@ def test_released_code_form_matches_the_authors_formula() -> None:
     inn(x)
     got = klj_reg.penalty(inn, x, alpha=1.0, form="released-code")
     torch.testing.assert_close(got, expected)
+
+
+class MasterAllInOne(Fm.AllInOneBlock):
+    """AllInOneBlock as FrEIA's GitHub master computes its coupling: ``a = a * 0.1`` (not in
+    place) and ``clamp * tanh(a / clamp)`` — the version drift the adapter must detect."""
+
+    def _affine(self, x: Tensor, a: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
+        a = a * 0.1
+        ch = x.shape[1]
+        sub_jac = self.clamp * torch.tanh(a[:, :ch] / self.clamp)
+        if self.GIN:
+            sub_jac = sub_jac - torch.mean(sub_jac, dim=self.sum_dims, keepdim=True)
+        if not rev:
+            return x * torch.exp(sub_jac) + a[:, ch:], torch.sum(sub_jac, dim=self.sum_dims)
+        return (x - a[:, ch:]) * torch.exp(-sub_jac), -torch.sum(sub_jac, dim=self.sum_dims)
+
+
+@pytest.mark.parametrize("dims", SHAPES)
+def test_all_in_one_block_of_freia_master_is_detected(dims: tuple[int, ...]) -> None:
+    layer = make(MasterAllInOne, dims, 0, affine_clamping=1.5)
+    with torch.no_grad():
+        for p in layer.subnet.parameters():
+            p.mul_(4.0)  # large pre-activations, where the two clampings differ
+    x, _ = inputs(dims, 0)
+    rec = only(records(layer, lambda: call(layer, x, [])))
+    l1, dim = layer.splits[0], x[0].numel()
+
+    def couple(xx: Tensor) -> Tensor:
+        a = layer.subnet(xx[:, :l1])
+        return torch.cat([xx[:, :l1], layer._affine(xx[:, l1:], a)[0]], 1)
+
+    diag = torch.diagonal(jacobian(couple, x), dim1=1, dim2=2)
+    coupling = rec.factors[0]
+    torch.testing.assert_close(diag, expanded(coupling.log_abs_d(), dim, x[:, :l1][0].numel()))
+    v02 = layer.clamp * torch.tanh(0.1 * coupling.source[:, : layer.splits[1]])
+    assert (v02 - coupling.log_abs_d()).abs().max() > 1e-2  # the 0.2 formula would be wrong
+    assert_log_det(rec, call(layer, x, [])[1])
+
+
+def test_unknown_all_in_one_variant_is_refused() -> None:
+    class Odd(Fm.AllInOneBlock):
+        def _affine(self, x: Tensor, a: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
+            s = torch.sigmoid(a[:, : x.shape[1]])
+            return x * s.exp() + a[:, x.shape[1] :], s.sum(dim=self.sum_dims)
+
+    layer = make(Odd, (6,), 0)
+    with pytest.raises(klj_reg.AdapterMismatchError, match="AllInOneBlock"):
+        klj_reg.attach(layer)
