@@ -309,7 +309,8 @@ def test_ddp_two_processes_match_one_process(tmp_path: pathlib.Path) -> None:
     grads = {n: p.grad for n, p in clf.named_parameters() if p.grad is not None}
     assert grads.keys() == ddp["grads"].keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(ddp["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        scale = float(grad.abs().max()) + 1e-12  # summation order differs across threads
+        torch.testing.assert_close(ddp["grads"][name], grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
 # ------------------------------------------------------- outliers, trainsize, sweep (smoke)
