@@ -489,11 +489,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(jobs)} to run on {s.device}" + (f" x{s.parallel}" if s.parallel > 1 else "")
               + (f" (DDP x{s.world})" if s.world > 1 else ""))  # fmt: skip
     records = run_jobs(jobs, s.parallel, desc="ood")
+    return finish(s, "ood", "table1", records, report.table1_markdown, report.table1_chart)
+
+
+def finish(
+    s: Setting,
+    command: str,
+    stem: str,
+    records: Sequence[dict[str, Any]],
+    markdown: Callable[[list[dict[str, Any]]], str],
+    chart: Callable[[list[dict[str, Any]], pathlib.Path], None],
+) -> int:
+    """Write ``<stem>.md`` and ``<stem>.png`` from every finished run of ``command`` in the
+    output folder (rank 0), end DDP; exit status 1 if a run failed."""
     if s.rank == 0:
-        runs = [r for r in report.load_runs(s.out) if r["config"].get("command") == "ood"]
-        (s.out / "table1.md").write_text(report.table1_markdown(runs))
-        report.table1_chart(runs, s.out / "table1.png")
-        print(f"wrote {s.out / 'table1.md'} and {s.out / 'table1.png'}")
+        runs = [r for r in report.load_runs(s.out) if r["config"].get("command") == command]
+        (s.out / f"{stem}.md").write_text(markdown(runs))
+        chart(runs, s.out / f"{stem}.png")
+        print(f"wrote {s.out / stem}.md and {s.out / stem}.png")
     if s.world > 1:
         import torch.distributed as dist
 

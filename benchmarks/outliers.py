@@ -76,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.rank == 0:
         print(f"outliers: preset {s.preset.name}, {len(jobs)} runs to do on {s.device}")
     records = ood.run_jobs(jobs, s.parallel, desc="outliers")
-    if s.rank == 0:
-        runs = [r for r in report.load_runs(s.out) if r["config"].get("command") == "outliers"]
-        (s.out / "table2.md").write_text(markdown(runs))
-        chart(runs, s.out / "table2.png")
-        print(f"wrote {s.out / 'table2.md'} and {s.out / 'table2.png'}")
-    return 1 if any(r["status"] != "ok" for r in records) else 0
+    return ood.finish(s, "outliers", "table2", records, markdown, chart)
 
 
 def _fraction(run: dict[str, Any]) -> float:

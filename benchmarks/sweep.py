@@ -35,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.rank == 0:
         print(f"sweep: preset {s.preset.name}, {len(jobs)} runs to do on {s.device}")
     records = ood.run_jobs(jobs, s.parallel, desc="sweep")
-    if s.rank == 0:
-        runs = [r for r in report.load_runs(s.out) if r["config"].get("command") == "sweep"]
-        (s.out / "fig4.md").write_text(markdown(runs))
-        chart(runs, s.out / "fig4.png")
-        print(f"wrote {s.out / 'fig4.md'} and {s.out / 'fig4.png'}")
-    return 1 if any(r["status"] != "ok" for r in records) else 0
+    return ood.finish(s, "sweep", "fig4", records, markdown, chart)
 
 
 def _beta(run: dict[str, Any]) -> float:

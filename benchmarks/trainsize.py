@@ -37,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.rank == 0:
         print(f"trainsize: preset {s.preset.name}, {len(jobs)} runs to do on {s.device}")
     records = ood.run_jobs(jobs, s.parallel, desc="trainsize")
-    if s.rank == 0:
-        runs = [r for r in report.load_runs(s.out) if r["config"].get("command") == "trainsize"]
-        (s.out / "fig6.md").write_text(markdown(runs))
-        chart(runs, s.out / "fig6.png")
-        print(f"wrote {s.out / 'fig6.md'} and {s.out / 'fig6.png'}")
-    return 1 if any(r["status"] != "ok" for r in records) else 0
+    return ood.finish(s, "trainsize", "fig6", records, markdown, chart)
 
 
 def _fraction(run: dict[str, Any]) -> float:
