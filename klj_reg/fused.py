@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from .divergence import divergence
-from .records import Factor, LayerRecord
+from .records import Factor, LayerRecord, Map
 
-_Structure = tuple[tuple[str, str, int, tuple[tuple[object, int, object], ...]], ...]
+_Factors = tuple[tuple[Map | None, int, Map | None], ...]
+_Structure = tuple[tuple[str, str, int, _Factors], ...]
 Cache = dict[tuple[object, ...], Callable[[list[Tensor]], Tensor]]
 
 
@@ -29,7 +30,7 @@ def _build(structure: _Structure, form: str, mean: bool) -> Callable[[list[Tenso
             LayerRecord(
                 name,
                 kind,
-                tuple(Factor(next(it), log_abs, repeat, raw) for log_abs, repeat, raw in factors),  # type: ignore[arg-type]
+                tuple(Factor(next(it), log_abs, repeat, raw) for log_abs, repeat, raw in factors),
                 None,
                 dim,
             )
