@@ -85,7 +85,8 @@ def run_config(
             "objective": row.objective,
             "beta": "inf" if math.isinf(row.beta) else row.beta,
             "alpha": alpha if row.klj else 0.0,
-            "form": form,
+            # a baseline does not depend on the form: one baseline serves every form's table
+            "form": form if row.klj else "jacobian",
             "seed": seed,
             "train": asdict(preset.train),
             "train_limit": preset.train_limit,

@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -256,6 +257,11 @@ def _label(runs: Sequence[dict[str, Any]]) -> str:
     return str(runs[0].get("label") or runs[0]["config"].get("row"))
 
 
+def _natural(text: str) -> list[Any]:
+    """Sort key that orders digit runs by value ("500" before "1000")."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
 def _summary(runs: Sequence[dict[str, Any]]) -> list[str]:
     """Settings shared by the runs, as a bullet list."""
     if not runs:
@@ -263,17 +269,18 @@ def _summary(runs: Sequence[dict[str, Any]]) -> list[str]:
     cfg = runs[0]["config"]
     ok = [r for r in runs if r.get("status") == "ok"]
     seeds = sorted({r["config"].get("seed") for r in runs})
-    sources = sorted({_source(r.get("data_source")) for r in ok})
+    sources = sorted({_source(r.get("data_source")) for r in ok}, key=_natural)
     machines = sorted({str(r.get("machine", {}).get("device_name")) for r in ok})
     train = cfg.get("train", {})
     alphas = sorted({r["config"].get("alpha") for r in runs if r["config"].get("alpha")})
+    forms = sorted({str(r["config"].get("form")) for r in runs if r["config"].get("alpha")})
     minutes = sum(r.get("time", {}).get("total_s", 0.0) for r in ok) / 60
     commits = sorted({str(r.get("commit", {}).get("commit"))[:10] for r in ok})
     return [
         f"- preset `{cfg.get('preset')}`: {train.get('epochs')} epochs, batch "
         f"{train.get('batch_size')}, {train.get('optimizer')} lr {train.get('lr')}, "
         f"training images {cfg.get('train_limit') or 'all'}, seeds {seeds}",
-        f"- KLJ: alpha {alphas or '-'}, form `{cfg.get('form')}`",
+        f"- KLJ: alpha {alphas or '-'}, form {', '.join(f'`{f}`' for f in forms) or '-'}",
         "- typicality reference: mean L_x of the ID test images (as the authors' code)",
         *(f"- data: {src}" for src in sources),
         f"- machine: {', '.join(machines) or '-'}; {len(ok)}/{len(runs)} runs ok, "

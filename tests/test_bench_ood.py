@@ -234,15 +234,14 @@ def test_rerun_skips_finished_runs(smoke_run: pathlib.Path) -> None:
     assert ood.main(["--preset", "smoke", "--backend", backend, "--out", str(smoke_run),
                      "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in files} == before
-    # a changed config is not "finished": it would run again
-    s = ood.settings(
-        ood.parser("ood", "").parse_args(
-            ["--preset", "smoke", "--backend", backend, "--alpha", "0.1"]
-        ),
-        "ood",
-    )
-    jobs = ood.make_jobs(s, "ood", ood.table_rows(), lambda b: smoke_run / b)
-    assert sorted(j.config["row"] for j in jobs) == ["cnll_klj", "ib1_klj", "ibinf_klj"]
+    # a changed alpha or form is not "finished" for the + KLJ rows; the baselines still are
+    for option in (["--alpha", "0.1"], ["--form", "released-code"]):
+        s = ood.settings(
+            ood.parser("ood", "").parse_args(["--preset", "smoke", "--backend", backend, *option]),
+            "ood",
+        )
+        jobs = ood.make_jobs(s, "ood", ood.table_rows(), lambda b: smoke_run / b)
+        assert sorted(j.config["row"] for j in jobs) == ["cnll_klj", "ib1_klj", "ibinf_klj"]
 
 
 # -------------------------------------------------------------------------------- DDP
