@@ -80,10 +80,16 @@ def divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor
 
 
 def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
-    """Batch mean of :func:`divergence` without per-sample sums: every factor's terms are
-    summed whole; per-sample factors are divided by the batch size once, shared ones not."""
+    """Batch mean of :func:`divergence` without per-sample sums.
+
+    Factors with the same batch size, ``repeat`` and dtype are flattened and concatenated so
+    that the elementwise terms are one expression per group rather than one per factor (fewer
+    operators forward and backward); per-sample groups are divided by the batch size once,
+    shared ones (batch 1) not.
+    """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
+    groups: dict[tuple[int, int, torch.dtype], list[Tensor]] = {}
     sums: dict[int, Tensor] = {}  # batch size of the source (B, or 1 if shared) -> sum
     ones = 0  # released-code: pass-through entries filled with ones, per sample
 
@@ -93,12 +99,15 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
     for record in records:
         for factor in record.factors:
             s = _float32(factor.log_abs_d())
-            term = klj_terms(s).sum() if form == "jacobian" else s.sum() * -2.0
-            add(term * factor.repeat if factor.repeat != 1 else term, s.shape[0])
+            groups.setdefault((s.shape[0], factor.repeat, s.dtype), []).append(s)
             raw = factor.pre_activation() if form != "jacobian" else None
             if raw is not None:
                 add(_float32(raw).square().sum(), raw.shape[0])
                 ones += record.dim - raw.shape[1:].numel()
+    for (batch, repeat, _), tensors in groups.items():
+        s = tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+        term = klj_terms(s).sum() if form == "jacobian" else s.sum() * -2.0
+        add(term * repeat if repeat != 1 else term, batch)
     if not sums:
         raise ValueError("no layer records to compute the divergence from")
     total: Tensor | None = None
