@@ -253,6 +253,12 @@ def _ordered(rows: dict[tuple[Any, ...], Any]) -> list[Any]:
     return known + sorted(k for k in keys if k not in ROW_ORDER)
 
 
+def metric_cell(runs: Sequence[dict[str, Any]], metric: str) -> str:
+    """Mean ± std over ``runs`` of ``"accuracy"`` or an OoD set's typicality AUROC."""
+    name, where = ("accuracy", None) if metric == "accuracy" else ("auroc_typical", metric)
+    return cell(mean_std(value(x, name, where) for x in runs), None)
+
+
 def _label(runs: Sequence[dict[str, Any]]) -> str:
     return str(runs[0].get("label") or runs[0]["config"].get("row"))
 

@@ -60,14 +60,7 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
                 cells = [f"{alpha:g}"]
                 for b in betas:
                     sel = [x for x in group if _beta(x) == b]
-                    name, where = (
-                        ("accuracy", None) if metric == "accuracy" else ("auroc_typical", metric)
-                    )
-                    cells.append(
-                        report.cell(
-                            report.mean_std(report.value(x, name, where) for x in sel), None
-                        )
-                    )
+                    cells.append(report.metric_cell(sel, metric))
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -65,14 +65,7 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
                 cells = [report._label(group)]
                 for f in fractions:
                     sel = [x for x in group if _fraction(x) == f]
-                    name, where = (
-                        ("accuracy", None) if metric == "accuracy" else ("auroc_typical", metric)
-                    )
-                    cells.append(
-                        report.cell(
-                            report.mean_std(report.value(x, name, where) for x in sel), None
-                        )
-                    )
+                    cells.append(report.metric_cell(sel, metric))
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
