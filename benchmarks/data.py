@@ -288,6 +288,21 @@ def _download(root: pathlib.Path) -> None:
         torchvision.datasets.CIFAR10(str(root), train=train, download=True)
 
 
+def download_root(
+    data_root: str | pathlib.Path | None = None, cache_dir: str | pathlib.Path | None = None
+) -> pathlib.Path:
+    """Where ``--download`` puts CIFAR-10: ``data_root`` if given, else ``cache_dir/data``."""
+    if data_root is not None:
+        return pathlib.Path(data_root)
+    return (pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "data"
+
+
+def download_cifar10(root: pathlib.Path) -> None:
+    """Fetch the original pickle batches into ``root`` with torchvision unless already there."""
+    if not all(f.is_file() for split in ("train", "test") for f in _pickle_files(root, split)):
+        _download(root)
+
+
 def load_cifar10(
     split: str,
     data_root: pathlib.Path | None = None,

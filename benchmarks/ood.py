@@ -391,6 +391,12 @@ def parser(command: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $KLJ_CACHE)")
     p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch CIFAR-10 with torchvision into --data-root (else the cache) if absent; "
+        "QuickDraw and Tiny-ImageNet are read from --data-root and left out if not there",
+    )
+    p.add_argument(
         "--out", default=None, help=f"output folder (default: {DEFAULT_OUT}/{command}/<preset>)"
     )
     p.add_argument("--parallel", type=int, default=None, help="parallel run processes")
@@ -425,6 +431,17 @@ def settings(args: argparse.Namespace, command: str) -> Setting:
     names = backends.parse(args.backend)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
     rank, size, ddp_device = setup_distributed()
+    if args.download:
+        from .data import download_cifar10, download_root
+
+        root = download_root(args.data_root, args.cache_dir)
+        if rank == 0:
+            download_cifar10(root)
+        if size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        args.data_root = str(root)
     device = ddp_device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     parallel = args.parallel if args.parallel is not None else preset.parallel
     if device == "cpu" and args.parallel is None:

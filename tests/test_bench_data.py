@@ -169,6 +169,31 @@ def test_download_without_torchvision(
         load_cifar10("test", tmp_path, cache_dir=tmp_path, download=True)
 
 
+def test_download_option_fetches_once_into_the_cache(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import ood
+
+    calls: list[pathlib.Path] = []
+    rng = np.random.default_rng(0)
+
+    def fake_download(root: pathlib.Path) -> None:  # what torchvision leaves behind
+        calls.append(root)
+        x = rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
+        y = np.arange(20) % 10
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            _write_pickle_batch(root / "cifar-10-batches-py" / name, x, y)
+
+    monkeypatch.setattr(bdata, "_download", fake_download)
+    argv = ["--preset", "smoke", "--backend", "freia", "--download", "--cache-dir", str(tmp_path)]
+    for _ in range(2):
+        s = ood.settings(ood.parser("ood", "").parse_args(argv), "ood")
+        assert s.args.data_root == str(tmp_path / "data")
+    assert calls == [tmp_path / "data"]  # the second call finds the files
+    test = load_cifar10("test", tmp_path / "data", cache=False)
+    assert test.source == "cifar10-pickle (lossless)" and test.x.shape == (20, 3, 32, 32)
+
+
 def test_default_roots(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setenv("KLJ_DATA", str(tmp_path / "d"))
     monkeypatch.setenv("KLJ_CACHE", str(tmp_path / "c"))
