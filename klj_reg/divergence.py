@@ -44,6 +44,11 @@ def _per_sample_sum(t: Tensor) -> Tensor:
     return t.sum(dim=tuple(range(1, t.dim()))) if t.dim() > 1 else t
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``(B, ...) -> (B, n)``; a 2-D tensor as it is (no operator)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
 def layer_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
     """One layer's divergence per sample, shape ``(B,)`` (or ``(1,)`` if batch-independent)."""
     total: Tensor | None = None
@@ -105,7 +110,7 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
                 add(_float32(raw).square().sum(), raw.shape[0])
                 ones += record.dim - raw.shape[1:].numel()
     for (batch, repeat, _), tensors in groups.items():
-        s = tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+        s = tensors[0] if len(tensors) == 1 else torch.cat([_rows(t) for t in tensors], dim=1)
         term = klj_terms(s).sum() if form == "jacobian" else s.sum() * -2.0
         add(term * repeat if repeat != 1 else term, batch)
     if not sums:

@@ -91,8 +91,14 @@ CAPTURED = _classes(
 
 
 def _rows(t: Tensor, features: int) -> Tensor:
-    """``(*, features) -> (N, features)``: zuko's arbitrary batch shape, flattened (a view)."""
-    return t.reshape(-1, features)
+    """``(*, features) -> (N, features)``: zuko's arbitrary batch shape, flattened (a view;
+    no operator when already flat)."""
+    return t if t.dim() == 2 and t.shape[1] == features else t.reshape(-1, features)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """The layer's log-det, ``(*,) -> (N,)`` (no operator when already flat)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _mismatch(site: Site, what: str) -> AdapterMismatchError:
@@ -143,7 +149,7 @@ def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool)
         features = x.shape[-1]
         log_abs = cell[-1]
         factor = Factor(_rows(log_abs, log_abs.shape[-1]), torch.neg if negate else None)
-        site.record([factor], ladj.reshape(-1), features)
+        site.record([factor], _flat(ladj), features)
         cell.clear()
         return y, ladj
 
@@ -175,7 +181,7 @@ def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
         y, ladj = original(x)
         features = x.shape[-1]
         diag = torch.diagonal(lu.L, dim1=-2, dim2=-1)
-        site.record([Factor(_rows(diag, features), log_abs)], ladj.reshape(-1), features)
+        site.record([Factor(_rows(diag, features), log_abs)], _flat(ladj), features)
         return y, ladj
 
     transform.call_and_ladj = call_and_ladj
