@@ -336,9 +336,8 @@ def load_cifar10(
     if download and source in ("auto", "pickle"):
         if root is None or not all(p.is_file() for p in _pickle_files(root, split)):
             # into the given root, else the cache (the default root may be a read-only copy)
-            root = pathlib.Path(data_root) if data_root is not None else cache_dir / "data"
-            if not all(p.is_file() for p in _pickle_files(root, split)):
-                _download(root)
+            root = download_root(data_root, cache_dir)
+            download_cifar10(root)
         source = "pickle"
     if root is None:
         raise FileNotFoundError(

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import klj_reg
+from klj_reg.divergence import mean_divergence
 from klj_reg.fallback import exact_klj, hutchinson_klj
 from klj_reg.records import Factor, LayerRecord
 from tests.truth import jacobian
@@ -85,6 +86,43 @@ def test_divergence_counts_repeats_and_shared_factors() -> None:
     rec = LayerRecord("l", "L", (Factor(per_sample), Factor(shared, repeat=4)), None, 6)
     expected = klj_reg.klj_terms(per_sample).sum(1) + 4 * klj_reg.klj_terms(shared).sum()
     torch.testing.assert_close(klj_reg.divergence([rec]), expected)
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(0, 2**16), st.sampled_from(["jacobian", "released-code"]))
+def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: str) -> None:
+    """mean_divergence groups factors (by batch, repeat, dtype) and concatenates them: it must
+    equal divergence(...).mean() for mixed shapes, shared factors, repeats and dtypes, in value
+    and in gradient."""
+    g = torch.Generator().manual_seed(seed)
+    batch = 3
+
+    def leaf(*shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        return (0.3 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    sources = [
+        leaf(batch, 4),  # a coupling half, 2-D
+        leaf(batch, 2, 3, 3),  # a conv coupling half, 4-D (not contiguous below)
+        leaf(1, 2),  # an ActNorm-like shared factor
+        leaf(batch, 5),
+        leaf(batch, 3, dtype=torch.float32),  # another dtype: its own group
+    ]
+    sources = [t.requires_grad_() for t in sources]
+    tanh_raw = {"log_abs": lambda a: 0.7 * torch.tanh(a), "raw": lambda a: a}
+    records = [
+        LayerRecord(
+            "a", "A", (Factor(sources[0], **tanh_raw), Factor(sources[2], repeat=9)), None, 10
+        ),
+        LayerRecord("b", "B", (Factor(sources[1].transpose(2, 3), repeat=2),), None, 40),
+        LayerRecord("c", "C", (Factor(sources[3], **tanh_raw), Factor(sources[4])), None, 12),
+    ]
+    got = mean_divergence(records, form)
+    expected = klj_reg.divergence(records, form).double().mean()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-9)
+    grads = torch.autograd.grad(got, sources)
+    expected_grads = torch.autograd.grad(expected, sources)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_released_code_form_per_record() -> None:
