@@ -244,6 +244,21 @@ def test_rerun_skips_finished_runs(smoke_run: pathlib.Path) -> None:
         assert sorted(j.config["row"] for j in jobs) == ["cnll_klj", "ib1_klj", "ibinf_klj"]
 
 
+def test_table_header_names_the_klj_form_and_orders_sources_by_value() -> None:
+    from benchmarks import report
+
+    def run(alpha: float, form: str, outliers: int) -> dict[str, object]:
+        config = {"preset": "cpu", "train": {}, "seed": 0, "alpha": alpha, "form": form}
+        source = {"train": f"subset, {outliers} outliers"}
+        return {"config": config, "status": "ok", "data_source": source}
+
+    runs = [run(0.0, "jacobian", 1000), run(0.01, "released-code", 500)]
+    lines = report._summary(runs)
+    assert "- KLJ: alpha [0.01], form `released-code`" in lines  # not the baseline's form
+    data = [line for line in lines if line.startswith("- data:")]
+    assert data == ["- data: train: subset, 500 outliers", "- data: train: subset, 1000 outliers"]
+
+
 # -------------------------------------------------------------------------------- DDP
 
 
