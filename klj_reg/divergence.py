@@ -23,14 +23,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .records import LayerRecord
+from .records import Factor, LayerRecord, Map
 
 FORMS = ("jacobian", "released-code")
 
 
-def klj_terms(log_abs_d: Tensor) -> Tensor:
-    r"""Elementwise :math:`d^2 - 1 - 2\log|d|` from :math:`s = \log|d|`: ``expm1(2s) - 2s``."""
-    two_s = 2.0 * log_abs_d
+def klj_terms(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
+    r"""Elementwise :math:`d^2 - 1 - 2\log|d|` from :math:`s = \text{scale} \cdot
+    \text{log\_abs\_d}`: ``expm1(2s) - 2s`` (the scale costs no extra operator)."""
+    two_s = (2.0 * scale) * log_abs_d
     return torch.expm1(two_s) - two_s
 
 
@@ -49,17 +50,23 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
+def _unscaled(factor: Factor) -> Tensor:
+    r"""``activation(log_abs(source))`` in float32 (or wider): :math:`\log|d|` / scale."""
+    t = _float32(factor.selected())
+    return t if factor.activation is None else factor.activation(t)
+
+
 def layer_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
     """One layer's divergence per sample, shape ``(B,)`` (or ``(1,)`` if batch-independent)."""
     total: Tensor | None = None
     for factor in record.factors:
-        s = _float32(factor.log_abs_d())
+        s = _unscaled(factor)
         if form == "jacobian":
-            term = _per_sample_sum(klj_terms(s))
+            term = _per_sample_sum(klj_terms(s, factor.scale))
             if factor.repeat != 1:
                 term = term * factor.repeat
         else:
-            term = (-2.0 * factor.repeat) * _per_sample_sum(s)
+            term = (-2.0 * factor.repeat * factor.scale) * _per_sample_sum(s)
             raw = factor.pre_activation()
             if raw is not None:
                 raw = _float32(raw)
@@ -84,17 +91,29 @@ def divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor
     return total
 
 
+def _compact(t: Tensor) -> Tensor:
+    """A tensor expanded over the batch (stride 0, e.g. a per-feature scale broadcast to
+    every sample) as its single row ``(1, ...)``: the batch mean of a shared term is itself."""
+    return t[:1] if t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0 else t
+
+
+Group = tuple[int, int, torch.dtype, Map | None, float]
+"""Factors whose terms are one expression: batch (1 if shared), repeat, dtype, activation,
+scale."""
+
+
 def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
     """Batch mean of :func:`divergence` without per-sample sums.
 
-    Factors with the same batch size, ``repeat`` and dtype are flattened and concatenated so
-    that the elementwise terms are one expression per group rather than one per factor (fewer
-    operators forward and backward); per-sample groups are divided by the batch size once,
-    shared ones (batch 1) not.
+    Factors with the same batch size, ``repeat``, dtype, ``activation`` and ``scale`` are
+    flattened and concatenated before their activation, so that the elementwise work is one
+    expression per group rather than one per factor (fewer operators forward and backward);
+    factors expanded over the batch count once; per-sample groups are divided by the batch
+    size once, shared ones (batch 1) not.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
-    groups: dict[tuple[int, int, torch.dtype], list[Tensor]] = {}
+    groups: dict[Group, list[Tensor]] = {}
     sums: dict[int, Tensor] = {}  # batch size of the source (B, or 1 if shared) -> sum
     ones = 0  # released-code: pass-through entries filled with ones, per sample
 
@@ -103,15 +122,18 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
 
     for record in records:
         for factor in record.factors:
-            s = _float32(factor.log_abs_d())
-            groups.setdefault((s.shape[0], factor.repeat, s.dtype), []).append(s)
+            t = _compact(_float32(factor.selected()))
+            key = (t.shape[0], factor.repeat, t.dtype, factor.activation, factor.scale)
+            groups.setdefault(key, []).append(t)
             raw = factor.pre_activation() if form != "jacobian" else None
             if raw is not None:
                 add(_float32(raw).square().sum(), raw.shape[0])
                 ones += record.dim - raw.shape[1:].numel()
-    for (batch, repeat, _), tensors in groups.items():
+    for (batch, repeat, _, activation, scale), tensors in groups.items():
         s = tensors[0] if len(tensors) == 1 else torch.cat([_rows(t) for t in tensors], dim=1)
-        term = klj_terms(s).sum() if form == "jacobian" else s.sum() * -2.0
+        if activation is not None:
+            s = activation(s)
+        term = klj_terms(s, scale).sum() if form == "jacobian" else s.sum() * (-2.0 * scale)
         add(term * repeat if repeat != 1 else term, batch)
     if not sums:
         raise ValueError("no layer records to compute the divergence from")

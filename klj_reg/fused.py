@@ -18,7 +18,7 @@ from torch import Tensor
 from .divergence import divergence
 from .records import Factor, LayerRecord, Map
 
-_Factors = tuple[tuple[Map | None, int, Map | None], ...]
+_Factors = tuple[tuple[Map | None, int, Map | None, Map | None, float], ...]
 _Structure = tuple[tuple[str, str, int, _Factors], ...]
 Cache = dict[tuple[object, ...], Callable[[list[Tensor]], Tensor]]
 
@@ -30,7 +30,7 @@ def _build(structure: _Structure, form: str, mean: bool) -> Callable[[list[Tenso
             LayerRecord(
                 name,
                 kind,
-                tuple(Factor(next(it), log_abs, repeat, raw) for log_abs, repeat, raw in factors),
+                tuple(Factor(next(it), *rest) for rest in factors),
                 None,
                 dim,
             )
@@ -46,11 +46,16 @@ def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cach
     """:func:`klj_reg.divergence` (optionally its batch mean) through a compiled function,
     cached in ``cache`` (the model's capture, so it lives and dies with the model)."""
     structure: _Structure = tuple(
-        (r.name, r.kind, r.dim, tuple((f.log_abs, f.repeat, f.raw) for f in r.factors))
+        (
+            r.name,
+            r.kind,
+            r.dim,
+            tuple((f.log_abs, f.repeat, f.raw, f.activation, f.scale) for f in r.factors),
+        )
         for r in records
     )
     key = (form, mean) + tuple(
-        (name, dim, tuple((id(a), n, id(b)) for a, n, b in factors))
+        (name, dim, tuple((id(a), n, id(b), id(c), k) for a, n, b, c, k in factors))
         for name, _, dim, factors in structure
     )
     fn = cache.get(key)

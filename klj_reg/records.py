@@ -16,27 +16,44 @@ Map = Callable[[Tensor], Tensor]
 
 
 class Factor(NamedTuple):
-    r"""One triangular factor of a layer's Jacobian.
+    r"""One triangular factor of a layer's Jacobian, with diagonal
+    :math:`\log|d| = \text{scale} \cdot \text{activation}(\text{log\_abs}(\text{source}))`.
 
     Attributes:
         source: A tensor the layer computed during its forward pass, of shape ``(B, ...)``,
             or ``(1, ...)`` when the factor is shared by the whole batch (ActNorm).
-        log_abs: Maps ``source`` to :math:`\log|d|` elementwise; ``None`` when ``source``
-            already is :math:`\log|d|`. Evaluated lazily, in :func:`klj_reg.penalty`.
+        log_abs: Maps ``source`` to :math:`\log|d|` (or to the activation's input); ``None``
+            for the identity. Evaluated lazily, in :func:`klj_reg.penalty`. Prefer views
+            (slices) here and put elementwise work in ``activation``.
         repeat: How many diagonal entries each element of ``log|d|`` stands for (e.g. the
             number of pixels sharing a per-channel scale).
         raw: Maps ``source`` to the scale's pre-activation (subnet output before clamping),
             used only by ``form="released-code"``; ``None`` if the factor has none.
+        activation: An elementwise function applied after ``log_abs`` (``None``: identity).
+            Factors of different layers with equal (hashable) activations are concatenated
+            and the activation runs once on them all, so pass one shared object (e.g.
+            ``torch.tanh``), not a new closure per layer.
+        scale: A constant factor of :math:`\log|d|` (e.g. a clamp, or -1 for a layer run in
+            its inverse direction); folded into the penalty's own multiplication.
     """
 
     source: Tensor
     log_abs: Map | None = None
     repeat: int = 1
     raw: Map | None = None
+    activation: Map | None = None
+    scale: float = 1.0
+
+    def selected(self) -> Tensor:
+        """``log_abs(source)``: the input of the activation, shape ``(B, ...)`` or ``(1, ...)``."""
+        return self.source if self.log_abs is None else self.log_abs(self.source)
 
     def log_abs_d(self) -> Tensor:
-        """:math:`\\log|d|`, shape ``(B, ...)`` or ``(1, ...)``."""
-        return self.source if self.log_abs is None else self.log_abs(self.source)
+        r""":math:`\log|d|`, shape ``(B, ...)`` or ``(1, ...)``."""
+        t = self.selected()
+        if self.activation is not None:
+            t = self.activation(t)
+        return t if self.scale == 1.0 else self.scale * t
 
     def pre_activation(self) -> Tensor | None:
         """The raw pre-activation, or ``None``."""

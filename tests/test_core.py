@@ -91,9 +91,11 @@ def test_divergence_counts_repeats_and_shared_factors() -> None:
 @settings(deadline=None, max_examples=25)
 @given(st.integers(0, 2**16), st.sampled_from(["jacobian", "released-code"]))
 def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: str) -> None:
-    """mean_divergence groups factors (by batch, repeat, dtype) and concatenates them: it must
-    equal divergence(...).mean() for mixed shapes, shared factors, repeats and dtypes, in value
-    and in gradient."""
+    """mean_divergence groups factors (by batch, repeat, dtype, activation, scale), applies a
+    shared activation once per group and counts batch-expanded factors once: it must equal
+    divergence(...).mean() and the divergence of the materialised log|d|, for mixed shapes,
+    shared and expanded factors, repeats, dtypes, activations and scales, in value and in
+    gradient."""
     g = torch.Generator().manual_seed(seed)
     batch = 3
 
@@ -106,20 +108,51 @@ def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: s
         leaf(1, 2),  # an ActNorm-like shared factor
         leaf(batch, 5),
         leaf(batch, 3, dtype=torch.float32),  # another dtype: its own group
+        leaf(batch, 6),  # sliced, then a shared activation and scale (grouped with [0]'s)
+        leaf(1, 4),  # a per-feature scale expanded over the batch (stride 0)
     ]
     sources = [t.requires_grad_() for t in sources]
     tanh_raw = {"log_abs": lambda a: 0.7 * torch.tanh(a), "raw": lambda a: a}
+    shared = {"activation": torch.tanh, "scale": 0.7}
     records = [
         LayerRecord(
-            "a", "A", (Factor(sources[0], **tanh_raw), Factor(sources[2], repeat=9)), None, 10
+            "a",
+            "A",
+            (Factor(sources[0], **tanh_raw), Factor(sources[2], repeat=9)),
+            None,
+            10,
         ),
         LayerRecord("b", "B", (Factor(sources[1].transpose(2, 3), repeat=2),), None, 40),
         LayerRecord("c", "C", (Factor(sources[3], **tanh_raw), Factor(sources[4])), None, 12),
+        LayerRecord(
+            "d",
+            "D",
+            (
+                Factor(sources[5], lambda a: a[:, 1:4], raw=lambda a: a[:, 1:4], **shared),
+                Factor(sources[0], raw=lambda a: a, **shared),
+                Factor(sources[6].expand(batch, 4), scale=-1.0),
+            ),
+            None,
+            14,
+        ),
     ]
     got = mean_divergence(records, form)
     expected = klj_reg.divergence(records, form).double().mean()
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-9)
-    grads = torch.autograd.grad(got, sources)
+    materialised = [
+        LayerRecord(
+            r.name,
+            r.kind,
+            tuple(Factor(f.log_abs_d(), repeat=f.repeat) for f in r.factors),
+            None,
+            r.dim,
+        )
+        for r in records
+    ]
+    if form == "jacobian":  # (released-code needs each factor's raw, from its source)
+        reference = klj_reg.divergence(materialised, form).double().mean()
+        torch.testing.assert_close(got.double(), reference, rtol=1e-6, atol=1e-9)
+    grads = torch.autograd.grad(got, sources, retain_graph=True)
     expected_grads = torch.autograd.grad(expected, sources)
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

@@ -295,11 +295,14 @@ def test_backward_reaches_the_scale_subnetworks() -> None:
     assert inn.module_list[1].global_scale.grad.abs().sum() > 0
 
 
-def test_released_code_form_matches_the_authors_formula() -> None:
+@pytest.mark.parametrize("block", ["AllInOneBlock", "MasterAllInOne"])
+def test_released_code_form_matches_the_authors_formula(block: str) -> None:
+    """Raw pre-activations are the subnet's output whether the block scales it in place
+    (FrEIA 0.2) or not (master)."""
     inn = Ff.SequenceINN(4, 2, 2)
     for _ in range(2):
         inn.append(
-            Fm.AllInOneBlock,
+            Fm.AllInOneBlock if block == "AllInOneBlock" else MasterAllInOne,
             subnet_constructor=conv,
             affine_clamping=0.7,
             global_affine_type="EXP",

@@ -17,12 +17,14 @@ tanh(a / clamp)``. Which one runs is found by probing each block's ``_affine`` o
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
 import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..capture import Site
@@ -79,14 +81,17 @@ def _install_stashing(
     return [*handles, site.forward_hook(block, hook, with_kwargs=True)]
 
 
-def _clamped(block: Any, width: int, gin: bool) -> Callable[[Tensor], Tensor]:
-    """The block's own soft clamp of the first ``width`` channels; GIN removes the mean."""
+def _soft_clamp(block: Any, width: int, gin: bool) -> dict[str, Any]:
+    """Factor fields of the block's own soft clamp ``clamp * f_clamp(a[:, :width])`` (GIN
+    then removes the per-sample mean, which is not elementwise)."""
+    if gin:
 
-    def log_abs(a: Tensor) -> Tensor:
-        s = block.clamp * block.f_clamp(a[:, :width])
-        return s - s.mean(1, keepdim=True) if gin else s
+        def centred(a: Tensor) -> Tensor:
+            s = block.clamp * block.f_clamp(a[:, :width])
+            return s - s.mean(1, keepdim=True)
 
-    return log_abs
+        return {"log_abs": centred}
+    return {"log_abs": _first(width), "activation": block.f_clamp, "scale": float(block.clamp)}
 
 
 def _first(width: int) -> Callable[[Tensor], Tensor]:
@@ -97,11 +102,13 @@ def install_two_sided(block: Any, site: Site) -> list[Handle]:
     """GLOW / GIN: subnet2 scales the first half, then subnet1 scales the second."""
     gin = isinstance(block, Fm.GINCouplingBlock)
     l1, l2 = block.split_len1, block.split_len2
+    first, second = _soft_clamp(block, l1, gin), _soft_clamp(block, l2, gin)
+    raw1, raw2 = _first(l1), _first(l2)
 
     def factors() -> list[Factor]:
         return [
-            Factor(site.state["a2"], _clamped(block, l1, gin), 1, _first(l1)),
-            Factor(site.state["a1"], _clamped(block, l2, gin), 1, _first(l2)),
+            Factor(site.state["a2"], raw=raw1, **first),
+            Factor(site.state["a1"], raw=raw2, **second),
         ]
 
     return _install_stashing(block, site, {"a2": block.subnet2, "a1": block.subnet1}, factors)
@@ -110,11 +117,13 @@ def install_two_sided(block: Any, site: Site) -> list[Handle]:
 def install_rnvp(block: Any, site: Site) -> list[Handle]:
     """RNVP: separate scale subnets ``subnet_s2`` (first half) and ``subnet_s1`` (second)."""
     l1, l2 = block.split_len1, block.split_len2
+    first, second = _soft_clamp(block, l1, False), _soft_clamp(block, l2, False)
+    raw1, raw2 = _first(l1), _first(l2)
 
     def factors() -> list[Factor]:
         return [
-            Factor(site.state["s2"], _clamped(block, l1, False), 1, _first(l1)),
-            Factor(site.state["s1"], _clamped(block, l2, False), 1, _first(l2)),
+            Factor(site.state["s2"], raw=raw1, **first),
+            Factor(site.state["s1"], raw=raw2, **second),
         ]
 
     subnets = {"s2": block.subnet_s2, "s1": block.subnet_s1}
@@ -125,9 +134,10 @@ def install_rnvp(block: Any, site: Site) -> list[Handle]:
 def install_one_sided(block: Any, site: Site) -> list[Handle]:
     """AffineCouplingOneSided (second half scaled) and ConditionalAffineTransform (all)."""
     width = block.channels if isinstance(block, Fm.ConditionalAffineTransform) else block.split_len2
+    fields, raw = _soft_clamp(block, width, False), _first(width)
 
     def factors() -> list[Factor]:
-        return [Factor(site.state["a"], _clamped(block, width, False), 1, _first(width))]
+        return [Factor(site.state["a"], raw=raw, **fields)]
 
     return _install_stashing(block, site, {"a": block.subnet}, factors)
 
@@ -158,29 +168,67 @@ def _all_in_one_variant(block: Any) -> tuple[bool, bool]:
     )
 
 
+def _log_sigmoid_global(g: Tensor) -> Tensor:
+    """``log(10 sigmoid(g - 2))``: FrEIA's ``global_affine_type="SIGMOID"``."""
+    return F.logsigmoid(g - 2.0) + math.log(10.0)
+
+
+def _log_softplus_global(g: Tensor) -> Tensor:
+    """``log(0.1 softplus(g; beta=0.5))``: FrEIA's ``global_affine_type="SOFTPLUS"``."""
+    return torch.log(F.softplus(g, beta=0.5)) - math.log(10.0)
+
+
+def _global_log(block: Any) -> dict[str, Any]:
+    """Factor fields of ``log(global_scale_activation(g))``: a shared module-level function
+    when the block's activation is one of FrEIA's (probed once), so that all blocks' global
+    scales are one expression; otherwise the block's own activation."""
+    ref = block.global_scale
+    g = torch.linspace(-8.0, 8.0, 33, dtype=ref.dtype, device=ref.device)
+    with torch.no_grad():
+        own = torch.log(block.global_scale_activation(g))
+        known: list[Callable[[Tensor], Tensor] | None] = [
+            None,
+            _log_softplus_global,
+            _log_sigmoid_global,
+        ]
+        for fn in known:
+            if torch.allclose(own, g if fn is None else fn(g), rtol=1e-5, atol=1e-5):
+                return {"activation": fn}
+
+    def own_log(t: Tensor) -> Tensor:
+        return torch.log(block.global_scale_activation(t))
+
+    return {"log_abs": own_log}
+
+
 def install_all_in_one(block: Any, site: Site) -> list[Handle]:
     """AllInOneBlock: coupling factor on the second half, then the global scale."""
     in_place, over_clamp = _all_in_one_variant(block)
     ch, clamp, dims = block.splits[1], block.clamp, block.sum_dims
+    inner = (1.0 if in_place else 0.1) / (clamp if over_clamp else 1.0)  # tanh's argument / a
 
-    def pre(a: Tensor) -> Tensor:  # 0.1 * subnet output, first ``ch`` channels
-        return a[:, :ch] if in_place else 0.1 * a[:, :ch]
+    def pre(a: Tensor) -> Tensor:  # tanh's argument from the subnet output
+        return a[:, :ch] if inner == 1.0 else inner * a[:, :ch]
 
-    def coupling(a: Tensor) -> Tensor:
-        s = clamp * torch.tanh(pre(a) / clamp if over_clamp else pre(a))
-        return s - s.mean(dim=dims, keepdim=True) if block.GIN else s
+    def centred(a: Tensor) -> Tensor:  # GIN: s minus its per-sample mean (not elementwise)
+        s = clamp * torch.tanh(pre(a))
+        return s - s.mean(dim=dims, keepdim=True)
 
-    def raw(a: Tensor) -> Tensor:
-        return 10.0 * pre(a)
+    coupling: dict[str, Any] = (
+        {"log_abs": centred}
+        if block.GIN
+        else {"log_abs": pre, "activation": torch.tanh, "scale": float(clamp)}
+    )
+    global_fields = _global_log(block)
 
-    def global_log(g: Tensor) -> Tensor:
-        return torch.log(block.global_scale_activation(g))
+    def raw(a: Tensor) -> Tensor:  # the subnet's output: in place, ``a`` holds 0.1 times it
+        return 10.0 * a[:, :ch] if in_place else a[:, :ch]
 
     def factors() -> list[Factor]:
-        out = [Factor(site.state["a"], coupling, 1, raw)]
+        out = [Factor(site.state["a"], raw=raw, **coupling)]
         if not block.GIN:
             pixels = int(torch.Size(block.dims_in[0][1:]).numel())
-            out.append(Factor(block.global_scale, global_log, pixels))
+            out.append(Factor(block.global_scale, repeat=pixels, **global_fields))
         return out
 
     return _install_stashing(block, site, {"a": block.subnet}, factors)

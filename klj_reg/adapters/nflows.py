@@ -57,7 +57,7 @@ from torch.nn import functional as F
 from ..capture import Site, mark_hook
 from ..errors import AdapterMismatchError
 from ..patch import after_method
-from ..records import Factor, Map
+from ..records import Factor
 from ..registry import (
     Handle,
     framework_version,
@@ -191,20 +191,20 @@ class Piece:
     name: str
 
 
-def _signed(inverse: bool) -> Map | None:
-    return torch.neg if inverse else None
+def _sign(inverse: bool) -> float:
+    """The scale of log|d| for a layer run in its forward (+1) or inverse (-1) direction."""
+    return -1.0 if inverse else 1.0
 
 
 def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
     """Scale of the layer's own ``_scale_and_shift``; raw: the unconstrained half."""
     params, n = stash["net"], layer.num_transform_features
 
-    def log_abs(p: Tensor) -> Tensor:
-        log = torch.log(layer._scale_and_shift(p)[0])
-        return -log if inverse else log
+    def scale(p: Tensor) -> Tensor:
+        return layer._scale_and_shift(p)[0]
 
     raw = (lambda p: p[:, n:]) if params.shape[1] > n else None
-    return [Factor(params, log_abs, 1, raw)]
+    return [Factor(params, scale, 1, raw, torch.log, _sign(inverse))]
 
 
 def _affine_autoregressive(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
@@ -214,10 +214,9 @@ def _affine_autoregressive(layer: Any, stash: Stash, inverse: bool) -> list[Fact
         return layer._unconstrained_scale_and_shift(p)[0]
 
     def log_abs(p: Tensor) -> Tensor:
-        log = torch.log(F.softplus(unconstrained(p)) + layer._epsilon)
-        return -log if inverse else log
+        return torch.log(F.softplus(unconstrained(p)) + layer._epsilon)
 
-    return [Factor(stash["net"], log_abs, 1, unconstrained)]
+    return [Factor(stash["net"], log_abs, 1, unconstrained, scale=_sign(inverse))]
 
 
 def _elementwise(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
@@ -232,7 +231,8 @@ def _per_channel(stash: Stash, channels: int) -> int:
 
 def _act_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
     scale = layer.log_scale
-    return [Factor(scale.unsqueeze(0), _signed(inverse), _per_channel(stash, scale.numel()))]
+    repeat = _per_channel(stash, scale.numel())
+    return [Factor(scale.unsqueeze(0), repeat=repeat, scale=_sign(inverse))]
 
 
 def _batch_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:

@@ -187,19 +187,28 @@ def _once(fn: Map) -> Map:
 # Affine couplings -------------------------------------------------------------------------
 
 
-def _coupling_log_abs(layer: Any, site: Site) -> Map:
-    """log|d| of AffineCoupling.inverse from params, by ``scale_map``."""
+def _odd(p: Tensor) -> Tensor:
+    """AffineCoupling's scale half of its interleaved ``param_map`` output."""
+    return p[:, 1::2]
 
-    def exp(p: Tensor) -> Tensor:
-        return -p[:, 1::2]
 
-    def sigmoid(p: Tensor) -> Tensor:
-        return F.logsigmoid(p[:, 1::2] + 2.0)
+def _log_sigmoid_plus_2(u: Tensor) -> Tensor:
+    return F.logsigmoid(u + 2.0)
 
-    def sigmoid_inv(p: Tensor) -> Tensor:
-        return -F.logsigmoid(p[:, 1::2] + 2.0)
 
-    maps: dict[str, Map] = {"exp": exp, "sigmoid": sigmoid, "sigmoid_inv": sigmoid_inv}
+def _log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
+    return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
+
+
+def _coupling_activation(layer: Any, site: Site) -> tuple[Map | None, float]:
+    r"""``(activation, sign)`` of AffineCoupling.inverse's log|d| of ``p[:, 1::2]``, by
+    ``scale_map`` (``exp``: :math:`e^{-u}`; ``sigmoid``: :math:`\sigma(u+2)`;
+    ``sigmoid_inv``: :math:`1/\sigma(u+2)`)."""
+    maps: dict[str, tuple[Map | None, float]] = {
+        "exp": (None, -1.0),
+        "sigmoid": (_log_sigmoid_plus_2, 1.0),
+        "sigmoid_inv": (_log_sigmoid_plus_2, -1.0),
+    }
     if layer.scale_map not in maps:
         raise UnsupportedModelError(
             f"{site.name or '<model>'} (AffineCoupling) uses scale_map={layer.scale_map!r}, "
@@ -209,22 +218,16 @@ def _coupling_log_abs(layer: Any, site: Site) -> Map:
     return maps[layer.scale_map]
 
 
-def _signed(fn: Map, reverse: bool) -> Map:
-    return (lambda t: -fn(t)) if reverse else fn
-
-
 def install_affine_coupling(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
     """AffineCoupling: one factor on z2, from the param_map output of the same call."""
     site.add_subnets(layer.param_map)
     if not layer.scale:
         return []  # additive: diagonal 1
-    log_abs = _signed(_coupling_log_abs(layer, site), reverse)
-
-    def raw(p: Tensor) -> Tensor:
-        return p[:, 1::2]
+    activation, sign = _coupling_activation(layer, site)
+    scale = -sign if reverse else sign
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(site.state["params"], log_abs, 1, raw)]
+        return [Factor(site.state["params"], _odd, 1, _odd, activation, scale)]
 
     return [_stash(site, layer.param_map, "params"), *_watch(layer, site, reverse, build, 1)]
 
@@ -257,11 +260,8 @@ def install_maf(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
     def raw(p: Tensor) -> Tensor:
         return layer._unconstrained_scale_and_shift(p)[0]
 
-    def log_abs(p: Tensor) -> Tensor:
-        return sign * torch.log(torch.sigmoid(raw(p) + 2.0) + 1e-3)
-
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(site.state["params"], log_abs, 1, raw)]
+        return [Factor(site.state["params"], raw, 1, raw, _log_sigmoid_plus_2_eps, sign)]
 
     net = layer.autoregressive_net
     return [_stash(site, net, "params"), *_watch(layer, site, reverse, build, 1)]
@@ -277,7 +277,7 @@ def install_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         s = layer.s
         repeat = args[0].shape[1:].numel() // s.shape[1:].numel()
-        return [Factor(s, lambda t: sign * t, repeat)]
+        return [Factor(s, repeat=repeat, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 
@@ -319,7 +319,7 @@ def install_lu_mixing(layer: Any, site: Site, reverse: bool = False) -> list[Han
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         log_s = layer.log_S.unsqueeze(0)
         repeat = args[0].shape[1:].numel() // log_s.numel()
-        return [Factor(log_s, lambda t: sign * t, repeat)]
+        return [Factor(log_s, repeat=repeat, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 

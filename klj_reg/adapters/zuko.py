@@ -148,7 +148,7 @@ def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool)
             raise _mismatch(site, "no elementwise log-determinant was computed in call_and_ladj")
         features = x.shape[-1]
         log_abs = cell[-1]
-        factor = Factor(_rows(log_abs, log_abs.shape[-1]), torch.neg if negate else None)
+        factor = Factor(_rows(log_abs, log_abs.shape[-1]), scale=-1.0 if negate else 1.0)
         site.record([factor], _flat(ladj), features)
         cell.clear()
         return y, ladj
