@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import klj_reg
 from klj_reg.patch import INSTANCE_KEY
@@ -305,6 +306,47 @@ def test_penalty_is_float32_under_bf16_autocast(backend: str) -> None:
     assert value.dtype == torch.float32
     assert torch.isfinite(value)
     (loss + value).backward()
+
+
+class ComputeOps(TorchDispatchMode):
+    """Counts aten operators that compute (not views) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_operators_do_not_grow_with_the_number_of_layers(backend: str) -> None:
+    """Every layer's factors join their group's one expression through views: once the
+    self-checks are done, the penalty of a 6-layer flow computes with as many operators as
+    that of a 2-layer one (shared activations, signs and clamps folded in)."""
+    pytest.importorskip({"freia": "FrEIA"}.get(backend, backend))
+    from benchmarks.tabular import tabular_flow
+
+    counts = []
+    for layers in (2, 6):
+        flow = tabular_flow(backend, 8, layers=layers, hidden=8)
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        capture = klj_reg.attach(flow.model)
+        x = torch.randn(16, 8)
+        flow(x)
+        klj_reg.penalty(flow.model, x)
+        for site in capture.sites.values():
+            site.checks_left = 0
+        flow(x)
+        with ComputeOps() as ops:
+            value = klj_reg.penalty(flow.model, x)
+        assert value.item() > 0
+        counts.append(ops.count)
+    assert counts[0] == counts[1], f"{backend}: {counts[0]} operators (2 layers), {counts[1]} (6)"
 
 
 def test_overhead_benchmark_runs(tmp_path: Any) -> None:

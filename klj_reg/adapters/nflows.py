@@ -41,6 +41,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -196,14 +197,44 @@ def _sign(inverse: bool) -> float:
     return -1.0 if inverse else 1.0
 
 
+def _log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
+    """log of nflows' default coupling scale ``sigmoid(u + 2) + 1e-3``."""
+    return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
+
+
+_DEFAULT_SCALE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _has_default_scale(layer: Any, like: Tensor) -> bool:
+    """Whether the layer's own ``_scale_and_shift`` is nflows' default scale of the second
+    half, ``sigmoid(u + 2) + 1e-3`` (probed once per layer on a range of ``u``)."""
+    known = _DEFAULT_SCALE.get(layer)
+    if known is None:
+        n = layer.num_transform_features
+        probe = torch.linspace(-8.0, 8.0, 2 * n, dtype=like.dtype, device=like.device)
+        probe = probe.reshape(1, 2 * n)
+        with torch.no_grad():
+            own = layer._scale_and_shift(probe)[0]
+            default = torch.sigmoid(probe[:, n:] + 2.0) + 1e-3
+            known = own.shape == default.shape and torch.allclose(own, default)
+        _DEFAULT_SCALE[layer] = known
+    return known
+
+
 def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
-    """Scale of the layer's own ``_scale_and_shift``; raw: the unconstrained half."""
+    """Scale of the layer's own ``_scale_and_shift`` (when it is nflows' default, the
+    unconstrained half through one shared activation); raw: the unconstrained half."""
     params, n = stash["net"], layer.num_transform_features
+
+    def half(p: Tensor) -> Tensor:
+        return p[:, n:]
 
     def scale(p: Tensor) -> Tensor:
         return layer._scale_and_shift(p)[0]
 
-    raw = (lambda p: p[:, n:]) if params.shape[1] > n else None
+    raw = half if params.shape[1] > n else None
+    if _has_default_scale(layer, params):
+        return [Factor(params, half, 1, raw, _log_sigmoid_plus_2_eps, _sign(inverse))]
     return [Factor(params, scale, 1, raw, torch.log, _sign(inverse))]
 
 
