@@ -203,22 +203,21 @@ def _log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
 
 
 _DEFAULT_SCALE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Affine couplings whose ``_scale_and_shift`` is nflows' default, probed once at attach."""
 
 
-def _has_default_scale(layer: Any, like: Tensor) -> bool:
-    """Whether the layer's own ``_scale_and_shift`` is nflows' default scale of the second
-    half, ``sigmoid(u + 2) + 1e-3`` (probed once per layer on a range of ``u``)."""
-    known = _DEFAULT_SCALE.get(layer)
-    if known is None:
-        n = layer.num_transform_features
-        probe = torch.linspace(-8.0, 8.0, 2 * n, dtype=like.dtype, device=like.device)
-        probe = probe.reshape(1, 2 * n)
-        with torch.no_grad():
-            own = layer._scale_and_shift(probe)[0]
-            default = torch.sigmoid(probe[:, n:] + 2.0) + 1e-3
-            known = own.shape == default.shape and torch.allclose(own, default)
-        _DEFAULT_SCALE[layer] = known
-    return known
+def _probe_default_scale(layer: Any) -> None:
+    """Record whether the layer's own ``_scale_and_shift`` is nflows' default scale of the
+    second half, ``sigmoid(u + 2) + 1e-3``, on a range of ``u`` (at attach, outside any
+    traced forward pass)."""
+    n = layer.num_transform_features
+    like = next(layer.parameters(), torch.empty(0))
+    probe = torch.linspace(-8.0, 8.0, 2 * n, dtype=like.dtype, device=like.device)
+    probe = probe.reshape(1, 2 * n)
+    with torch.no_grad():
+        own = layer._scale_and_shift(probe)[0]
+        default = torch.sigmoid(probe[:, n:] + 2.0) + 1e-3
+        _DEFAULT_SCALE[layer] = own.shape == default.shape and torch.allclose(own, default)
 
 
 def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
@@ -233,7 +232,7 @@ def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
         return layer._scale_and_shift(p)[0]
 
     raw = half if params.shape[1] > n else None
-    if _has_default_scale(layer, params):
+    if _DEFAULT_SCALE.get(layer, False):
         return [Factor(params, half, 1, raw, _log_sigmoid_plus_2_eps, _sign(inverse))]
     return [Factor(params, scale, 1, raw, torch.log, _sign(inverse))]
 
@@ -453,6 +452,8 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     handles: list[Handle] = [TAP.acquire()] if spline else []
     for i, piece in enumerate(pieces):
         handles.extend(_tap(piece, str(i), site))
+        if piece.kind.factors is _affine_coupling:
+            _probe_default_scale(piece.layer)
 
     def before(mod: nn.Module, args: tuple[Any, ...]) -> None:
         site.state.clear()
