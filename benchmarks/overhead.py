@@ -17,7 +17,8 @@ exact           NLL + ``penalty(model, x, estimator="exact")`` (tabular only: D 
 ==============  ===============================================================================
 
 Every variant trains its own copy of the same initial model with its own optimiser. Steps
-are interleaved: after a warm-up, each of ``--reps`` rounds times one step of every variant in
+are interleaved: after a warm-up, each of ``--reps`` rounds (``--tabular-reps`` for the short,
+noisier tabular steps) times one step of every variant in
 a shuffled order, synchronising the device around each timed step, so that drifts in machine
 load hit all variants alike. Ratios are to ``plain`` in the same process: the median over
 rounds of the round's variant step over its plain step (with their interquartile range; the
@@ -81,6 +82,7 @@ class Settings:
 
     device: str
     reps: int = 20
+    tabular_reps: int = 100
     warmup: int = 5
     batch: int = 256
     image_batch: int = 8
@@ -414,7 +416,8 @@ def measure(
             print(f"  {model_kind}/{backend}/{variant} failed: {type(error).__name__}: {error}")
     if "plain" not in steps:
         return result
-    times = time_steps(steps, settings.reps, device, settings.seed)
+    reps = settings.tabular_reps if model_kind == "tabular" else settings.reps
+    times = time_steps(steps, reps, device, settings.seed)
     plain = statistics.median(times["plain"])
     for variant, step in steps.items():
         t = times[variant]
@@ -511,7 +514,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']['torch_threads']} torch threads; load average "
         f"{report['load_before']} before, {report['load_after']} after.",
         "",
-        f"Median of {s['reps']} interleaved steps after {s['warmup']} warm-up steps (and until "
+        f"Median of {s.get('tabular_reps', s['reps'])} (tabular) and {s['reps']} (image) "
+        f"interleaved rounds after {s['warmup']} warm-up steps (and until "
         "every layer's self-check finished); each cell is the median over rounds of the ratio "
         "to the round's plain NLL step [interquartile range], with the median step time in "
         "ms. Tabular: D = "
@@ -600,7 +604,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available"
     )
     parser.add_argument(
-        "--reps", type=int, default=None, help="timed rounds (default 20; --quick 3)"
+        "--reps",
+        type=int,
+        default=None,
+        help="timed rounds of the image flows (default 20; --quick 3)",
+    )
+    parser.add_argument(
+        "--tabular-reps",
+        type=int,
+        default=None,
+        help="timed rounds of the tabular flows, whose steps are short and noisy (default 100)",
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="warm-up steps (default 5; --quick 1)"
@@ -628,11 +641,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         device=device, backends=backends.parse(args.backend), models=models, variants=variants
     )
     if args.quick:
-        s.quick, s.reps, s.warmup, s.batch, s.image_batch = True, 3, 1, 32, 2
+        s.quick, s.reps, s.tabular_reps, s.warmup, s.batch, s.image_batch = True, 3, 3, 1, 32, 2
         s.dim, s.layers, s.hidden = 8, 2, 16
     elif device == "cuda":
         s.image_batch = 64
-    for name in ("reps", "warmup", "batch", "image_batch"):
+    for name in ("reps", "tabular_reps", "warmup", "batch", "image_batch"):
         value = getattr(args, name)
         if value is not None:
             if value < (0 if name == "warmup" else 1):

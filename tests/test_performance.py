@@ -364,7 +364,7 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     assert set(entries) == set(variants.split(","))
     for entry in entries.values():
         assert "error" not in entry and "profile_error" not in entry
-        assert len(entry["times_ms"]) == report["settings"]["reps"]
+        assert len(entry["times_ms"]) == report["settings"]["tabular_reps"]
         assert math.isfinite(entry["ratio"]) and entry["ratio"] > 0
     forward = entries["plain"]["ops"]["forward"]
     assert entries["second-pass"]["ops"]["penalty"] > forward  # the model ran again
