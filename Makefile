@@ -6,7 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+FRAMEWORKS ?= FrEIA==0.2 nflows==0.14 normflows==1.7.3 zuko==1.6.0
+
+.PHONY: demo test lint venv clean gpu-site
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check klj_reg benchmarks tests
 	$(BIN)/mypy klj_reg
 	$(BIN)/python -m pytest
+
+# The four frameworks (pure Python, no dependencies) for a GPU machine that has torch but not
+# them: carry .gpu there and run benchmarks/gpu_check.sh.
+gpu-site:
+	$(PYTHON) -m pip install -q --no-deps --no-compile --upgrade --target .gpu/site $(FRAMEWORKS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -661,8 +661,9 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     load_before = [round(v, 2) for v in os.getloadavg()]
-    results = []
+    results: list[dict[str, Any]] = []
     warnings.filterwarnings("ignore", message=".*ran its own.*")
+    text = ""
     for model_kind in settings.models:
         for backend in settings.backends:
             print(f"{model_kind}/{backend} ...", flush=True)
@@ -679,6 +680,20 @@ def main(argv: list[str]) -> int:
                 )
                 print(f"  failed: {type(error).__name__}: {error}")
             print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+            # written after every model/backend, so that a run cut short keeps what it measured
+            text = write_report(args.out, settings, device, load_before, results)
+    print(text)
+    return 0
+
+
+def write_report(
+    out: Path,
+    settings: Settings,
+    device: torch.device,
+    load_before: list[float],
+    results: list[dict[str, Any]],
+) -> str:
+    """Write ``<device>.json`` and ``<device>.md`` under ``out``; returns the Markdown."""
     report = {
         "device": settings.device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -691,13 +706,12 @@ def main(argv: list[str]) -> int:
         "target": TARGET,
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stem = settings.device + ("-quick" if settings.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    print(text)
-    return 0
+    (out / f"{stem}.md").write_text(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

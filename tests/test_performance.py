@@ -21,10 +21,14 @@ import gc
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -369,3 +373,30 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     forward = entries["plain"]["ops"]["forward"]
     assert entries["second-pass"]["ops"]["penalty"] > forward  # the model ran again
     assert entries["capture"]["ops"]["penalty"] < entries["second-pass"]["ops"]["penalty"]
+
+
+def test_prepared_gpu_check_runs_without_a_gpu(tmp_path: Any) -> None:
+    """``benchmarks/gpu_check.sh`` (the one script a session lent a GPU runs) works end to end
+    with ``KLJ_DEVICE=cpu``: environment report, then the overhead table under ``$OUT``."""
+    pytest.importorskip("FrEIA")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        OUT=str(tmp_path),
+        KLJ_DEVICE="cpu",
+        KLJ_OVERHEAD_ARGS="--quick --backend freia --models tabular --variants plain,capture",
+    )
+    run = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "FrEIA" in (tmp_path / "env.txt").read_text()
+    report = json.loads((tmp_path / "cpu-quick.json").read_text())
+    (result,) = report["results"]
+    assert set(result["variants"]) == {"plain", "capture"}
+    assert "capture" in (tmp_path / "overhead.log").read_text()
