@@ -97,9 +97,18 @@ def _compact(t: Tensor) -> Tensor:
     return t[:1] if t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0 else t
 
 
-Group = tuple[int, int, torch.dtype, Map | None, float]
-"""Factors whose terms are one expression: batch (1 if shared), repeat, dtype, activation,
-scale."""
+Group = tuple[int, int, torch.dtype, object, float]
+"""Factors whose terms are one expression: batch (1 if shared), repeat, dtype, activation
+(itself, or its id if it is not hashable), scale."""
+
+
+def _key(activation: Map | None) -> object:
+    """Equal (hashable) activations share a group; an unhashable one is its own."""
+    try:
+        hash(activation)
+    except TypeError:
+        return id(activation)
+    return activation
 
 
 def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
@@ -114,6 +123,7 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     groups: dict[Group, list[Tensor]] = {}
+    activations: dict[object, Map] = {}  # group key of an activation -> the activation
     sums: dict[int, Tensor] = {}  # batch size of the source (B, or 1 if shared) -> sum
     ones = 0  # released-code: pass-through entries filled with ones, per sample
 
@@ -123,14 +133,18 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
     for record in records:
         for factor in record.factors:
             t = _compact(_float32(factor.selected()))
-            key = (t.shape[0], factor.repeat, t.dtype, factor.activation, factor.scale)
+            activation = factor.activation
+            key = (t.shape[0], factor.repeat, t.dtype, _key(activation), factor.scale)
+            if activation is not None:
+                activations.setdefault(key[3], activation)
             groups.setdefault(key, []).append(t)
             raw = factor.pre_activation() if form != "jacobian" else None
             if raw is not None:
                 add(_float32(raw).square().sum(), raw.shape[0])
                 ones += record.dim - raw.shape[1:].numel()
-    for (batch, repeat, _, activation, scale), tensors in groups.items():
+    for (batch, repeat, _, which, scale), tensors in groups.items():
         s = tensors[0] if len(tensors) == 1 else torch.cat([_rows(t) for t in tensors], dim=1)
+        activation = activations.get(which)
         if activation is not None:
             s = activation(s)
         term = klj_terms(s, scale).sum() if form == "jacobian" else s.sum() * (-2.0 * scale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -156,6 +157,27 @@ def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: s
     expected_grads = torch.autograd.grad(expected, sources)
     for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@dataclass
+class Scaled:
+    """An activation that is a mutable dataclass, so not hashable."""
+
+    factor: float
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return self.factor * torch.tanh(t)
+
+
+def test_unhashable_activations_form_groups_of_their_own() -> None:
+    a, b = Scaled(0.5), Scaled(2.0)  # equal-looking instances must not share a group either
+    x = torch.randn(4, 3, dtype=torch.float64)
+    records = [
+        LayerRecord("a", "A", (Factor(x, activation=a),), None, 3),
+        LayerRecord("b", "B", (Factor(x, activation=b, scale=-1.0),), None, 3),
+    ]
+    expected = klj_reg.klj_terms(0.5 * torch.tanh(x)) + klj_reg.klj_terms(-2.0 * torch.tanh(x))
+    torch.testing.assert_close(mean_divergence(records), expected.sum(1).mean())
 
 
 def test_released_code_form_per_record() -> None:
