@@ -132,7 +132,7 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
 
     for record in records:
         for factor in record.factors:
-            t = _compact(_float32(factor.selected()))
+            t = _float32(_compact(factor.selected()))  # compact first: .float() would expand
             activation = factor.activation
             key = (t.shape[0], factor.repeat, t.dtype, _key(activation), factor.scale)
             if activation is not None:
