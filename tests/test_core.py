@@ -216,6 +216,39 @@ def test_user_adapter_matches_exact_jacobian_and_penalty_formula() -> None:
     )
 
 
+class RawCoupling(Coupling):
+    """Keeps the subnet's raw scale output ``s``; its log|d| is ``tanh(s)``."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x1 = x[:, : self.half]
+        self.params = self.net(x1)
+        return super().forward(x)
+
+
+def test_user_factors_with_a_shared_activation_match_the_penalty_formula() -> None:
+    """An adapter returning Factor(params, slice, activation=torch.tanh) for every layer (one
+    shared activation, evaluated once for all layers) gives the per-layer KLJ of log|d| =
+    tanh(s), the diagonal of each layer's Jacobian."""
+    klj_reg.register_adapter(
+        RawCoupling,
+        lambda layer, inputs, output: klj_reg.Factor(
+            layer.params, lambda p: p[:, : layer.half], activation=torch.tanh
+        ),
+        log_det=lambda layer, inputs, output: output[1],
+    )
+    model = Stack().double()
+    model.layers = nn.ModuleList(RawCoupling(4) for _ in range(3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    klj_reg.attach(model)
+    model(x)
+    value = klj_reg.penalty(model, x, alpha=1.0, normaliser="none")
+    per_layer = [klj_reg.klj_terms(layer.log_scale).sum(1) for layer in model.layers]
+    torch.testing.assert_close(value, torch.stack(per_layer).sum(0).mean())
+    layer = model.layers[0]
+    diagonal = torch.diagonal(jacobian(lambda xx: layer(xx)[0], x), dim1=1, dim2=2)[:, 2:]
+    torch.testing.assert_close(diagonal, torch.tanh(layer.net(x[:, :2])[:, :2]).exp())
+
+
 def test_no_extra_forward_pass_when_captured() -> None:
     model = Stack()
     klj_reg.attach(model)
