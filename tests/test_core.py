@@ -111,6 +111,7 @@ def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: s
         leaf(batch, 3, dtype=torch.float32),  # another dtype: its own group
         leaf(batch, 6),  # sliced, then a shared activation and scale (grouped with [0]'s)
         leaf(1, 4),  # a per-feature scale expanded over the batch (stride 0)
+        leaf(1, 8),  # part of one, expanded (its base is larger than a row)
     ]
     sources = [t.requires_grad_() for t in sources]
     tanh_raw = {"log_abs": lambda a: 0.7 * torch.tanh(a), "raw": lambda a: a}
@@ -132,6 +133,7 @@ def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: s
                 Factor(sources[5], lambda a: a[:, 1:4], raw=lambda a: a[:, 1:4], **shared),
                 Factor(sources[0], raw=lambda a: a, **shared),
                 Factor(sources[6].expand(batch, 4), scale=-1.0),
+                Factor(sources[7][:, 2:6].expand(batch, 4), repeat=3),
             ),
             None,
             14,
@@ -178,6 +180,22 @@ def test_unhashable_activations_form_groups_of_their_own() -> None:
     ]
     expected = klj_reg.klj_terms(0.5 * torch.tanh(x)) + klj_reg.klj_terms(-2.0 * torch.tanh(x))
     torch.testing.assert_close(mean_divergence(records), expected.sum(1).mean())
+
+
+def test_batch_mean_traces_as_one_graph() -> None:
+    """Inside torch.compile the grouped batch mean (expanded factors included) adds no graph
+    break, and gives the eager value."""
+    leaf = torch.randn(1, 4, requires_grad=True)
+
+    def fn(a: Tensor) -> Tensor:
+        t = torch.tanh(a).expand(3, 4)  # an expansion over the batch, compacted
+        return mean_divergence([LayerRecord("x", "X", (Factor(t, scale=-1.0),), None, 4)])
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(leaf)
+    assert explanation.graph_count == 1 and not explanation.break_reasons
+    torch.testing.assert_close(torch.compile(fn, backend="eager")(leaf), fn(leaf))
+    torch._dynamo.reset()
 
 
 def test_released_code_form_per_record() -> None:
