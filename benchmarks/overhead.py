@@ -661,6 +661,7 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     load_before = [round(v, 2) for v in os.getloadavg()]
+    commit = _git_commit()  # before the report files make the checkout dirty
     results: list[dict[str, Any]] = []
     warnings.filterwarnings("ignore", message=".*ran its own.*")
     text = ""
@@ -681,7 +682,7 @@ def main(argv: list[str]) -> int:
                 print(f"  failed: {type(error).__name__}: {error}")
             print(f"  {time.perf_counter() - start:.0f} s", flush=True)
             # written after every model/backend, so that a run cut short keeps what it measured
-            text = write_report(args.out, settings, device, load_before, results)
+            text = write_report(args.out, settings, device, commit, load_before, results)
     print(text)
     return 0
 
@@ -690,6 +691,7 @@ def write_report(
     out: Path,
     settings: Settings,
     device: torch.device,
+    commit: str,
     load_before: list[float],
     results: list[dict[str, Any]],
 ) -> str:
@@ -697,7 +699,7 @@ def write_report(
     report = {
         "device": settings.device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
+        "commit": commit,
         "machine": machine(device),
         "versions": _versions(settings.backends),
         "settings": asdict(settings),

@@ -97,6 +97,15 @@ def _compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
+def _row_major(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _compact(t: Tensor) -> Tensor:
     """A tensor expanded over the batch (stride 0, e.g. a per-feature scale broadcast to
     every sample) as its single row ``(1, ...)``: the batch mean of a shared term is itself.
@@ -111,7 +120,7 @@ def _compact(t: Tensor) -> Tensor:
         and base.numel() == row.numel()
         and base.is_contiguous()
         and t.storage_offset() == base.storage_offset()
-        and t[0].is_contiguous()
+        and t.stride()[1:] == _row_major(row)
     ):
         return base.reshape(1, *row)
     return t[:1]
