@@ -42,6 +42,29 @@ def _build(structure: _Structure, form: str, mean: bool) -> Callable[[list[Tenso
     return torch.compile(compute, dynamic=None)
 
 
+_VALUES = (int, float, bool, str, type(None))
+
+
+def _map_key(fn: Map | None) -> object:
+    """What a map computes, for the cache: adapters may build a new closure per call, so a
+    function is keyed by its code and captured values (identity for captured objects). A
+    cached compiled function built with an earlier, equal closure computes the same."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return id(fn) if fn is not None else None
+    cells = getattr(fn, "__closure__", None) or ()
+    captured: list[object] = []
+    for cell in cells:
+        value = cell.cell_contents
+        if isinstance(value, _VALUES):
+            captured.append(value)
+        elif callable(value) and hasattr(value, "__code__"):
+            captured.append(_map_key(value))
+        else:
+            captured.append(id(value))
+    return code, tuple(captured)
+
+
 def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cache: Cache) -> Tensor:
     """:func:`klj_reg.divergence` (optionally its batch mean) through a compiled function,
     cached in ``cache`` (the model's capture, so it lives and dies with the model)."""
@@ -55,7 +78,11 @@ def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cach
         for r in records
     )
     key = (form, mean) + tuple(
-        (name, dim, tuple((id(a), n, id(b), id(c), k) for a, n, b, c, k in factors))
+        (
+            name,
+            dim,
+            tuple((_map_key(a), n, _map_key(b), _map_key(c), k) for a, n, b, c, k in factors),
+        )
         for name, _, dim, factors in structure
     )
     fn = cache.get(key)

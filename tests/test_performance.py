@@ -353,6 +353,22 @@ def test_penalty_operators_do_not_grow_with_the_number_of_layers(backend: str) -
     assert counts[0] == counts[1], f"{backend}: {counts[0]} operators (2 layers), {counts[1]} (6)"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_penalty_compiles_once(backend: str) -> None:
+    """``fused=True`` keeps one compiled function per model structure over many steps, even
+    where an adapter builds new closures on every call (nflows), and gives the eager value."""
+    model, loss_fn, dim, features = tiny(backend)
+    x, c = inputs(dim, features, batch=8)
+    klj_reg.attach(model)
+    for _ in range(4):
+        loss_fn(x, c)
+        fused = klj_reg.penalty(model, x, fused=True)
+    loss_fn(x, c)
+    eager = klj_reg.penalty(model, x)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    assert len(klj_reg.attach(model).compiled) == 1  # attach returns the existing capture
+
+
 def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     """``python -m benchmarks overhead --quick`` measures every requested variant and writes
     its JSON and Markdown; a second pass shows up as the model's operators run twice."""
