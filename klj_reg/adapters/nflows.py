@@ -174,12 +174,14 @@ class Kind:
         net: A subnetwork attribute whose latest output the factors need.
         method: A method returning ``(outputs, elementwise log|dy/dx|)`` to keep.
         spline: Whether the factors need the layer's last spline call.
+        setup: Called once per layer at attach (outside any traced forward pass).
     """
 
     factors: Reader
     net: str | None = None
     method: str | None = None
     spline: bool = False
+    setup: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,9 @@ def _find(name: str) -> type | None:
 
 def _kinds() -> dict[type, Kind]:
     spec: dict[str, Kind] = {
-        "AffineCouplingTransform": Kind(_affine_coupling, net="transform_net"),
+        "AffineCouplingTransform": Kind(
+            _affine_coupling, net="transform_net", setup=_probe_default_scale
+        ),
         "PiecewiseCouplingTransform": Kind(_elementwise, method="_piecewise_cdf"),
         "MaskedAffineAutoregressiveTransform": Kind(
             _affine_autoregressive, net="autoregressive_net"
@@ -452,8 +456,8 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     handles: list[Handle] = [TAP.acquire()] if spline else []
     for i, piece in enumerate(pieces):
         handles.extend(_tap(piece, str(i), site))
-        if piece.kind.factors is _affine_coupling:
-            _probe_default_scale(piece.layer)
+        if piece.kind.setup is not None:
+            piece.kind.setup(piece.layer)
 
     def before(mod: nn.Module, args: tuple[Any, ...]) -> None:
         site.state.clear()
