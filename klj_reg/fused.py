@@ -5,7 +5,9 @@ in the backward), which for small models is a visible share of a step. With ``fu
 :func:`klj_reg.penalty` compiles, once per model structure, a function of the captured source
 tensors that recomputes every factor's ``log|d|`` and the divergence, so ``torch.compile``
 fuses them. The first call pays the compilation (seconds); shapes that change (e.g. the last,
-smaller batch of an epoch) recompile once.
+smaller batch of an epoch) recompile once. A factor whose maps hold one call's state (a
+captured tensor, e.g. the layer's input, or a per-call cache) would be a new function every
+step: its layer's divergence is computed eagerly and added to the compiled rest.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .divergence import divergence
+from .divergence import divergence, mean_divergence
 from .records import Factor, LayerRecord, Map
 
 _Factors = tuple[tuple[Map | None, int, Map | None, Map | None, float], ...]
@@ -65,9 +67,39 @@ def _map_key(fn: Map | None) -> object:
     return code, tuple(captured)
 
 
+_PER_CALL = (Tensor, list, dict, set)
+"""Captured objects that hold one call's state: a map capturing one is not the same function
+on the next call."""
+
+
+def _per_call(fn: Map | None) -> bool:
+    """Whether ``fn`` (or a function it captures) captures a tensor or a mutable container."""
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        if isinstance(value, _PER_CALL) or (
+            callable(value) and hasattr(value, "__code__") and _per_call(value)
+        ):
+            return True
+    return False
+
+
+def _eager(record: LayerRecord) -> bool:
+    return any(_per_call(f.log_abs) or _per_call(f.raw) for f in record.factors)
+
+
 def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cache: Cache) -> Tensor:
     """:func:`klj_reg.divergence` (optionally its batch mean) through a compiled function,
-    cached in ``cache`` (the model's capture, so it lives and dies with the model)."""
+    cached in ``cache`` (the model's capture, so it lives and dies with the model); layers
+    whose maps hold per-call state are computed eagerly and added."""
+    eager = [r for r in records if _eager(r)]
+    if not eager:
+        return _compiled(records, form, mean, cache)
+    value = mean_divergence(eager, form) if mean else divergence(eager, form)
+    rest = [r for r in records if not _eager(r)]
+    return value + _compiled(rest, form, mean, cache) if rest else value
+
+
+def _compiled(records: Sequence[LayerRecord], form: str, mean: bool, cache: Cache) -> Tensor:
     structure: _Structure = tuple(
         (
             r.name,

@@ -369,12 +369,37 @@ def test_fused_penalty_compiles_once(backend: str) -> None:
     assert len(klj_reg.attach(model).compiled) == 1  # attach returns the existing capture
 
 
+def test_fused_penalty_compiles_once_beside_per_call_maps() -> None:
+    """normflows' spline factors are maps holding one call's state (the layer's input, a
+    cached result): ``fused=True`` computes those layers eagerly and compiles the rest once,
+    instead of compiling a new function every step; the value is the eager one."""
+    nf = pytest.importorskip("normflows")
+    torch.manual_seed(0)
+    flows = [
+        nf.flows.AutoregressiveRationalQuadraticSpline(4, 1, 8),
+        nf.flows.MaskedAffineAutoregressive(4, 8),
+        nf.flows.CoupledRationalQuadraticSpline(4, 1, 8, reverse_mask=True),
+    ]
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(4), flows)
+    capture = klj_reg.attach(model)
+    for _ in range(4):
+        x = torch.randn(16, 4)
+        model.forward_kld(x)
+        fused = klj_reg.penalty(model, x, fused=True)
+        model.forward_kld(x)
+        eager = klj_reg.penalty(model, x)
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-7)
+    assert len(capture.compiled) == 1
+
+
 def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     """``python -m benchmarks overhead --quick`` measures every requested variant and writes
-    its JSON and Markdown; a second pass shows up as the model's operators run twice."""
+    its JSON and Markdown; a second pass shows up as the model's operators run twice, the
+    floor as the penalty's arithmetic alone, hooks as the capture's forward without a
+    penalty, plain-again as plain."""
     pytest.importorskip("FrEIA")
     overhead = pytest.importorskip("benchmarks.overhead")
-    variants = "plain,capture,second-pass"
+    variants = "plain,plain-again,hooks,floor,capture,second-pass"
     argv = ["--quick", "--device", "cpu", "--backend", "freia", "--models", "tabular"]
     assert overhead.main([*argv, "--variants", variants, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cpu-quick.json").read_text())
@@ -389,6 +414,13 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     forward = entries["plain"]["ops"]["forward"]
     assert entries["second-pass"]["ops"]["penalty"] > forward  # the model ran again
     assert entries["capture"]["ops"]["penalty"] < entries["second-pass"]["ops"]["penalty"]
+    assert entries["plain-again"]["ops"] == entries["plain"]["ops"]
+    floor = entries["floor"]["ops"]
+    assert floor["forward"] == forward  # no hooks, no second pass
+    assert 0 < floor["penalty"] < entries["capture"]["ops"]["penalty"]
+    hooks = entries["hooks"]["ops"]
+    assert hooks["forward"] == entries["capture"]["ops"]["forward"]  # the capture's own pass
+    assert "penalty" not in hooks and hooks["backward"] == entries["plain"]["ops"]["backward"]
 
 
 def test_prepared_gpu_check_runs_without_a_gpu(tmp_path: Any) -> None:
