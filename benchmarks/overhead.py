@@ -6,6 +6,14 @@ training step (``zero_grad``, forward, loss, backward, Adam step) for each varia
 
 ==============  ===============================================================================
 plain           NLL only, on a copy of the model without capture hooks
+plain-again     the same on another copy: how far a ratio of two identical steps reads from 1
+                (the measurement's own bias and noise on this machine)
+hooks           NLL on a model with capture attached, its records dropped and no penalty:
+                what capturing costs the forward pass (hooks and records)
+floor           NLL + only the penalty's arithmetic, ``expm1(2s) - 2s`` summed, forward and
+                backward, on a stored copy of the captured s = log|d| (per-sample entries;
+                no hooks, no activation recomputed, no gradient into the model): what any
+                implementation of the penalty adds at least on this machine
 capture         NLL + ``klj_reg.penalty(model, x)`` after the user's own forward (normal path)
 capture+check   the same with every layer's log-det self-check on (what the first batches of
                 a training run pay, until each layer's scales are verified)
@@ -60,11 +68,23 @@ from torch import Tensor, nn
 
 import klj_reg
 from klj_reg.capture import MAX_CHECKS, get_capture
+from klj_reg.divergence import klj_terms
 
 from . import backends
 from .backends import BackendFlow
 
-VARIANTS = ("plain", "capture", "capture+check", "fused", "second-pass", "hutchinson", "exact")
+VARIANTS = (
+    "plain",
+    "plain-again",
+    "hooks",
+    "floor",
+    "capture",
+    "capture+check",
+    "fused",
+    "second-pass",
+    "hutchinson",
+    "exact",
+)
 MODELS = ("tabular", "image")
 TARGET = 1.02
 """The capture path should cost at most this many plain steps."""
@@ -229,13 +249,31 @@ def nll(flow: BackendFlow, x: Tensor) -> Tensor:
     return (0.5 * z.square().sum(1) - log_det).mean() / dim + 0.5 * math.log(2 * math.pi)
 
 
+def captured_log_abs_d(flow: BackendFlow, x: Tensor) -> Tensor:
+    r"""The captured :math:`\log|d|` of one pass of a copy of ``flow`` on ``x``, detached, as
+    ``(B, n)``: every per-sample factor's entries (factors shared by the batch left out)."""
+    twin = copy.deepcopy(flow)
+    capture = klj_reg.attach(twin.model)
+    with torch.no_grad():
+        twin(x)
+    rows = [
+        f.log_abs_d().reshape(x.shape[0], -1)
+        for r in capture.take()
+        for f in r.factors
+        if f.source.shape[0] == x.shape[0] and f.selected().stride(0) != 0
+    ]
+    klj_reg.detach(twin.model)
+    return torch.cat(rows, dim=1).detach()
+
+
 def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Callable[[], None]:
     """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam."""
     model = flow.model
+    floor = captured_log_abs_d(flow, x).requires_grad_() if variant == "floor" else None
     optimiser = torch.optim.Adam(flow.parameters(), lr=settings.lr)
     capture = (
         klj_reg.attach(model)
-        if variant in ("capture", "capture+check", "fused", "second-pass")
+        if variant in ("hooks", "capture", "capture+check", "fused", "second-pass")
         else None
     )
     alpha = settings.alpha
@@ -246,6 +284,10 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
                 return klj_reg.penalty(model, x, alpha=alpha)
             if variant == "fused":
                 return klj_reg.penalty(model, x, alpha=alpha, fused=True)
+            if variant == "floor":
+                assert floor is not None
+                floor.grad = None
+                return klj_terms(floor).sum() * (alpha / x[0].numel() / x.shape[0])
             if variant == "second-pass":
                 klj_reg.clear(model)  # discard the user's pass: the penalty runs its own
                 return klj_reg.penalty(model, x, alpha=alpha)
@@ -259,7 +301,9 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
         optimiser.zero_grad(set_to_none=True)
         with torch.profiler.record_function("nll"):
             loss = nll(flow, x)
-        if variant != "plain":
+        if variant == "hooks":
+            klj_reg.clear(model)
+        elif variant not in ("plain", "plain-again"):
             loss = loss + penalty()
         loss.backward()
         with torch.profiler.record_function("optimiser"):
@@ -405,7 +449,9 @@ def measure(
                 step()
             extra = 0  # until every layer's adapter is verified: the steady state
             while (
-                variant != "capture+check" and checks_pending(flows[variant]) and extra < MAX_CHECKS
+                variant not in ("capture+check", "hooks")  # (hooks: no penalty, no checks)
+                and checks_pending(flows[variant])
+                and extra < MAX_CHECKS
             ):
                 step()
                 extra += 1
@@ -504,6 +550,16 @@ def _cell(entry: dict[str, Any] | None) -> str:
     )
 
 
+def _references(entries: dict[str, Any]) -> str:
+    """``; hooks 1.021, floor 1.031, plain-again 1.004``: the reference variants a row has."""
+    shown = [
+        f"{v} {entries[v]['ratio']:.3f}"
+        for v in ("hooks", "floor", "plain-again")
+        if "ratio" in entries.get(v, {})
+    ]
+    return "; " + ", ".join(shown) if shown else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -548,7 +604,9 @@ def markdown(report: dict[str, Any]) -> str:
             )
             lines.append(f"| {r['backend']} | {size} | " + " | ".join(cells) + " |")
         verdicts = [
-            f"{r['backend']} {'yes' if e['ratio'] <= TARGET else 'no'} ({e['ratio']:.3f})"
+            f"{r['backend']} {'yes' if e['ratio'] <= TARGET else 'no'} ({e['ratio']:.3f}"
+            + _references(r["variants"])
+            + ")"
             for r in rows
             if "ratio" in (e := r.get("variants", {}).get("capture", {}))
         ]
