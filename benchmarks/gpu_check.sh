@@ -8,9 +8,9 @@
 # Writes env.txt, overhead.log and cuda.json / cuda.md (rewritten after every model and backend,
 # so a run cut short keeps what it measured) to $OUT (default .gpu/out); copy the last two to
 # benchmarks/results/overhead/. Without a GPU: KLJ_DEVICE=cpu KLJ_OVERHEAD_ARGS=--quick. On a
-# tight device budget, KLJ_OVERHEAD_ARGS="--variants plain,capture,second-pass,hutchinson" skips
-# the variants that take longest to set up or run (fused compiles once per model; exact runs D
-# backward passes per step).
+# tight device budget, KLJ_OVERHEAD_ARGS="--variants plain,plain-again,hooks,floor,capture,
+# second-pass" (one line) skips the variants that take longest to set up or run (fused
+# compiles once per model; exact runs D backward passes per step; Hutchinson two passes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
