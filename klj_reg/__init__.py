@@ -4,7 +4,7 @@ loss = nll + klj_reg.penalty(model, x)
 """
 
 from .capture import Capture, attach, capturing, clear, detach
-from .divergence import divergence, klj_terms
+from .divergence import divergence, klj_sum, klj_terms
 from .errors import (
     AdapterMismatchError,
     CaptureError,
@@ -34,6 +34,7 @@ __all__ = [
     "clear",
     "detach",
     "divergence",
+    "klj_sum",
     "klj_terms",
     "penalty",
     "register_adapter",

@@ -19,6 +19,7 @@ output before clamping and :math:`n_{\text{ones}}` the pass-through entries fill
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,6 +34,35 @@ def klj_terms(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
     \text{log\_abs\_d}`: ``expm1(2s) - 2s`` (the scale costs no extra operator)."""
     two_s = (2.0 * scale) * log_abs_d
     return torch.expm1(two_s) - two_s
+
+
+class _KLJSum(torch.autograd.Function):
+    """``klj_terms(s, scale).sum()`` with two temporary tensors forward (term by term, so that
+    nothing cancels near the identity) and one backward, saving only ``s`` (which the
+    activation before it usually saves already), where the chain of autograd operators
+    allocates a tensor per step both ways and saves ``expm1``'s result besides."""
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(s)
+        ctx.two_scale = 2.0 * scale
+        two_s = s * ctx.two_scale
+        return torch.expm1(two_s).sub_(two_s).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (s,) = ctx.saved_tensors
+        k = ctx.two_scale
+        if torch.is_grad_enabled():  # create_graph: out of place, so that it differentiates
+            return grad * k * torch.expm1(k * s), None
+        return (s * k).expm1_().mul_(grad * k), None
+
+
+def klj_sum(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
+    r""":math:`\sum (d^2 - 1 - 2\log|d|)` over every element, :math:`\log|d| = \text{scale}
+    \cdot \text{log\_abs\_d}`: ``klj_terms(log_abs_d, scale).sum()`` in fewer passes."""
+    result: Tensor = _KLJSum.apply(log_abs_d, scale)
+    return result
 
 
 def _float32(t: Tensor) -> Tensor:
@@ -176,7 +206,7 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
         activation = activations.get(which)
         if activation is not None:
             s = activation(s)
-        term = klj_terms(s, scale).sum() if form == "jacobian" else s.sum() * (-2.0 * scale)
+        term = klj_sum(s, scale) if form == "jacobian" else s.sum() * (-2.0 * scale)
         add(term * repeat if repeat != 1 else term, batch)
     if not sums:
         raise ValueError("no layer records to compute the divergence from")

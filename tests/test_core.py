@@ -81,6 +81,23 @@ def test_klj_term_is_the_kl_of_the_diagonal(s: float) -> None:
         assert t == 0
 
 
+@settings(deadline=None, max_examples=20)
+@given(st.integers(0, 2**16), st.sampled_from([1.0, -1.0, 0.7, -2.5]))
+def test_klj_sum_is_the_sum_of_klj_terms_twice_differentiable(seed: int, scale: float) -> None:
+    """The batch mean's fused sum (fewer temporaries, in place) against the elementwise terms:
+    value (also in float32 near the identity), gradient and second derivatives (its backward
+    builds a graph when asked to)."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(3, 5, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
+    torch.testing.assert_close(klj_reg.klj_sum(s, scale), klj_reg.klj_terms(s, scale).sum())
+    assert torch.autograd.gradcheck(lambda t: klj_reg.klj_sum(t, scale), (s,))
+    assert torch.autograd.gradgradcheck(lambda t: klj_reg.klj_sum(t, scale), (s,))
+    # float32 near the identity, where sum(expm1(2s)) - sum(2s) would cancel: term by term
+    near = torch.randn(64, 512, generator=g) * 1e-3 + 2e-3
+    exact = klj_reg.klj_terms(near.double(), scale).sum()
+    torch.testing.assert_close(klj_reg.klj_sum(near, scale).double(), exact, rtol=1e-5, atol=0)
+
+
 def test_divergence_counts_repeats_and_shared_factors() -> None:
     per_sample = torch.tensor([[0.1, -0.2], [0.3, 0.0]], dtype=torch.float64)
     shared = torch.tensor([[0.05]], dtype=torch.float64)
