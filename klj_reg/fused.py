@@ -84,18 +84,19 @@ def _per_call(fn: Map | None) -> bool:
 
 
 def _eager(record: LayerRecord) -> bool:
-    return any(_per_call(f.log_abs) or _per_call(f.raw) for f in record.factors)
+    return any(_per_call(m) for f in record.factors for m in (f.log_abs, f.raw, f.activation))
 
 
 def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cache: Cache) -> Tensor:
     """:func:`klj_reg.divergence` (optionally its batch mean) through a compiled function,
     cached in ``cache`` (the model's capture, so it lives and dies with the model); layers
     whose maps hold per-call state are computed eagerly and added."""
-    eager = [r for r in records if _eager(r)]
-    if not eager:
+    flags = [_eager(r) for r in records]
+    if not any(flags):
         return _compiled(records, form, mean, cache)
+    eager = [r for r, e in zip(records, flags, strict=True) if e]
+    rest = [r for r, e in zip(records, flags, strict=True) if not e]
     value = mean_divergence(eager, form) if mean else divergence(eager, form)
-    rest = [r for r in records if not _eager(r)]
     return value + _compiled(rest, form, mean, cache) if rest else value
 
 
