@@ -12,7 +12,10 @@ step: its layer's divergence is computed eagerly and added to the compiled rest.
 
 from __future__ import annotations
 
+import itertools
+import types
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +44,20 @@ def _build(structure: _Structure, form: str, mean: bool) -> Callable[[list[Tenso
         per_sample = divergence(records, form)
         return per_sample.mean() if mean else per_sample
 
-    return torch.compile(compute, dynamic=None)
+    return torch.compile(_own_code(compute), dynamic=None)
+
+
+_serial = itertools.count()
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, its recompile limit
+    (8) and its automatic-dynamic decisions per code object: structures sharing one would
+    recompile as floats turn dynamic and, past the limit, run eagerly without telling."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_serial)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    own.__qualname__ = f"{fn.__qualname__}_{code.co_name}"
+    return own
 
 
 _VALUES = (int, float, bool, str, type(None))

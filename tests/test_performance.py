@@ -369,6 +369,32 @@ def test_fused_penalty_compiles_once(backend: str) -> None:
     assert len(klj_reg.attach(model).compiled) == 1  # attach returns the existing capture
 
 
+def test_fused_penalty_compiles_every_model_structure_of_a_process() -> None:
+    """Each model structure's compiled divergence has a code object of its own: past dynamo's
+    recompile limit (8; 2 here) a shared one would run new structures eagerly, silently."""
+    pytest.importorskip("FrEIA")
+    from torch._dynamo.utils import counters
+
+    from benchmarks.tabular import tabular_flow
+
+    name = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else "cache_size_limit"
+    )
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch({name: 2}):
+        for dim in (4, 5, 6, 7):
+            flow = tabular_flow("freia", dim, layers=2, hidden=8)
+            klj_reg.attach(flow.model)
+            x = torch.randn(8, dim)
+            flow(x)
+            before = counters["stats"]["unique_graphs"]
+            klj_reg.penalty(flow.model, x, fused=True).backward()
+            assert counters["stats"]["unique_graphs"] == before + 1, f"D = {dim} ran eagerly"
+    torch._dynamo.reset()
+
+
 def test_fused_penalty_compiles_once_beside_per_call_maps() -> None:
     """normflows' spline factors are maps holding one call's state (the layer's input, a
     cached result): ``fused=True`` computes those layers eagerly and compiles the rest once,
