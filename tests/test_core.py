@@ -175,7 +175,10 @@ def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: s
     grads = torch.autograd.grad(got, sources, retain_graph=True)
     expected_grads = torch.autograd.grad(expected, sources)
     for a, b in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        # Rounding of the largest entry: the batch mean's klj_sum and divergence's chain of
+        # operators compute the same gradient by different float expressions.
+        atol = max(1e-8, 4 * torch.finfo(a.dtype).eps * float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
 
 
 @dataclass
