@@ -121,39 +121,10 @@ def divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor
     return total
 
 
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call (torch >= 2.3 can tell)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
-def _row_major(shape: torch.Size) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of ``shape``."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
-
-
 def _compact(t: Tensor) -> Tensor:
     """A tensor expanded over the batch (stride 0, e.g. a per-feature scale broadcast to
-    every sample) as its single row ``(1, ...)``: the batch mean of a shared term is itself.
-    Where the expansion's base is that row, the base itself (reshaped), so that the backward
-    does not scatter into a batch-sized gradient first."""
-    if t.dim() == 0 or t.shape[0] <= 1 or t.stride(0) != 0:
-        return t
-    base, row = t._base, t.shape[1:]
-    if (
-        not _compiling()  # (storage_offset would break a traced graph)
-        and base is not None
-        and base.numel() == row.numel()
-        and base.is_contiguous()
-        and t.storage_offset() == base.storage_offset()
-        and t.stride()[1:] == _row_major(row)
-    ):
-        return base.reshape(1, *row)
-    return t[:1]
+    every sample) as its single row ``(1, ...)``: the batch mean of a shared term is itself."""
+    return t[:1] if t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0 else t
 
 
 Group = tuple[int, int, torch.dtype, object, float]

@@ -128,7 +128,7 @@ def test_batch_mean_equals_the_mean_of_per_sample_divergences(seed: int, form: s
         leaf(batch, 3, dtype=torch.float32),  # another dtype: its own group
         leaf(batch, 6),  # sliced, then a shared activation and scale (grouped with [0]'s)
         leaf(1, 4),  # a per-feature scale expanded over the batch (stride 0)
-        leaf(1, 8),  # part of one, expanded (its base is larger than a row)
+        leaf(1, 8),  # part of one, expanded
     ]
     sources = [t.requires_grad_() for t in sources]
     tanh_raw = {"log_abs": lambda a: 0.7 * torch.tanh(a), "raw": lambda a: a}
