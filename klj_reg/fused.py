@@ -61,19 +61,28 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _VALUES = (int, float, bool, str, type(None))
+_PER_CALL = (Tensor, list, dict, set)
+"""Captured objects that hold one call's state (an input, a per-call cache): a map capturing
+one is not the same function on the next call."""
+
+
+class _PerCall(Exception):
+    """A map captures per-call state: its layer cannot be cached as a compiled function."""
 
 
 def _map_key(fn: Map | None) -> object:
     """What a map computes, for the cache: adapters may build a new closure per call, so a
-    function is keyed by its code and captured values (identity for captured objects). A
-    cached compiled function built with an earlier, equal closure computes the same."""
+    function is keyed by its code and captured values (identity for captured objects such as
+    modules). A cached compiled function built with an earlier, equal closure computes the
+    same. Raises :class:`_PerCall` where it captures per-call state."""
     code = getattr(fn, "__code__", None)
     if code is None:
         return id(fn) if fn is not None else None
-    cells = getattr(fn, "__closure__", None) or ()
     captured: list[object] = []
-    for cell in cells:
+    for cell in getattr(fn, "__closure__", None) or ():
         value = cell.cell_contents
+        if isinstance(value, _PER_CALL):
+            raise _PerCall
         if isinstance(value, _VALUES):
             captured.append(value)
         elif callable(value) and hasattr(value, "__code__"):
@@ -83,59 +92,51 @@ def _map_key(fn: Map | None) -> object:
     return code, tuple(captured)
 
 
-_PER_CALL = (Tensor, list, dict, set)
-"""Captured objects that hold one call's state: a map capturing one is not the same function
-on the next call."""
-
-
-def _per_call(fn: Map | None) -> bool:
-    """Whether ``fn`` (or a function it captures) captures a tensor or a mutable container."""
-    for cell in getattr(fn, "__closure__", None) or ():
-        value = cell.cell_contents
-        if isinstance(value, _PER_CALL) or (
-            callable(value) and hasattr(value, "__code__") and _per_call(value)
-        ):
-            return True
-    return False
-
-
-def _eager(record: LayerRecord) -> bool:
-    return any(_per_call(m) for f in record.factors for m in (f.log_abs, f.raw, f.activation))
+def _record_key(record: LayerRecord) -> object | None:
+    """The cache key of one layer's structure, or ``None`` if a map holds per-call state."""
+    try:
+        factors = tuple(
+            (_map_key(f.log_abs), f.repeat, _map_key(f.raw), _map_key(f.activation), f.scale)
+            for f in record.factors
+        )
+    except _PerCall:
+        return None
+    return record.name, record.dim, factors
 
 
 def fused_divergence(records: Sequence[LayerRecord], form: str, mean: bool, cache: Cache) -> Tensor:
     """:func:`klj_reg.divergence` (optionally its batch mean) through a compiled function,
     cached in ``cache`` (the model's capture, so it lives and dies with the model); layers
     whose maps hold per-call state are computed eagerly and added."""
-    flags = [_eager(r) for r in records]
-    if not any(flags):
-        return _compiled(records, form, mean, cache)
-    eager = [r for r, e in zip(records, flags, strict=True) if e]
-    rest = [r for r, e in zip(records, flags, strict=True) if not e]
-    value = mean_divergence(eager, form) if mean else divergence(eager, form)
-    return value + _compiled(rest, form, mean, cache) if rest else value
+    keys = [_record_key(r) for r in records]
+    rest = [r for r, k in zip(records, keys, strict=True) if k is not None]
+    eager = [r for r, k in zip(records, keys, strict=True) if k is None]
+    value = None
+    if rest:
+        key = (form, mean, *(k for k in keys if k is not None))
+        value = _compiled(rest, form, mean, key, cache)
+    if eager:
+        term = mean_divergence(eager, form) if mean else divergence(eager, form)
+        value = term if value is None else value + term
+    if value is None:
+        raise ValueError("no layer records to compute the divergence from")
+    return value
 
 
-def _compiled(records: Sequence[LayerRecord], form: str, mean: bool, cache: Cache) -> Tensor:
-    structure: _Structure = tuple(
-        (
-            r.name,
-            r.kind,
-            r.dim,
-            tuple((f.log_abs, f.repeat, f.raw, f.activation, f.scale) for f in r.factors),
-        )
-        for r in records
-    )
-    key = (form, mean) + tuple(
-        (
-            name,
-            dim,
-            tuple((_map_key(a), n, _map_key(b), _map_key(c), k) for a, n, b, c, k in factors),
-        )
-        for name, _, dim, factors in structure
-    )
+def _compiled(
+    records: Sequence[LayerRecord], form: str, mean: bool, key: tuple[object, ...], cache: Cache
+) -> Tensor:
     fn = cache.get(key)
     if fn is None:
+        structure: _Structure = tuple(
+            (
+                r.name,
+                r.kind,
+                r.dim,
+                tuple((f.log_abs, f.repeat, f.raw, f.activation, f.scale) for f in r.factors),
+            )
+            for r in records
+        )
         fn = cache[key] = _build(structure, form, mean)
     # Donated buffers would forbid backward(retain_graph=True) on the user's loss.
     with torch._functorch.config.patch(donated_buffer=False):
