@@ -10,10 +10,10 @@ plain-again     the same on another copy: how far a ratio of two identical steps
                 (the measurement's own bias and noise on this machine)
 hooks           NLL on a model with capture attached, its records dropped and no penalty:
                 what capturing costs the forward pass (hooks and records)
-floor           NLL + only the penalty's arithmetic, ``expm1(2s) - 2s`` summed, forward and
-                backward, on a stored copy of the captured s = log|d| (per-sample entries;
-                no hooks, no activation recomputed, no gradient into the model): what any
-                implementation of the penalty adds at least on this machine
+floor           NLL + only the penalty's arithmetic, ``klj_sum`` (``expm1(2s) - 2s`` summed),
+                forward and backward, on a stored copy of the captured s = log|d|
+                (per-sample entries; no hooks, no activation recomputed, no gradient into
+                the model): what any implementation of the penalty adds at least here
 capture         NLL + ``klj_reg.penalty(model, x)`` after the user's own forward (normal path)
 capture+check   the same with every layer's log-det self-check on (what the first batches of
                 a training run pay, until each layer's scales are verified)
@@ -68,7 +68,6 @@ from torch import Tensor, nn
 
 import klj_reg
 from klj_reg.capture import MAX_CHECKS, get_capture
-from klj_reg.divergence import klj_terms
 
 from . import backends
 from .backends import BackendFlow
@@ -287,7 +286,7 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
             if variant == "floor":
                 assert floor is not None
                 floor.grad = None
-                return klj_terms(floor).sum() * (alpha / x[0].numel() / x.shape[0])
+                return klj_reg.klj_sum(floor) * (alpha / x[0].numel() / x.shape[0])
             if variant == "second-pass":
                 klj_reg.clear(model)  # discard the user's pass: the penalty runs its own
                 return klj_reg.penalty(model, x, alpha=alpha)
