@@ -30,7 +30,11 @@ noisier tabular steps) times one step of every variant in
 a shuffled order, synchronising the device around each timed step, so that drifts in machine
 load hit all variants alike. Ratios are to ``plain`` in the same process: the median over
 rounds of the round's variant step over its plain step (with their interquartile range; the
-ratio of the median times is in the JSON too). Then, per variant,
+ratio of the median times is in the JSON too). Each timed step also marks its phases
+(``zero_grad`` and the NLL forward pass, the penalty, the backward, Adam's step; for ``hooks``
+the penalty phase is dropping the records): host time on CPU, CUDA events on a GPU, reported as
+medians, so that a ratio's excess can be read as forward (hooks), penalty and backward time.
+Then, per variant,
 one more step is measured for peak memory (CUDA: ``max_memory_allocated`` above the allocation
 before the step; CPU: the peak of the torch profiler's allocation events during the step) and
 one is profiled for operator counts: top-level aten operators in the forward pass, the
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import math
 import os
@@ -60,7 +65,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -265,7 +270,13 @@ def captured_log_abs_d(flow: BackendFlow, x: Tensor) -> Tensor:
     return torch.cat(rows, dim=1).detach()
 
 
-def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Callable[[], None]:
+class Step(Protocol):
+    """One training step; marks its phase boundaries on the clock it is given, if any."""
+
+    def __call__(self, clock: PhaseClock | None = None) -> None: ...
+
+
+def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Step:
     """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam."""
     model = flow.model
     floor = captured_log_abs_d(flow, x).requires_grad_() if variant == "floor" else None
@@ -292,23 +303,73 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
                 return klj_reg.penalty(model, x, alpha=alpha)
             return klj_reg.penalty(model, x, alpha=alpha, estimator=variant)
 
-    def step() -> None:
+    def step(clock: PhaseClock | None = None) -> None:
         if variant == "capture+check":
             assert capture is not None
             for site in capture.sites.values():
                 site.checks_left = MAX_CHECKS
+        mark = clock.mark if clock is not None else _no_mark
+        mark()
         optimiser.zero_grad(set_to_none=True)
         with torch.profiler.record_function("nll"):
             loss = nll(flow, x)
+        mark()
         if variant == "hooks":
             klj_reg.clear(model)
         elif variant not in ("plain", "plain-again"):
             loss = loss + penalty()
+        mark()
         loss.backward()
+        mark()
         with torch.profiler.record_function("optimiser"):
             optimiser.step()
+        mark()
 
     return step
+
+
+def _no_mark() -> None:
+    pass
+
+
+PHASES = ("forward", "penalty", "backward", "optimiser")
+"""The parts of a step a :class:`PhaseClock` times: ``zero_grad`` and the NLL forward pass,
+the penalty (and the loss's sum), ``loss.backward()``, ``optimiser.step()``."""
+
+
+class PhaseClock:
+    """The durations of a step's :data:`PHASES`, from marks at their boundaries: host time
+    on CPU; on CUDA, events recorded in the stream (no synchronisation inside the step; read
+    after the step's own synchronisation), so the phases are the device's time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events = (
+            [torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)]
+            if self.cuda
+            else []
+        )
+        self.marks: list[float] = []
+        self.count = 0
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.events[self.count].record()
+        else:
+            self.marks.append(time.perf_counter())
+        self.count += 1
+
+    def durations(self) -> list[float]:
+        """Seconds per phase of the step just marked (after the device is synchronised);
+        resets the clock."""
+        if self.count != len(PHASES) + 1:
+            raise RuntimeError(f"a step made {self.count} marks, not {len(PHASES) + 1}")
+        if self.cuda:
+            spans = [1e-3 * a.elapsed_time(b) for a, b in itertools.pairwise(self.events)]
+        else:
+            spans = [b - a for a, b in itertools.pairwise(self.marks)]
+        self.marks, self.count = [], 0
+        return spans
 
 
 def checks_pending(flow: BackendFlow) -> int:
@@ -326,24 +387,28 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(
-    steps: dict[str, Callable[[], None]], reps: int, device: torch.device, seed: int
-) -> dict[str, list[float]]:
-    """Seconds per step of each variant, ``reps`` interleaved rounds in shuffled order."""
+    steps: dict[str, Step], reps: int, device: torch.device, seed: int
+) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+    """Seconds per step of each variant, ``reps`` interleaved rounds in shuffled order, and
+    the seconds of each step's :data:`PHASES`."""
     order = list(steps)
     rng = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    phases: dict[str, list[list[float]]] = {name: [] for name in steps}
+    clock = PhaseClock(device)
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
             _sync(device)
             start = time.perf_counter()
-            steps[name]()
+            steps[name](clock)
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return times
+            phases[name].append(clock.durations())
+    return times, phases
 
 
-def peak_memory(step: Callable[[], None], device: torch.device) -> float:
+def peak_memory(step: Step, device: torch.device) -> float:
     """Peak bytes allocated during one step above what was allocated before it."""
     if device.type == "cuda":
         _sync(device)
@@ -378,7 +443,7 @@ def _phase(event: Any) -> str:
     return "other"
 
 
-def count_ops(step: Callable[[], None], device: torch.device) -> dict[str, Any]:
+def count_ops(step: Step, device: torch.device) -> dict[str, Any]:
     """Top-level aten operators of one step by phase, host reads and CUDA kernel launches.
 
     Host reads: ``aten::_local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``) on
@@ -438,7 +503,7 @@ def measure(
         "dim": int(x[0].numel()),
         "variants": {},
     }
-    steps: dict[str, Callable[[], None]] = {}
+    steps: dict[str, Step] = {}
     flows: dict[str, BackendFlow] = {}
     for variant in variants:
         flows[variant] = copy.deepcopy(original)
@@ -462,7 +527,7 @@ def measure(
     if "plain" not in steps:
         return result
     reps = settings.tabular_reps if model_kind == "tabular" else settings.reps
-    times = time_steps(steps, reps, device, settings.seed)
+    times, phases = time_steps(steps, reps, device, settings.seed)
     plain = statistics.median(times["plain"])
     for variant, step in steps.items():
         t = times[variant]
@@ -477,6 +542,10 @@ def measure(
             paired_q25=_quantile(paired, 0.25),
             paired_q75=_quantile(paired, 0.75),
             times_ms=[1e3 * s for s in t],
+            phases_ms={
+                phase: 1e3 * statistics.median(spans)
+                for phase, spans in zip(PHASES, zip(*phases[variant], strict=True), strict=True)
+            },
             checks_pending=checks_pending(flows[variant]),
         )
         try:
@@ -559,6 +628,30 @@ def _references(entries: dict[str, Any]) -> str:
     return "; " + ", ".join(shown) if shown else ""
 
 
+def _phase_table(rows: list[dict[str, Any]], shown: list[str]) -> list[str]:
+    """Markdown lines: the median milliseconds of each phase of a step, per variant."""
+    if not any("phases_ms" in e for r in rows for e in r.get("variants", {}).values()):
+        return []
+    lines = [
+        "",
+        "Median milliseconds per phase of a step: " + " / ".join(PHASES) + " (zero_grad and "
+        "the NLL's forward pass; the penalty and its sum with the NLL; loss.backward(); "
+        "Adam's step):",
+        "",
+        "| backend | " + " | ".join(shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for r in rows:
+        if "error" in r:
+            continue
+        cells = []
+        for v in shown:
+            spans = r["variants"].get(v, {}).get("phases_ms")
+            cells.append("—" if spans is None else " / ".join(f"{spans[p]:.2f}" for p in PHASES))
+        lines.append(f"| {r['backend']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
@@ -611,6 +704,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         if verdicts:
             lines += ["", f"capture <= {TARGET}x plain: " + ", ".join(verdicts) + "."]
+        lines += _phase_table(rows, shown)
         lines += [
             "",
             "Peak memory of a step above the memory held before it (MiB), and top-level aten "

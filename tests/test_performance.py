@@ -447,6 +447,36 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     hooks = entries["hooks"]["ops"]
     assert hooks["forward"] == entries["capture"]["ops"]["forward"]  # the capture's own pass
     assert "penalty" not in hooks and hooks["backward"] == entries["plain"]["ops"]["backward"]
+    for entry in entries.values():
+        assert list(entry["phases_ms"]) == list(overhead.PHASES)
+        assert all(ms >= 0 for ms in entry["phases_ms"].values())
+    assert "| backend |" in (tmp_path / "cpu-quick.md").read_text().split("per phase")[1]
+
+
+def test_overhead_phases_split_each_timed_step() -> None:
+    """The phase clock's spans of a step are its marks' differences, inside the step's own
+    time; a step that does not mark each phase boundary once is an error, not a table."""
+    overhead = pytest.importorskip("benchmarks.overhead")
+    calls: list[int] = []
+
+    def step(clock: Any = None) -> None:
+        for _ in range(len(overhead.PHASES) + 1):
+            clock.mark()
+            calls.append(1)
+
+    times, phases = overhead.time_steps({"a": step, "b": step}, 3, torch.device("cpu"), 0)
+    assert len(calls) == 2 * 3 * (len(overhead.PHASES) + 1)
+    for name in ("a", "b"):
+        assert len(phases[name]) == len(times[name]) == 3
+        for spans, total in zip(phases[name], times[name], strict=True):
+            assert len(spans) == len(overhead.PHASES)
+            assert all(s >= 0 for s in spans) and sum(spans) <= total
+
+    def short(clock: Any = None) -> None:
+        clock.mark()
+
+    with pytest.raises(RuntimeError, match="marks"):
+        overhead.time_steps({"short": short}, 1, torch.device("cpu"), 0)
 
 
 def test_prepared_gpu_check_runs_without_a_gpu(tmp_path: Any) -> None:
