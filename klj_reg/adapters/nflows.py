@@ -41,7 +41,6 @@ import os
 import sys
 import threading
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,7 +161,12 @@ class _Release:
 
 TAP = SplineTap()
 
-Reader = Callable[[Any, Stash, bool], list[Factor]]
+Read = Callable[[Stash], list[Factor]]
+"""The factors of one call of a piece, from what it stashed."""
+
+Reader = Callable[[Any, bool], Read]
+"""``(layer, inverse) -> read``, called once per piece at attach (outside any traced forward
+pass), so that what does not change between calls (maps, probes) is built once."""
 
 
 @dataclass(frozen=True)
@@ -170,18 +174,24 @@ class Kind:
     """How to read one nflows transform class.
 
     Attributes:
-        factors: ``(layer, stash, inverse) -> factors`` of the latest call.
+        reader: Builds the piece's ``read(stash) -> factors``.
         net: A subnetwork attribute whose latest output the factors need.
         method: A method returning ``(outputs, elementwise log|dy/dx|)`` to keep.
         spline: Whether the factors need the layer's last spline call.
-        setup: Called once per layer at attach (outside any traced forward pass).
     """
 
-    factors: Reader
+    reader: Reader
     net: str | None = None
     method: str | None = None
     spline: bool = False
-    setup: Callable[[Any], None] | None = None
+
+    def needs(self) -> tuple[str, ...]:
+        """What a call of the piece must have stashed for its factors."""
+        return (
+            "input",
+            *(("net",) if self.net is not None else ()),
+            *(("lad",) if self.method is not None or self.spline else ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -204,14 +214,9 @@ def _log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
     return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
 
 
-_DEFAULT_SCALE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-"""Affine couplings whose ``_scale_and_shift`` is nflows' default, probed once at attach."""
-
-
-def _probe_default_scale(layer: Any) -> None:
-    """Record whether the layer's own ``_scale_and_shift`` is nflows' default scale of the
-    second half, ``sigmoid(u + 2) + 1e-3``, on a range of ``u`` (at attach, outside any
-    traced forward pass)."""
+def _is_default_scale(layer: Any) -> bool:
+    """Whether the layer's own ``_scale_and_shift`` is nflows' default scale of the second
+    half, ``sigmoid(u + 2) + 1e-3``, on a range of ``u``."""
     n = layer.num_transform_features
     like = next(layer.parameters(), torch.empty(0))
     probe = torch.linspace(-8.0, 8.0, 2 * n, dtype=like.dtype, device=like.device)
@@ -219,13 +224,14 @@ def _probe_default_scale(layer: Any) -> None:
     with torch.no_grad():
         own = layer._scale_and_shift(probe)[0]
         default = torch.sigmoid(probe[:, n:] + 2.0) + 1e-3
-        _DEFAULT_SCALE[layer] = own.shape == default.shape and torch.allclose(own, default)
+        return own.shape == default.shape and bool(torch.allclose(own, default))
 
 
-def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
-    """Scale of the layer's own ``_scale_and_shift`` (when it is nflows' default, the
-    unconstrained half through one shared activation); raw: the unconstrained half."""
-    params, n = stash["net"], layer.num_transform_features
+def _affine_coupling(layer: Any, inverse: bool) -> Read:
+    """Scale of the layer's own ``_scale_and_shift`` (when it is nflows' default, probed
+    here, the unconstrained half through one shared activation); raw: the unconstrained
+    half."""
+    n, sign = layer.num_transform_features, _sign(inverse)
 
     def half(p: Tensor) -> Tensor:
         return p[:, n:]
@@ -233,14 +239,21 @@ def _affine_coupling(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
     def scale(p: Tensor) -> Tensor:
         return layer._scale_and_shift(p)[0]
 
-    raw = half if params.shape[1] > n else None
-    if _DEFAULT_SCALE.get(layer, False):
-        return [Factor(params, half, 1, raw, _log_sigmoid_plus_2_eps, _sign(inverse))]
-    return [Factor(params, scale, 1, raw, torch.log, _sign(inverse))]
+    log_abs, activation = (half, _log_sigmoid_plus_2_eps) if _is_default_scale(layer) else (
+        scale, torch.log
+    )  # fmt: skip
+
+    def read(stash: Stash) -> list[Factor]:
+        params = stash["net"]
+        raw = half if params.shape[1] > n else None
+        return [Factor(params, log_abs, 1, raw, activation, sign)]
+
+    return read
 
 
-def _affine_autoregressive(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+def _affine_autoregressive(layer: Any, inverse: bool) -> Read:
     """``softplus(u) + eps`` with ``u`` from the layer's ``_unconstrained_scale_and_shift``."""
+    sign = _sign(inverse)
 
     def unconstrained(p: Tensor) -> Tensor:
         return layer._unconstrained_scale_and_shift(p)[0]
@@ -248,12 +261,19 @@ def _affine_autoregressive(layer: Any, stash: Stash, inverse: bool) -> list[Fact
     def log_abs(p: Tensor) -> Tensor:
         return torch.log(F.softplus(unconstrained(p)) + layer._epsilon)
 
-    return [Factor(stash["net"], log_abs, 1, unconstrained, scale=_sign(inverse))]
+    def read(stash: Stash) -> list[Factor]:
+        return [Factor(stash["net"], log_abs, 1, unconstrained, scale=sign)]
+
+    return read
 
 
-def _elementwise(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+def _elementwise(layer: Any, inverse: bool) -> Read:
     """The layer's own elementwise log|dy/dx|, already of the direction it ran in."""
-    return [Factor(stash["lad"])]
+
+    def read(stash: Stash) -> list[Factor]:
+        return [Factor(stash["lad"])]
+
+    return read
 
 
 def _per_channel(stash: Stash, channels: int) -> int:
@@ -261,49 +281,64 @@ def _per_channel(stash: Stash, channels: int) -> int:
     return stash["input"].shape[1:].numel() // channels
 
 
-def _act_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
-    scale = layer.log_scale
-    repeat = _per_channel(stash, scale.numel())
-    return [Factor(scale.unsqueeze(0), repeat=repeat, scale=_sign(inverse))]
+def _act_norm(layer: Any, inverse: bool) -> Read:
+    sign = _sign(inverse)
+
+    def read(stash: Stash) -> list[Factor]:
+        scale = layer.log_scale
+        repeat = _per_channel(stash, scale.numel())
+        return [Factor(scale.unsqueeze(0), repeat=repeat, scale=sign)]
+
+    return read
 
 
-def _batch_norm(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+def _batch_norm(layer: Any, inverse: bool) -> Read:
     """``weight / sqrt(var + eps)``, var the batch's (training) or the running one."""
-    training = stash["training"]
 
-    def log_abs(source: Tensor) -> Tensor:
-        var = source.var(0, keepdim=True) if training else source
+    def log_abs(var: Tensor) -> Tensor:
         log = torch.log(layer.weight).unsqueeze(0) - 0.5 * torch.log(var + layer.eps)
         return -log if inverse else log
 
-    source = stash["input"] if training else layer.running_var.unsqueeze(0)
-    return [Factor(source, log_abs)]
+    def batch_log_abs(source: Tensor) -> Tensor:
+        return log_abs(source.var(0, keepdim=True))
+
+    def read(stash: Stash) -> list[Factor]:
+        if stash["training"]:
+            return [Factor(stash["input"], batch_log_abs)]
+        return [Factor(layer.running_var.unsqueeze(0), log_abs)]
+
+    return read
 
 
-def _pointwise_affine(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
-    shape = stash["input"].shape[1:]
-    scale = layer._scale
-
+def _pointwise_affine(layer: Any, inverse: bool) -> Read:
     def log_abs(s: Tensor) -> Tensor:
         return -torch.log(s) if inverse else torch.log(s)
 
-    if scale.numel() == 1:
-        return [Factor(scale.reshape(1, 1), log_abs, shape.numel())]
-    return [Factor(scale.expand(shape).unsqueeze(0), log_abs)]
+    def read(stash: Stash) -> list[Factor]:
+        shape = stash["input"].shape[1:]
+        scale = layer._scale
+        if scale.numel() == 1:
+            return [Factor(scale.reshape(1, 1), log_abs, shape.numel())]
+        return [Factor(scale.expand(shape).unsqueeze(0), log_abs)]
+
+    return read
 
 
 def _linear(diagonal: str, log_diagonal: Callable[[Any], Tensor]) -> Reader:
     """A linear layer with one triangular/diagonal factor besides orthogonal/unit ones."""
 
-    def read(layer: Any, stash: Stash, inverse: bool) -> list[Factor]:
+    def reader(layer: Any, inverse: bool) -> Read:
         def log_abs(_: Tensor) -> Tensor:
             log = log_diagonal(layer).unsqueeze(0)
             return -log if inverse else log
 
-        source = getattr(layer, diagonal).unsqueeze(0)
-        return [Factor(source, log_abs, _per_channel(stash, layer.features))]
+        def read(stash: Stash) -> list[Factor]:
+            source = getattr(layer, diagonal).unsqueeze(0)
+            return [Factor(source, log_abs, _per_channel(stash, layer.features))]
 
-    return read
+        return read
+
+    return reader
 
 
 def _find(name: str) -> type | None:
@@ -316,9 +351,7 @@ def _find(name: str) -> type | None:
 
 def _kinds() -> dict[type, Kind]:
     spec: dict[str, Kind] = {
-        "AffineCouplingTransform": Kind(
-            _affine_coupling, net="transform_net", setup=_probe_default_scale
-        ),
+        "AffineCouplingTransform": Kind(_affine_coupling, net="transform_net"),
         "PiecewiseCouplingTransform": Kind(_elementwise, method="_piecewise_cdf"),
         "MaskedAffineAutoregressiveTransform": Kind(
             _affine_autoregressive, net="autoregressive_net"
@@ -382,8 +415,11 @@ def _call_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return args[0] if args else kwargs["inputs"]
 
 
-def _tap(piece: Piece, key: str, site: Site) -> list[Handle]:
-    """Stash what ``piece`` computes, on its calls in the direction the pass runs it."""
+def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
+    """Stash what ``piece`` computes, on its calls in the direction the pass runs it.
+
+    ``direct``: the piece is the captured module itself, run forward, whose own forward hook
+    stashes the call's input (so no hook of its own here)."""
     layer, kind = piece.layer, piece.kind
 
     def stash() -> Stash:
@@ -413,20 +449,21 @@ def _tap(piece: Piece, key: str, site: Site) -> list[Handle]:
         handles.append(after_method(layer, kind.method, keep_lad))
     if piece.inverse:
         handles.append(after_method(layer, "inverse", called))
-    else:
+    elif not direct:
         handles.append(site.forward_hook(layer, called, with_kwargs=True))
     return handles
 
 
-def _missing(piece: Piece, stash: Stash | None) -> str | None:
-    """What ``piece`` failed to compute during a call of its layer, if anything."""
-    needs = ["input"]
-    if piece.kind.net is not None:
-        needs.append("net")
-    if piece.kind.method is not None or piece.kind.spline:
-        needs.append("lad")
-    absent = [n for n in needs if stash is None or stash.get(n) is None]
-    return ", ".join(absent) if absent else None
+def _mismatch(piece: Piece, needs: tuple[str, ...], stash: Stash | None) -> AdapterMismatchError:
+    """The error for a call of ``piece`` that did not compute what its factors need."""
+    absent = ", ".join(n for n in needs if stash is None or stash.get(n) is None)
+    direction = "inverse" if piece.inverse else "forward"
+    return AdapterMismatchError(
+        f"{piece.name} ({type(piece.layer).__name__}, {framework_version('nflows')}) did not "
+        f"compute what klj-reg reads ({absent}) during its {direction} call: this version of "
+        "nflows computes the layer differently from what its klj-reg adapter expects. Please "
+        "report it with the version; meanwhile use estimator='hutchinson'."
+    )
 
 
 def _caller_level() -> int:
@@ -453,11 +490,16 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     if not pieces:
         return []
     spline = any(p.kind.spline for p in pieces)
+    # The usual layer is one piece, the module itself, run forward: its forward hook reads the
+    # call's input and records, and needs no pre-hook (its taps overwrite what they stash).
+    direct = len(pieces) == 1 and pieces[0].layer is module and not pieces[0].inverse
+    direct = direct and not spline
+    keys = [str(i) for i in range(len(pieces))]
+    reads = [piece.kind.reader(piece.layer, piece.inverse) for piece in pieces]
+    needs = [piece.kind.needs() for piece in pieces]
     handles: list[Handle] = [TAP.acquire()] if spline else []
-    for i, piece in enumerate(pieces):
-        handles.extend(_tap(piece, str(i), site))
-        if piece.kind.setup is not None:
-            piece.kind.setup(piece.layer)
+    for key, piece in zip(keys, pieces, strict=True):
+        handles.extend(_tap(piece, key, site, direct))
 
     def before(mod: nn.Module, args: tuple[Any, ...]) -> None:
         site.state.clear()
@@ -467,24 +509,21 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     def after(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if spline:
             TAP.listen(False)
-        found = [site.state.get(str(i)) for i in range(len(pieces))]
-        site.state.clear()
+        state, x = site.state, _call_input(args, kwargs)
+        if direct:
+            own = state.setdefault("0", {})
+            own["input"], own["training"] = x, mod.training
+        found = [state.get(key) for key in keys]
+        state.clear()
         factors: list[Factor] = []
-        for piece, stash in zip(pieces, found, strict=True):
-            absent = _missing(piece, stash)
-            if stash is None or absent is not None:
-                direction = "inverse" if piece.inverse else "forward"
-                raise AdapterMismatchError(
-                    f"{piece.name} ({type(piece.layer).__name__}, "
-                    f"{framework_version('nflows')}) did not compute what klj-reg reads "
-                    f"({absent}) during its {direction} call: this version of nflows computes "
-                    "the layer differently from what its klj-reg adapter expects. Please "
-                    "report it with the version; meanwhile use estimator='hutchinson'."
-                )
-            factors.extend(piece.kind.factors(piece.layer, stash, piece.inverse))
-        site.record(factors, output[1], _call_input(args, kwargs).shape[1:].numel())
+        for piece, need, read, stash in zip(pieces, needs, reads, found, strict=True):
+            if stash is None or any(stash.get(n) is None for n in need):
+                raise _mismatch(piece, need, stash)
+            factors.extend(read(stash))
+        site.record(factors, output[1], x.shape[1:].numel())
 
-    handles.append(module.register_forward_pre_hook(mark_hook(before)))
+    if not direct:
+        handles.append(module.register_forward_pre_hook(mark_hook(before)))
     handles.append(site.forward_hook(module, after, with_kwargs=True))
     return handles
 
