@@ -98,8 +98,10 @@ def _batch_of(records: list[LayerRecord]) -> int:
 
 
 def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[list[LayerRecord], Any]:
-    first_use = get_capture(model) is None
-    capture = attach(model)
+    capture = get_capture(model)
+    first_use = capture is None
+    if capture is None:
+        capture = attach(model)
     if not capture.records:
         if x is None:
             raise CaptureError(
