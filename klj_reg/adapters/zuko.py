@@ -23,13 +23,19 @@ per-call object, nothing global), so that its ``call_and_ladj`` records the laye
   out with a warning.
 
 Only ``call_and_ladj`` of the returned object records, so sampling (``flow(c).sample()``,
-which runs the inverse) records nothing, nor does ``rsample_and_log_prob``.
+which runs the inverse) records nothing, nor does ``rsample_and_log_prob``. A decorated method
+holds its object strongly only until its first call, then through a weak reference
+(:func:`_method`): otherwise each step's transforms, with the tensors they hold, would sit in
+reference cycles until Python's cyclic garbage collector ran, instead of being freed with the
+pass.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+import weakref
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -109,6 +115,27 @@ def _mismatch(site: Site, what: str) -> AdapterMismatchError:
     )
 
 
+def _method(obj: Any, name: str) -> Callable[..., Any]:
+    """``obj.<name>`` as a function for a wrapper stored on ``obj``: a bound method there
+    would be a reference cycle. It holds ``obj`` strongly until its first call (a temporary,
+    as in ``layer(c).call_and_ladj(x)``, lives only through it) and weakly from then on."""
+    bound = getattr(obj, name)
+    func = getattr(bound, "__func__", None)
+    if func is None or getattr(bound, "__self__", None) is not obj:
+        return bound  # an attribute holding another object's function (zuko's meta)
+    held: list[Any] = [obj]
+
+    def call(*args: Any) -> Any:
+        target = held[0]
+        if isinstance(target, weakref.ref):
+            target = target()
+        else:
+            held[0] = weakref.ref(target)
+        return func(target, *args)
+
+    return call
+
+
 def _tap_meta(transform: Any, method: str, cell: list[Tensor]) -> None:
     """Decorate ``transform.meta`` so that the univariate of each DependentTransform it
     returns keeps, in ``cell``, the elementwise ladj its ``method`` computes."""
@@ -126,7 +153,7 @@ def _tap_meta(transform: Any, method: str, cell: list[Tensor]) -> None:
 def _tap(univariate: Any, method: str, cell: list[Tensor]) -> None:
     """Decorate an elementwise transform's ``call_and_ladj`` (-> ``(y, ladj)``) or
     ``log_abs_det_jacobian`` (-> ``ladj``) to append its ladj to ``cell``."""
-    original = getattr(univariate, method)
+    original = _method(univariate, method)
 
     def tapped(*args: Tensor) -> Any:
         out = original(*args)
@@ -139,7 +166,7 @@ def _tap(univariate: Any, method: str, cell: list[Tensor]) -> None:
 def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool) -> None:
     """Decorate ``transform.call_and_ladj`` to record the ladj tapped during the call
     (negated for an inverse), with the layer's own summed ladj."""
-    original = transform.call_and_ladj
+    original = _method(transform, "call_and_ladj")
 
     def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
         cell.clear()
@@ -158,7 +185,7 @@ def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool)
 
 def _record_elementwise(site: Site, transform: Any) -> None:
     """An elementwise transform (``event_dim == 0``): its own ladj is log|d|."""
-    original = transform.call_and_ladj
+    original = _method(transform, "call_and_ladj")
 
     def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
         y, ladj = original(x)
@@ -170,8 +197,10 @@ def _record_elementwise(site: Site, transform: Any) -> None:
 
 
 def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
-    """LULinearTransform ``L U``: the factor ``L`` (``U`` has a unit diagonal)."""
-    original = transform.call_and_ladj
+    """LULinearTransform ``L U``: the factor ``L`` (``U`` has a unit diagonal); ``transform``
+    is the LU transform, or its inverse (``negate``), which holds it."""
+    original = _method(transform, "call_and_ladj")
+    lower = lu.L  # the tensor, not the transform (which ``transform`` may be: a cycle)
 
     def log_abs(diag: Tensor) -> Tensor:
         log = diag.abs().log()
@@ -180,7 +209,7 @@ def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
     def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
         y, ladj = original(x)
         features = x.shape[-1]
-        diag = torch.diagonal(lu.L, dim1=-2, dim2=-1)
+        diag = torch.diagonal(lower, dim1=-2, dim2=-1)
         site.record([Factor(_rows(diag, features), log_abs)], _flat(ladj), features)
         return y, ladj
 
