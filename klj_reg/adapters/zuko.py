@@ -27,7 +27,8 @@ which runs the inverse) records nothing, nor does ``rsample_and_log_prob``. A de
 holds its object strongly only until its first call, then through a weak reference
 (:func:`_method`): otherwise each step's transforms, with the tensors they hold, would sit in
 reference cycles until Python's cyclic garbage collector ran, instead of being freed with the
-pass.
+pass. (A transform built and never called this way, e.g. only sampled from, is left to the
+collector.)
 """
 
 from __future__ import annotations
