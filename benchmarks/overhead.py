@@ -628,28 +628,53 @@ def _references(entries: dict[str, Any]) -> str:
     return "; " + ", ".join(shown) if shown else ""
 
 
-def _phase_table(rows: list[dict[str, Any]], shown: list[str]) -> list[str]:
-    """Markdown lines: the median milliseconds of each phase of a step, per variant."""
-    if not any("phases_ms" in e for r in rows for e in r.get("variants", {}).values()):
-        return []
+def _variant_table(
+    caption: str,
+    rows: list[dict[str, Any]],
+    shown: list[str],
+    cell: Callable[[dict[str, Any] | None], str],
+) -> list[str]:
+    """Markdown lines: ``caption``, then a row per backend and a ``cell`` per variant."""
     lines = [
         "",
-        "Median milliseconds per phase of a step: " + " / ".join(PHASES) + " (zero_grad and "
-        "the NLL's forward pass; the penalty and its sum with the NLL; loss.backward(); "
-        "Adam's step):",
+        caption,
         "",
         "| backend | " + " | ".join(shown) + " |",
         "|---|" + "---:|" * len(shown),
     ]
     for r in rows:
-        if "error" in r:
-            continue
-        cells = []
-        for v in shown:
-            spans = r["variants"].get(v, {}).get("phases_ms")
-            cells.append("—" if spans is None else " / ".join(f"{spans[p]:.2f}" for p in PHASES))
-        lines.append(f"| {r['backend']} | " + " | ".join(cells) + " |")
+        if "error" not in r:
+            cells = [cell(r["variants"].get(v)) for v in shown]
+            lines.append(f"| {r['backend']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _phase_cell(entry: dict[str, Any] | None) -> str:
+    spans = None if entry is None else entry.get("phases_ms")
+    return "—" if spans is None else " / ".join(f"{spans[p]:.2f}" for p in PHASES)
+
+
+def _memory_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None or "peak_mb" not in entry:
+        return "—"
+    ops = entry["ops"]
+    fwd = ops.get("forward", 0) + ops.get("penalty", 0)
+    kernels = f", {entry['kernels']} kernels" if "kernels" in entry else ""
+    return (
+        f"{entry['peak_mb']:.1f} MiB, {fwd}/{ops.get('backward', 0)} ops{kernels}, "
+        f"{entry['syncs']} syncs"
+    )
+
+
+PHASE_CAPTION = (
+    "Median milliseconds per phase of a step: " + " / ".join(PHASES) + " (zero_grad and the "
+    "NLL's forward pass; the penalty and its sum with the NLL; loss.backward(); Adam's step):"
+)
+MEMORY_CAPTION = (
+    "Peak memory of a step above the memory held before it (MiB), and top-level aten "
+    "operators per step (forward + penalty / backward), reads of a tensor to the host "
+    "(syncs on an accelerator) outside the optimiser:"
+)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -704,33 +729,9 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         if verdicts:
             lines += ["", f"capture <= {TARGET}x plain: " + ", ".join(verdicts) + "."]
-        lines += _phase_table(rows, shown)
-        lines += [
-            "",
-            "Peak memory of a step above the memory held before it (MiB), and top-level aten "
-            "operators per step (forward + penalty / backward), reads of a tensor to the host "
-            "(syncs on an accelerator) outside the optimiser:",
-            "",
-            "| backend | " + " | ".join(shown) + " |",
-            "|---|" + "---:|" * len(shown),
-        ]
-        for r in rows:
-            if "error" in r:
-                continue
-            cells = []
-            for v in shown:
-                e = r["variants"].get(v)
-                if e is None or "peak_mb" not in e:
-                    cells.append("—")
-                    continue
-                ops = e["ops"]
-                fwd = ops.get("forward", 0) + ops.get("penalty", 0)
-                kernels = f", {e['kernels']} kernels" if "kernels" in e else ""
-                cells.append(
-                    f"{e['peak_mb']:.1f} MiB, {fwd}/{ops.get('backward', 0)} ops{kernels}, "
-                    f"{e['syncs']} syncs"
-                )
-            lines.append(f"| {r['backend']} | " + " | ".join(cells) + " |")
+        if any("phases_ms" in e for r in rows for e in r.get("variants", {}).values()):
+            lines += _variant_table(PHASE_CAPTION, rows, shown, _phase_cell)
+        lines += _variant_table(MEMORY_CAPTION, rows, shown, _memory_cell)
         lines.append("")
     errors = [
         f"- {r['model']}/{r['backend']}/{v}: {e['error']}"
