@@ -22,6 +22,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -480,27 +481,28 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     for entry in entries.values():
         assert list(entry["phases_ms"]) == list(overhead.PHASES)
         assert all(ms >= 0 for ms in entry["phases_ms"].values())
-    assert "| backend |" in (tmp_path / "cpu-quick.md").read_text().split("per phase")[1]
+    phase_row = r"\| freia \| " + r" \| ".join([r"[\d.]+ / [\d.]+ / [\d.]+ / [\d.]+"] * 6)
+    assert re.search(phase_row, (tmp_path / "cpu-quick.md").read_text())
 
 
-def test_overhead_phases_split_each_timed_step() -> None:
+def test_overhead_phases_split_each_timed_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """The phase clock's spans of a step are its marks' differences, inside the step's own
-    time; a step that does not mark each phase boundary once is an error, not a table."""
+    time; a step that does not mark each phase boundary once is an error, not a table. The
+    host clock is replaced by a counter (each reading one second later), so the expected
+    spans are exact."""
     overhead = pytest.importorskip("benchmarks.overhead")
-    calls: list[int] = []
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(overhead.time, "perf_counter", lambda: float(next(ticks)))
 
     def step(clock: Any = None) -> None:
         for _ in range(len(overhead.PHASES) + 1):
             clock.mark()
-            calls.append(1)
 
     times, phases = overhead.time_steps({"a": step, "b": step}, 3, torch.device("cpu"), 0)
-    assert len(calls) == 2 * 3 * (len(overhead.PHASES) + 1)
     for name in ("a", "b"):
-        assert len(phases[name]) == len(times[name]) == 3
-        for spans, total in zip(phases[name], times[name], strict=True):
-            assert len(spans) == len(overhead.PHASES)
-            assert all(s >= 0 for s in spans) and sum(spans) <= total
+        # start, five marks, end: four one-second phases in a six-second step
+        assert times[name] == [6.0] * 3
+        assert phases[name] == [[1.0] * len(overhead.PHASES)] * 3
 
     def short(clock: Any = None) -> None:
         clock.mark()
