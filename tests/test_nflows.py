@@ -180,6 +180,23 @@ def test_master_scale_activation_is_followed() -> None:
     assert_log_det(rec, layer(x)[1])
 
 
+def test_scales_not_computed_in_the_call_are_an_error_not_a_stale_read() -> None:
+    """A coupling whose forward no longer runs the subnetwork klj-reg watches (here: replaced
+    after attach) fails loudly, even when an earlier sampling pass left that subnetwork's
+    output behind: a call never reads what another call stashed."""
+    layer = perturb(T.AffineCouplingTransform(MASK, net_maker()))
+    flow = flows.Flow(layer, distributions.StandardNormal([FEATURES]))
+    klj_reg.attach(flow)
+    x = torch.randn(8, FEATURES)
+    flow.log_prob(x)
+    klj_reg.penalty(flow, x)
+    flow.sample(5)  # the inverse runs the watched subnetwork: its output is stashed
+    shape = (layer.num_identity_features, 2 * layer.num_transform_features)
+    layer.transform_net = perturb(net_maker()(*shape))  # no klj-reg hook on this one
+    with pytest.raises(klj_reg.AdapterMismatchError, match="did not compute"):
+        flow.log_prob(x)
+
+
 def test_version_drift_is_detected() -> None:
     """A layer computing its scale differently from what the adapter reads fails loudly."""
 

@@ -491,9 +491,11 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
         return []
     spline = any(p.kind.spline for p in pieces)
     # The usual layer is one piece, the module itself, run forward: its forward hook reads the
-    # call's input and records, and needs no pre-hook (its taps overwrite what they stash).
-    direct = len(pieces) == 1 and pieces[0].layer is module and not pieces[0].inverse
-    direct = direct and not spline
+    # call's input and records. The pre-hook clears what other hooks stashed (a subnetwork's
+    # output, which sampling also computes), so that a call never reads another's; a direct
+    # piece that stashes nothing elsewhere (ActNorm, BatchNorm, ...) needs none.
+    direct = len(pieces) == 1 and pieces[0].layer is module and not (pieces[0].inverse or spline)
+    elsewhere = any(p.kind.net is not None or p.kind.method is not None for p in pieces)
     keys = [str(i) for i in range(len(pieces))]
     reads = [piece.kind.reader(piece.layer, piece.inverse) for piece in pieces]
     needs = [piece.kind.needs() for piece in pieces]
@@ -511,7 +513,7 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
             TAP.listen(False)
         state, x = site.state, _call_input(args, kwargs)
         if direct:
-            own = state.setdefault("0", {})
+            own = state.setdefault(keys[0], {})
             own["input"], own["training"] = x, mod.training
         found = [state.get(key) for key in keys]
         state.clear()
@@ -522,7 +524,7 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
             factors.extend(read(stash))
         site.record(factors, output[1], x.shape[1:].numel())
 
-    if not direct:
+    if not direct or elsewhere:
         handles.append(module.register_forward_pre_hook(mark_hook(before)))
     handles.append(site.forward_hook(module, after, with_kwargs=True))
     return handles
