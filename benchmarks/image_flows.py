@@ -249,7 +249,7 @@ def _freia_classes() -> tuple[type, type]:
     def downsample_scales(layer: Any, inputs: Any, output: Any) -> list[Factor] | None:
         if layer.last is None:
             return None
-        return [Factor(a, layer.log_scale, 1, _first_half) for a in layer.last]
+        return [Factor(source=a, log_abs=layer.log_scale, raw=_first_half) for a in layer.last]
 
     klj_reg.register_adapter(
         DownsampleCoupling,

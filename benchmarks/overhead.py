@@ -72,7 +72,8 @@ import torch
 from torch import Tensor, nn
 
 import klj_reg
-from klj_reg.capture import MAX_CHECKS, get_capture
+from klj_reg.capture import get_capture
+from klj_reg.kit import MAX_CHECKS
 
 from . import backends
 from .backends import BackendFlow

@@ -11,6 +11,7 @@ from .errors import (
     CompileOrderError,
     KLJError,
     NonFiniteScaleError,
+    NonFiniteScaleWarning,
     UnsupportedModelError,
 )
 from .penalty import penalty
@@ -28,6 +29,7 @@ __all__ = [
     "KLJError",
     "LayerRecord",
     "NonFiniteScaleError",
+    "NonFiniteScaleWarning",
     "UnsupportedModelError",
     "attach",
     "capturing",

@@ -1,84 +1,63 @@
-"""Capture: hooks that keep, for each supported layer, the factors of its latest forward call.
+"""Capture: for each supported layer, the factors of its calls, grouped by pass.
 
 ``attach(model)`` walks the model once and lets each supported layer's adapter install its
-hooks. The hooks store references to tensors the layer computes anyway, keyed by layer, so a
-capture never holds more than one record per layer; :func:`klj_reg.penalty` takes and clears
-them.
+callbacks (:mod:`klj_reg.kit`), and the model's adapter its entry, where each data-to-latent
+pass begins (:mod:`klj_reg.passes`). The callbacks keep references to tensors the layers
+compute anyway. Nothing is stored on the model but an empty-when-copied binding per watched
+module (:mod:`klj_reg.hooks`): the capture of a model lives in its root module's binding, so
+``copy.deepcopy`` and ``pickle`` give an unattached copy, whatever the model ran before.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 
-from . import patch, registry
+from . import hooks, registry
 from .errors import CompileOrderError, UnsupportedModelError
-from .records import Factor, LayerRecord
-
-ATTRIBUTE = "_klj_capture"
-MAX_CHECKS = 100
-"""Batches on which a layer is checked against its own log-det while its scales are ~1."""
-
-
-class Site:
-    """One captured layer: its adapter's hooks call :meth:`record` on data-to-latent calls."""
-
-    __slots__ = (
-        "capture",
-        "name",
-        "module",
-        "kind",
-        "framework",
-        "checks_left",
-        "subnets",
-        "state",
-    )
-
-    def __init__(self, capture: Capture, name: str, module: nn.Module) -> None:
-        self.capture = capture
-        self.name = name
-        self.module = module
-        self.kind = type(module).__name__
-        self.framework = registry.framework_of(type(module)) or "user"
-        self.checks_left = MAX_CHECKS
-        self.subnets: list[nn.Module] = []
-        self.state: dict[str, Any] = {}
-
-    def record(self, factors: Iterable[Factor], log_det: Tensor | None, dim: int) -> None:
-        """Store this layer's factors from the call that just ran (replacing older ones)."""
-        self.capture.records[self.name] = LayerRecord(
-            self.name, self.kind, tuple(factors), log_det, dim
-        )
-
-    def forward_hook(self, module: nn.Module, fn: Any, *, with_kwargs: bool = False) -> Any:
-        """Register ``fn`` as a forward hook of ``module``, tagged as klj-reg's."""
-        return module.register_forward_hook(mark_hook(fn), with_kwargs=with_kwargs)
-
-    def add_subnets(self, *modules: nn.Module) -> None:
-        """Mark the layer's coupling subnetworks, whose weights ``tau`` regularises."""
-        self.subnets.extend(modules)
+from .kit import Handle, Site, module_entry
+from .passes import Pass, PassBook
+from .records import LayerRecord
 
 
 class Capture:
-    """The capture state of one model: its sites, hook handles and latest records."""
+    """The capture state of one model: its sites, hook handles and passes."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.owner = id(model)
+        self.model_name = type(model).__name__
         self.sites: dict[str, Site] = {}
-        self.records: dict[str, LayerRecord] = {}
-        self.handles: list[registry.Handle] = []
+        self.book = PassBook(self.model_name)
+        self.handles: list[Handle] = []
         self.warned_own_pass = False
         self.compiled: dict[tuple[object, ...], Any] = {}
+        self.finite: Any = None  # checks.FiniteWatch, created on first use
+
+    @property
+    def records(self) -> dict[str, LayerRecord]:
+        """The records of the latest pass (grad-mode first), by layer name; ``{}`` if none."""
+        latest = self.book.latest()
+        return {} if latest is None else latest.records
 
     def take(self) -> list[LayerRecord]:
-        """The records of the latest pass, removing them from the capture."""
-        records = list(self.records.values())
-        self.records.clear()
-        return records
+        """The records of the latest pass (grad-mode first), removing it; ``[]`` if none."""
+        latest = self.book.latest()
+        if latest is None:
+            return []
+        if latest is self.book.latest_no_grad:
+            self.book.latest_no_grad = None
+        else:
+            self.book.grad.remove(latest)
+        return list(latest.records.values())
+
+    def take_pass(self, x: Tensor | None) -> Pass | None:
+        """The pass a penalty on ``x`` reads (see :meth:`PassBook.take`), removed."""
+        return self.book.take(x)
 
     def subnet_parameters(self) -> Iterator[nn.Parameter]:
         """Weight matrices/kernels (ndim >= 2) of every captured layer's subnetworks."""
@@ -95,7 +74,7 @@ class Capture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.records.clear()
+        self.book.clear()
         self.sites.clear()
         self.compiled.clear()
 
@@ -124,30 +103,40 @@ def _is_compiled(model: Any) -> bool:
     )
 
 
+def _compiled_wrapper_ran(model: nn.Module) -> bool:
+    """Whether a ``torch.compile`` wrapper of ``model`` exists after dynamo compiled frames
+    in this process: the wrapper's compiled code would skip hooks added now."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    if dynamo is None or not dynamo.counters["frames"]["total"]:
+        return False
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    # model <- the wrapper's _modules dict <- the wrapper's __dict__ <- the wrapper
+    level: list[Any] = [model]
+    for _ in range(3):
+        level = [r for obj in level for r in gc.get_referrers(obj) if isinstance(r, dict)] + [
+            r for obj in level for r in gc.get_referrers(obj) if isinstance(r, OptimizedModule)
+        ]
+        if any(isinstance(r, OptimizedModule) and r._orig_mod is model for r in level):
+            return True
+        level = [r for r in level if isinstance(r, dict) and len(r) < 64]
+    return False
+
+
 def get_capture(model: Any) -> Capture | None:
     """The capture attached to ``model`` (through wrappers), or ``None``."""
     model = unwrap(model)
-    capture = model.__dict__.get(ATTRIBUTE) if isinstance(model, nn.Module) else None
-    return capture if capture is not None and capture.owner == id(model) else None
-
-
-def _strip_copied_hooks(model: nn.Module) -> None:
-    """Remove hooks a ``deepcopy`` of an attached model carried over from the original."""
-    for module in model.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key in [k for k, fn in hooks.items() if getattr(fn, "_klj_hook", False)]:
-                del hooks[key]
-        module.__dict__.pop(patch.INSTANCE_KEY, None)
-    model.__dict__.pop(ATTRIBUTE, None)
+    found = hooks.binding(model) if isinstance(model, nn.Module) else None
+    capture: Capture | None = None if found is None else found.capture
+    return capture
 
 
 def _install(capture: Capture, name: str, module: nn.Module) -> None:
     installer = registry.installer_for(type(module))
     if installer is not None:
-        site = Site(capture, name, module)
+        site = Site(capture.book, name, module, registry.framework_of(type(module)) or "user")
         capture.sites[name] = site
-        for handle in installer(module, site):
-            capture.handles.append(handle)
+        capture.handles.extend(installer(module, site))
         return
     for child_name, child in module.named_children():
         _install(capture, f"{name}.{child_name}" if name else child_name, child)
@@ -175,25 +164,29 @@ def attach(model: nn.Module) -> Capture:
     """Install capture hooks on every supported layer of ``model`` (idempotent).
 
     Call it before ``torch.compile``; :func:`klj_reg.penalty` calls it on first use
-    otherwise. Raises :class:`UnsupportedModelError` when no layer is supported.
+    otherwise. Raises :class:`UnsupportedModelError` when no layer is supported, and
+    :class:`CompileOrderError` when ``model`` (or a ``torch.compile`` wrapper of it that
+    already ran) is compiled.
     """
     existing = get_capture(model)
     if existing is not None:
         return existing
-    if isinstance(model, nn.Module) and _is_compiled(model):
+    inner = unwrap(model)
+    if isinstance(model, nn.Module) and (
+        _is_compiled(model) or (isinstance(inner, nn.Module) and _compiled_wrapper_ran(inner))
+    ):
         raise CompileOrderError(
-            f"{type(unwrap(model)).__name__} was compiled before klj_reg.attach: hooks added "
+            f"{type(inner).__name__} was compiled before klj_reg.attach: hooks added "
             "after torch.compile are skipped by the compiled graph. Call "
             "klj_reg.attach(model) first, then torch.compile(model)."
         )
-    model = unwrap(model)
+    model = inner
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
             f"klj_reg.attach needs a torch.nn.Module, not {type(model).__name__}; for a plain "
             "function x -> (z, log_det) use penalty(fn, x, estimator='exact' or 'hutchinson')."
         )
-    if ATTRIBUTE in model.__dict__:
-        _strip_copied_hooks(model)
+    hooks.strip_inert(model)
     capture = Capture(model)
     _install(capture, "", model)
     if not capture.sites:
@@ -204,6 +197,10 @@ def attach(model: nn.Module) -> Capture:
             f"{', '.join(kinds)}). Register yours with klj_reg.register_adapter(LayerType, "
             "fn), or use penalty(model, x, estimator='exact' or 'hutchinson')."
         )
+    entry = registry.entry_for(type(model))
+    capture.handles.extend(
+        module_entry(model, capture.book) if entry is None else entry(model, capture.book)
+    )
     left = _left_out(model, capture)
     if left:
         warnings.warn(
@@ -212,7 +209,7 @@ def attach(model: nn.Module) -> Capture:
             + ". Register them with klj_reg.register_adapter if they scale their input.",
             stacklevel=2,
         )
-    model.__dict__[ATTRIBUTE] = capture
+    hooks.bind(model).capture = capture
     return capture
 
 
@@ -221,14 +218,19 @@ def detach(model: nn.Module) -> None:
     capture = get_capture(model)
     if capture is not None:
         capture.remove()
-        unwrap(model).__dict__.pop(ATTRIBUTE, None)
+        root = unwrap(model)
+        found = hooks.binding(root)
+        if found is not None:
+            found.capture = None
+            if found.empty():
+                root.__dict__.pop(hooks.KEY, None)
 
 
 def clear(model: nn.Module) -> None:
-    """Drop the records of ``model``'s latest pass (e.g. after an evaluation pass)."""
+    """Forget every captured pass of ``model`` (e.g. after evaluation passes)."""
     capture = get_capture(model)
     if capture is not None:
-        capture.records.clear()
+        capture.book.clear()
 
 
 @contextmanager
@@ -241,9 +243,3 @@ def capturing(model: nn.Module) -> Iterator[Capture]:
     finally:
         if not was_attached:
             detach(model)
-
-
-def mark_hook(fn: Any) -> Any:
-    """Tag a hook function as klj-reg's (so copies of a model can be cleaned)."""
-    fn._klj_hook = True
-    return fn

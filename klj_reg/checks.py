@@ -1,54 +1,125 @@
 """Self-checks of captured records: against the layer's own log-det, and for finiteness.
 
-Both need the values on the host, so both share one synchronisation, made only while some
-layer is still being checked (its first batches) or when finiteness checking is on.
+The log-det check needs values on the host: it shares one synchronisation with the finiteness
+check, made only while some layer is still being checked (its first batches). After that, a
+penalty on the CPU is checked for finiteness at once (no synchronisation to pay); on CUDA the
+flag is copied to pinned memory without blocking and read by a later penalty once it has
+arrived, so no step waits for the device.
+
+A non-finite penalty never stops a run by default: it is returned as it is (so that the
+loop's own skip-the-batch logic and ``GradScaler`` see it, as they would see a non-finite
+NLL) with a :class:`NonFiniteScaleWarning` naming the first layers whose Jacobian diagonal is
+not finite. ``check_finite=True`` raises :class:`NonFiniteScaleError` instead.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .capture import Capture
 from .divergence import _float32, _per_sample_sum
-from .errors import AdapterMismatchError, NonFiniteScaleError
+from .errors import AdapterMismatchError, NonFiniteScaleError, NonFiniteScaleWarning
+from .kit import Site, framework_version
 from .records import LayerRecord
-from .registry import framework_version
 
 NONTRIVIAL = 1e-2
 """A check only counts once some |log d| exceeds this: at identity any formula agrees."""
 
+NAMED = 3
+"""Layers named in a non-finite message."""
 
-def _offenders(records: Sequence[LayerRecord]) -> list[str]:
-    bad = []
+
+def _describe(records: Sequence[LayerRecord]) -> str:
+    """The first layers with a non-finite Jacobian diagonal, or, if every entry is finite
+    (the sum overflowed), the layers with the largest scales."""
+    bad, sizes = [], []
     for r in records:
         for i, f in enumerate(r.factors):
-            if not bool(torch.isfinite(f.log_abs_d()).all()):
+            s = f.log_abs_d().detach()
+            if s.numel() == 0:
+                continue
+            if not bool(torch.isfinite(s).all()):
                 bad.append(f"{r.name or '<model>'} ({r.kind}, factor {i})")
-    return bad
+            else:
+                sizes.append((float(s.abs().amax()), f"{r.name or '<model>'} ({r.kind})"))
+    if bad:
+        more = f" and {len(bad) - NAMED} more" if len(bad) > NAMED else ""
+        return "non-finite Jacobian diagonal in " + ", ".join(bad[:NAMED]) + more
+    sizes.sort(reverse=True)
+    largest = ", ".join(f"{name} (max |log d| = {size:.3g})" for size, name in sizes[:NAMED])
+    return "every Jacobian diagonal is finite but their sum overflowed; largest: " + largest
 
 
-def _raise_non_finite(records: Sequence[LayerRecord]) -> None:
-    bad = _offenders(records)
-    raise NonFiniteScaleError(
-        "KLJ penalty is not finite; non-finite Jacobian diagonal in "
-        + (", ".join(bad) if bad else "no single layer (overflow in the sum)")
-        + ". Lower the learning rate, clamp the scales, or check the input for NaN."
+def report_non_finite(records: Sequence[LayerRecord], raise_error: bool) -> None:
+    """Raise or warn that the penalty is not finite, naming the layers."""
+    message = (
+        f"KLJ penalty is not finite: {_describe(records)}. Lower the learning rate, clamp the "
+        "scales, clip gradients, or check the input for NaN."
+    )
+    if raise_error:
+        raise NonFiniteScaleError(message)
+    message += " (Returned as it is; check_finite=True raises.)"
+    warnings.warn(message, NonFiniteScaleWarning, stacklevel=4)
+
+
+class FiniteWatch:
+    """Non-blocking finiteness flags of earlier penalties on CUDA, read once they arrive."""
+
+    def __init__(self) -> None:
+        self.pending: deque[tuple[Tensor, Any, Sequence[LayerRecord]]] = deque(maxlen=8)
+
+    def submit(self, total: Tensor, records: Sequence[LayerRecord]) -> None:
+        flag = torch.isfinite(total.detach())
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, event, records))
+
+    def poll(self, raise_error: bool) -> None:
+        while self.pending and self.pending[0][1].query():
+            host, _, records = self.pending.popleft()
+            if not bool(host):
+                report_non_finite(records, raise_error)
+
+
+def _mismatch(r: LayerRecord, site: Site, error: float) -> AdapterMismatchError:
+    return AdapterMismatchError(
+        f"captured scales of {r.name or '<model>'} ({r.kind}, "
+        f"{framework_version(site.framework)}) do not match the layer's own "
+        f"log-determinant (max error {error:.3g}): this version of the framework "
+        "computes the layer differently from what its klj-reg adapter expects. "
+        "Please report it with the version above; meanwhile use "
+        "estimator='hutchinson'."
     )
 
 
-def check(records: Sequence[LayerRecord], capture: Capture, value: Tensor, finite: bool) -> None:
-    """Check unverified layers' records against their log-det, and ``value`` for finiteness."""
-    pending = [
-        r for r in records if r.log_det is not None and capture.sites[r.name].checks_left > 0
-    ]
+def check(
+    records: Sequence[LayerRecord],
+    sites: dict[str, Site],
+    value: Tensor,
+    finite: bool | None,
+    watch: FiniteWatch | None,
+) -> None:
+    """Check unverified layers' records against their log-det, and ``value`` for finiteness
+    (``finite``: ``None`` warns, ``True`` raises, ``False`` skips)."""
+    raise_error = finite is True
+    pending = [r for r in records if r.log_det is not None and sites[r.name].checks_left > 0]
     total = value.detach() if value.dim() == 0 else value.detach().sum()
     if not pending:
-        if finite and not math.isfinite(total.item()):  # one sync
-            _raise_non_finite(records)
+        if finite is False:
+            return
+        if value.device.type == "cuda" and watch is not None:
+            watch.poll(raise_error)
+            watch.submit(total, records)
+        elif not math.isfinite(total.item()):  # on the CPU: no synchronisation to pay
+            report_non_finite(records, raise_error)
         return
     rows = []
     for r in pending:
@@ -67,18 +138,12 @@ def check(records: Sequence[LayerRecord], capture: Capture, value: Tensor, finit
         rows.append(torch.stack([error.amax(), excess, size]).to(value.device))
     flags = torch.cat([*rows, torch.isfinite(total).reshape(1).float()])
     host = flags.tolist()  # the one synchronisation
-    if not host[-1]:
-        _raise_non_finite(records)
     for i, r in enumerate(pending):
         error, excess, size = host[3 * i : 3 * i + 3]
-        site = capture.sites[r.name]
+        site = sites[r.name]
         if excess > 0:
-            raise AdapterMismatchError(
-                f"captured scales of {r.name or '<model>'} ({r.kind}, "
-                f"{framework_version(site.framework)}) do not match the layer's own "
-                f"log-determinant (max error {error:.3g}): this version of the framework "
-                "computes the layer differently from what its klj-reg adapter expects. "
-                "Please report it with the version above; meanwhile use "
-                "estimator='hutchinson'."
-            )
-        site.checks_left = 0 if size > NONTRIVIAL else site.checks_left - 1
+            raise _mismatch(r, site, error)
+        if math.isfinite(size):
+            site.checks_left = 0 if size > NONTRIVIAL else site.checks_left - 1
+    if not host[-1] and finite is not False:
+        report_non_finite(records, raise_error)

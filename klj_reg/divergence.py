@@ -8,8 +8,18 @@ the diagonal) is
 
 zero iff every :math:`d_j = 1`. Diagonal entries equal to one (the pass-through half of a
 coupling) contribute nothing, so only the entries a layer actually scales need storing. With
-:math:`s = \log|d|` one term is :math:`e^{2s} - 1 - 2s`, computed as ``expm1(2s) - 2s`` to keep
-precision near :math:`s = 0`.
+:math:`u = 2\log|d|` one term is :math:`f(u) = e^u - 1 - u`, computed as ``expm1(u) - u`` to
+keep precision near :math:`u = 0`.
+
+Absurd scales (:math:`|d| > e^{20}`, where :math:`e^{2s}` would overflow float32 at
+:math:`s \approx 44`, long before the flow's own :math:`e^{s}` at :math:`s \approx 88`) use
+the tangent continuation of :math:`f` at :math:`u_c = 40`,
+
+.. math:: f(u) = f(u_c) + f'(u_c)\,(u - u_c) = \operatorname{expm1}(u_c) - u_c
+    + \operatorname{expm1}(u_c)\,(u - u_c), \qquad u > u_c,
+
+which stays finite for every finite scale, is convex and increasing, and keeps pushing the
+scale down with the constant gradient :math:`f'(u_c) = \operatorname{expm1}(40)`.
 
 The authors' released code (``form="released-code"``) instead adds, per block,
 :math:`\sum_j a_j^2 + n_{\text{ones}} - 2 \log|\det J|`, with :math:`a` the scale subnet's raw
@@ -18,6 +28,7 @@ output before clamping and :math:`n_{\text{ones}}` the pass-through entries fill
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +40,19 @@ from .records import Factor, LayerRecord, Map
 FORMS = ("jacobian", "released-code")
 
 
+U_CONTINUED = 40.0
+r"""Above :math:`u = 2\log|d| = 40` the term continues along its tangent (see above)."""
+SLOPE_CONTINUED = math.expm1(U_CONTINUED)
+
+
 def klj_terms(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
     r"""Elementwise :math:`d^2 - 1 - 2\log|d|` from :math:`s = \text{scale} \cdot
-    \text{log\_abs\_d}`: ``expm1(2s) - 2s`` (the scale costs no extra operator)."""
+    \text{log\_abs\_d}`: ``expm1(2s) - 2s``, continued along its tangent above
+    :math:`2s = 40` (the scale costs no extra operator)."""
     two_s = (2.0 * scale) * log_abs_d
-    return torch.expm1(two_s) - two_s
+    t = two_s.clamp_max(U_CONTINUED)
+    # Each branch's gradient is exactly zero outside it (no cancellation of huge slopes).
+    return torch.expm1(t) - t + SLOPE_CONTINUED * (two_s - U_CONTINUED).clamp_min(0.0)
 
 
 class _KLJSum(torch.autograd.Function):
@@ -47,15 +66,18 @@ class _KLJSum(torch.autograd.Function):
         ctx.save_for_backward(s)
         ctx.two_scale = 2.0 * scale
         two_s = s * ctx.two_scale
-        return torch.expm1(two_s).sub_(two_s).sum()
+        t = two_s.clamp_max(U_CONTINUED)
+        terms = torch.expm1(t).sub_(t)
+        # Beyond u_c the tangent: slope * (u - u_c); exactly zero below it.
+        return terms.add_(two_s.sub_(t), alpha=SLOPE_CONTINUED).sum()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (s,) = ctx.saved_tensors
         k = ctx.two_scale
         if torch.is_grad_enabled():  # create_graph: out of place, so that it differentiates
-            return grad * k * torch.expm1(k * s), None
-        return (s * k).expm1_().mul_(grad * k), None
+            return grad * k * torch.expm1((k * s).clamp_max(U_CONTINUED)), None
+        return (s * k).clamp_max_(U_CONTINUED).expm1_().mul_(grad * k), None
 
 
 def klj_sum(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:

@@ -20,8 +20,12 @@ class AdapterMismatchError(KLJError, RuntimeError):
 
 
 class NonFiniteScaleError(KLJError, FloatingPointError):
-    """A captured Jacobian diagonal is NaN or infinite."""
+    """The penalty is not finite (raised with ``check_finite=True``); it names the layers."""
 
 
 class CompileOrderError(CaptureError):
     """Capture was attached after ``torch.compile``; its hooks would be silently skipped."""
+
+
+class NonFiniteScaleWarning(RuntimeWarning):
+    """The penalty is not finite (returned as it is); it names the layers."""

@@ -33,11 +33,21 @@ def _build(structure: _Structure, form: str, mean: bool) -> Callable[[list[Tenso
         it = iter(sources)
         records = [
             LayerRecord(
-                name,
-                kind,
-                tuple(Factor(next(it), *rest) for rest in factors),
-                None,
-                dim,
+                name=name,
+                kind=kind,
+                factors=tuple(
+                    Factor(
+                        source=next(it),
+                        log_abs=log_abs,
+                        repeat=repeat,
+                        raw=raw,
+                        activation=activation,
+                        scale=scale,
+                    )
+                    for log_abs, repeat, raw, activation, scale in factors
+                ),
+                log_det=None,
+                dim=dim,
             )
             for name, kind, dim, factors in structure
         ]

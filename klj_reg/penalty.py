@@ -24,12 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from .capture import attach, get_capture, unwrap
-from .checks import check
+from .capture import Capture, attach, get_capture, unwrap
+from .checks import FiniteWatch, check
 from .divergence import FORMS, divergence, mean_divergence
 from .errors import CaptureError, UnsupportedModelError
 from .fallback import exact_klj, hutchinson_klj
 from .fused import fused_divergence
+from .passes import Pass, batch_and_dim
 from .records import LayerRecord
 
 ESTIMATORS = ("capture", "exact", "hutchinson")
@@ -90,20 +91,39 @@ def _batch_of(records: list[LayerRecord]) -> int:
     sizes = {f.source.shape[0] for r in records for f in r.factors} - {1}
     if len(sizes) > 1:
         raise CaptureError(
-            f"captured layers disagree on the batch size ({sorted(sizes)}): the records mix "
-            "several forward passes. Call klj_reg.clear(model) before the training forward "
-            "pass, or compute the penalty right after it."
+            f"captured layers disagree on the batch size ({sorted(sizes)}) within one pass: a "
+            "layer ran on a batch of another size. Report the model; meanwhile use "
+            "estimator='hutchinson'."
         )
     return sizes.pop() if sizes else 1
 
 
-def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[list[LayerRecord], Any]:
+def _no_gradient(model: Any, found: Pass) -> CaptureError:
+    where = (
+        f"layers {', '.join(found.untracked[:3])} ran with gradients off inside it"
+        if found.grad
+        else "it ran with gradients off"
+    )
+    return CaptureError(
+        f"the captured {found.describe()} of {type(unwrap(model)).__name__} cannot give the "
+        f"penalty a gradient: {where} (torch.no_grad, or torch.utils.checkpoint with "
+        "use_reentrant=True, which runs the forward without gradients and again in backward). "
+        "Use torch.utils.checkpoint(..., use_reentrant=False); to log the value only, call the "
+        "penalty under torch.no_grad()."
+    )
+
+
+def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[Pass, Capture]:
     capture = get_capture(model)
     first_use = capture is None
     if capture is None:
         capture = attach(model)
-    if not capture.records:
+    found = capture.take_pass(x)
+    if found is None:
         if x is None:
+            no_grad = capture.book.latest_no_grad
+            if no_grad is not None and no_grad.records:
+                raise _no_gradient(model, no_grad)
             raise CaptureError(
                 f"no captured forward pass of {type(unwrap(model)).__name__} and no x: run "
                 "the model's forward pass (e.g. its log_prob) before klj_reg.penalty(model), "
@@ -119,18 +139,21 @@ def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[list[LayerRec
         if not first_use and not capture.warned_own_pass:
             capture.warned_own_pass = True
             warnings.warn(
-                "klj_reg.penalty found no captured forward pass and ran its own, which "
-                "doubles the cost of a step: call it after your own forward pass on x.",
+                "klj_reg.penalty found no captured forward pass on x and ran its own, which "
+                "doubles the cost of a step: call it after your own forward pass on x (pass "
+                "the same tensor object). If the model was compiled, attach before compiling.",
                 stacklevel=3,
             )
-        runner = _flow_fn(model, context)
-        runner(x)
-        if not capture.records:
+        _flow_fn(model, context)(x)
+        found = capture.take_pass(x)
+        if found is None or not found.records:
             raise CaptureError(
                 f"running {type(unwrap(model)).__name__} on x recorded no layer: the pass "
                 "did not go data-to-latent through any captured layer."
             )
-    return capture.take(), capture
+    if torch.is_grad_enabled() and (not found.grad or found.untracked):
+        raise _no_gradient(model, found)
+    return found, capture
 
 
 def penalty(
@@ -148,15 +171,17 @@ def penalty(
     check_finite: bool | None = None,
     fused: bool = False,
 ) -> Tensor:
-    r"""The KLJ penalty of ``model`` on the batch of its latest forward pass.
+    r"""The KLJ penalty of ``model`` on the captured pass that ran on ``x``.
 
     Args:
         model: A FrEIA, nflows, normflows or zuko model (or any module with registered
             adapters). With ``estimator="exact"|"hutchinson"``, any callable
             ``x -> (z, log_det)``.
-        x: The batch. Optional when a captured forward pass exists (it is then only used to
-            check the batch size and to read :math:`D`); if none exists, the penalty runs
-            the model on ``x`` itself, which doubles the cost (warned once).
+        x: The batch the model's pass ran on: the penalty reads that pass's records (found
+            by identity of the tensor given to the model; otherwise the only grad-mode pass
+            waiting, if ``x`` has its shape). ``None``: the latest grad-mode pass. If there
+            is no pass to read, the penalty runs the model on ``x`` itself, which doubles the
+            cost (warned once). :math:`D` is the pass's data dimension.
         alpha: Weight :math:`\alpha \ge 0`.
         tau: Weight :math:`\tau \ge 0` of :math:`\sum\|W\|_F^2` over coupling subnetworks
             (the paper's R1; weight decay plays the same role).
@@ -171,9 +196,10 @@ def penalty(
         context: Conditioning input, used only when the penalty runs its own pass.
         estimator: ``"capture"`` (default), or a fallback for models without an adapter:
             ``"exact"`` (full Jacobian, small D) or ``"hutchinson"`` (``n_samples`` probes).
-        check_finite: Raise :class:`NonFiniteScaleError` naming the layer when the penalty
-            is not finite. ``None`` checks on CPU always and on accelerators during the
-            first batches (while adapters are being verified), to avoid a sync per step.
+        check_finite: ``None`` (default): a non-finite penalty is returned as it is, with
+            a :class:`NonFiniteScaleWarning` naming the first layers whose Jacobian diagonal
+            is not finite (on CUDA read without blocking, a few steps later). ``True``:
+            raise :class:`NonFiniteScaleError` instead. ``False``: no check.
         fused: Compute the divergence through ``torch.compile`` (one fused kernel forward
             and backward instead of a few per layer; compiled once per model, which takes
             seconds). Worth it when the penalty is a visible share of a step.
@@ -193,32 +219,30 @@ def penalty(
         value = _reduce(per_sample, reduction, x.shape[0]) * scale
         return value + tau * _weight_norm(model) if reduction != "none" and tau else value
 
-    records, capture = _captured(model, x, context)
+    found, capture = _captured(model, x, context)
+    records = list(found.records.values())
     batch = _batch_of(records)
-    if x is not None and batch not in (1, x.shape[0]):
-        raise CaptureError(
-            f"the latest captured pass had batch size {batch} but x has {x.shape[0]}: "
-            "compute the penalty right after the forward pass on x (an evaluation pass in "
-            "between replaces the records; call klj_reg.clear(model) after it)."
-        )
-    dim = x.shape[1:].numel() if x is not None else max(r.dim for r in records)
-    if reduction == "mean":
-        value = (
-            fused_divergence(records, form, True, capture.compiled)
-            if fused
-            else mean_divergence(records, form)
-        )
+    _, dim = batch_and_dim(found)
+    if batch == 0 or (found.batch == 0):
+        value = _empty(records, reduction)
     else:
-        per_sample = (
-            fused_divergence(records, form, False, capture.compiled)
-            if fused
-            else divergence(records, form)
-        )
-        value = _reduce(per_sample, reduction, batch if x is None else x.shape[0])
-    value = value * (alpha / _normaliser(normaliser, form, dim, len(records)))
-    if check_finite is None:
-        check_finite = value.device.type == "cpu"
-    check(records, capture, value, check_finite)
+        if reduction == "mean":
+            value = (
+                fused_divergence(records, form, True, capture.compiled)
+                if fused
+                else mean_divergence(records, form)
+            )
+        else:
+            per_sample = (
+                fused_divergence(records, form, False, capture.compiled)
+                if fused
+                else divergence(records, form)
+            )
+            value = _reduce(per_sample, reduction, found.batch or batch)
+        value = value * (alpha / _normaliser(normaliser, form, dim, len(records)))
+        if value.device.type == "cuda" and capture.finite is None:
+            capture.finite = FiniteWatch()
+        check(records, capture.sites, value, check_finite, capture.finite)
     if tau and reduction != "none":
         weights = list(capture.subnet_parameters())
         if not weights:
@@ -228,6 +252,13 @@ def penalty(
             )
         value = value + tau * torch.stack([w.square().sum() for w in weights]).sum()
     return value
+
+
+def _empty(records: list[LayerRecord], reduction: str) -> Tensor:
+    """The penalty of an empty batch: 0 (an empty vector for ``reduction="none"``), still
+    connected to the captured tensors."""
+    zero = torch.stack([f.source.sum() for r in records for f in r.factors]).sum() * 0.0
+    return zero.reshape(1)[:0] if reduction == "none" else zero
 
 
 def _weight_norm(model: Any) -> Tensor:

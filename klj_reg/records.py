@@ -16,7 +16,7 @@ Map = Callable[[Tensor], Tensor]
 
 
 class Factor(NamedTuple):
-    r"""One triangular factor of a layer's Jacobian, with diagonal
+    r"""One triangular factor of a layer's Jacobian (built by keyword), with diagonal
     :math:`\log|d| = \text{scale} \cdot \text{activation}(\text{log\_abs}(\text{source}))`.
 
     Attributes:
@@ -61,7 +61,7 @@ class Factor(NamedTuple):
 
 
 class LayerRecord(NamedTuple):
-    """The factors of one layer, from its latest data-to-latent call.
+    """The factors of one layer, from one data-to-latent call (built by keyword).
 
     Attributes:
         name: The layer's path in the model (``named_modules``), e.g. ``"module_list.3"``.

@@ -1,33 +1,22 @@
-"""Which layer types klj-reg can read, and how to run a model's data-to-latent pass.
+"""Which layer types klj-reg can read, where a model's pass begins, and how to run one.
 
 Adapters for the four frameworks live in :mod:`klj_reg.adapters` and are imported lazily,
 the first time a model containing one of their classes is attached, so that
-``import klj_reg`` needs none of them.
+``import klj_reg`` needs none of them. Each registers its classes by name through a
+:class:`Registrar`, which skips the names a framework version lacks.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from types import ModuleType
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from .kit import Entry, Handle, Installer, Site, classes, first_tensor
 from .records import Factor
-
-if TYPE_CHECKING:
-    from .capture import Site
-
-
-class Handle(Protocol):
-    """Anything with ``remove()``, e.g. ``torch.utils.hooks.RemovableHandle``."""
-
-    def remove(self) -> None: ...
-
-
-Installer = Callable[[nn.Module, "Site"], Iterable[Handle]]
-"""Installs a layer's capture: hooks that call ``site.record(...)`` on data-to-latent calls."""
 
 Runner = Callable[[nn.Module, Tensor, Any], tuple[Tensor, Tensor]]
 """Runs a model's data-to-latent pass: ``(model, x, context) -> (z, log_det)``."""
@@ -38,10 +27,10 @@ FRAMEWORKS = {
     "normflows": "klj_reg.adapters.normflows",
     "zuko": "klj_reg.adapters.zuko",
 }
-DISTRIBUTIONS = {"FrEIA": "FrEIA", "nflows": "nflows", "normflows": "normflows", "zuko": "zuko"}
 
 _installers: dict[type, Installer] = {}
 _runners: dict[type, Runner] = {}
+_entries: dict[type, Entry] = {}
 _neutral: set[type] = set()
 _flow_bases: dict[type, str] = {}
 _loaded: set[str] = set()
@@ -54,15 +43,6 @@ def framework_of(cls: type) -> str | None:
         if top in FRAMEWORKS:
             return top
     return None
-
-
-def framework_version(framework: str) -> str:
-    """Installed version of a framework, e.g. ``"FrEIA 0.2"``."""
-    dist = DISTRIBUTIONS.get(framework, framework)
-    try:
-        return f"{framework} {importlib.metadata.version(dist)}"
-    except importlib.metadata.PackageNotFoundError:
-        return f"{framework} (version unknown)"
 
 
 def load_adapters(cls: type) -> None:
@@ -93,6 +73,13 @@ def runner_for(cls: type) -> Runner | None:
     return _lookup(_runners, cls)
 
 
+def entry_for(cls: type) -> Entry | None:
+    """The entry registered for ``cls`` or its nearest base class (``None``: the model's own
+    ``__call__``)."""
+    load_adapters(cls)
+    return _lookup(_entries, cls)
+
+
 def is_neutral(cls: type) -> bool:
     """True for layers whose factors are all exactly identity-like (permutations, reshapes,
     containers): their KLJ term is zero, so they need no capture."""
@@ -104,8 +91,63 @@ def flow_base(cls: type) -> str | None:
     return _lookup(_flow_bases, cls)
 
 
+T = TypeVar("T")
+
+
+class Registrar:
+    """One framework's registrations, by class name: each decorator or call looks the names
+    up in ``namespaces`` (modules, in order) and skips those this version lacks.
+
+    Example (inside an adapter module)::
+
+        framework = Registrar("FrEIA", Fm, Ff)
+
+        @framework.layers("GLOWCouplingBlock", "GINCouplingBlock")
+        def install_two_sided(block, site): ...
+    """
+
+    def __init__(self, framework: str, *namespaces: ModuleType | object) -> None:
+        self.framework = framework
+        self.namespaces = namespaces
+
+    def classes(self, *names: str) -> list[type]:
+        """The classes called ``names`` (those this version has)."""
+        return classes(self.namespaces, *names)
+
+    def _register(self, table: dict[type, T], names: tuple[str, ...]) -> Callable[[T], T]:
+        def decorate(fn: T) -> T:
+            for cls in self.classes(*names):
+                table[cls] = fn
+            return fn
+
+        return decorate
+
+    def layers(self, *names: str) -> Callable[[Installer], Installer]:
+        """Decorate the installer of the layers called ``names``."""
+        return self._register(_installers, names)
+
+    def runner(self, *names: str) -> Callable[[Runner], Runner]:
+        """Decorate how to run these models' data-to-latent pass (for a penalty with no
+        captured pass)."""
+        return self._register(_runners, names)
+
+    def entry(self, *names: str) -> Callable[[Entry], Entry]:
+        """Decorate where these models' data-to-latent pass begins and ends."""
+        return self._register(_entries, names)
+
+    def neutral(self, *names: str) -> None:
+        """Declare layers whose KLJ term is exactly zero (orthogonal or identity factors)."""
+        _neutral.update(self.classes(*names))
+
+    def flow_base(self, *names: str) -> None:
+        """Declare the framework's invertible-layer base classes (to warn about layers left
+        out)."""
+        for cls in self.classes(*names):
+            _flow_bases[cls] = self.framework
+
+
 def register_installer(layer_type: type, installer: Installer) -> None:
-    """Register a full installer for ``layer_type`` (what the framework adapters use)."""
+    """Register a full installer for ``layer_type``."""
     _installers[layer_type] = installer
 
 
@@ -119,26 +161,10 @@ def register_neutral(*layer_types: type) -> None:
     _neutral.update(layer_types)
 
 
-def register_flow_base(layer_type: type, framework: str) -> None:
-    """Declare a framework's invertible-layer base class, to warn about layers left out."""
-    _flow_bases[layer_type] = framework
-
-
 ScaleFn = Callable[
     [nn.Module, tuple[Any, ...], Any], "Tensor | Factor | Iterable[Tensor | Factor] | None"
 ]
 LogDetFn = Callable[[nn.Module, tuple[Any, ...], Any], Tensor]
-
-
-def _first_tensor(obj: Any) -> Tensor | None:
-    if isinstance(obj, Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def register_adapter(
@@ -177,20 +203,20 @@ def register_adapter(
         if subnets is not None:
             site.add_subnets(*subnets(module))
 
-        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            result = fn(mod, args, output)
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            result = fn(mod, args, out)
             if result is None:
                 return
             items = [result] if isinstance(result, (Tensor, Factor)) else list(result)
-            factors = [f if isinstance(f, Factor) else Factor(f) for f in items]
-            x = _first_tensor(args)
+            factors = [f if isinstance(f, Factor) else Factor(source=f) for f in items]
+            x = first_tensor(args)
             dim = (
                 x.shape[1:].numel()
                 if x is not None
                 else max(f.source.shape[1:].numel() for f in factors)
             )
-            site.record(factors, log_det(mod, args, output) if log_det else None, dim)
+            site.record(factors, log_det(mod, args, out) if log_det else None, dim)
 
-        return [site.forward_hook(module, hook)]
+        return [site.on_forward(module, hook)]
 
     register_installer(layer_type, install)

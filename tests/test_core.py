@@ -337,7 +337,7 @@ def test_batch_mismatch_is_detected() -> None:
     model = Stack()
     klj_reg.attach(model)
     model(torch.randn(8, 4))
-    with pytest.raises(klj_reg.CaptureError, match="batch size 8"):
+    with pytest.raises(klj_reg.CaptureError, match="ran on 8 samples"):
         klj_reg.penalty(model, torch.randn(4, 4))
 
 
@@ -431,8 +431,11 @@ def test_non_finite_scale_names_the_layer() -> None:
     with torch.no_grad():
         model.layers[2].net[-1].bias.fill_(float("nan"))
     model(torch.randn(4, 4))
-    with pytest.raises(klj_reg.NonFiniteScaleError, match=r"layers\.2"):
-        klj_reg.penalty(model)
+    with pytest.warns(klj_reg.NonFiniteScaleWarning, match=r"layers\.2 \(Coupling"):
+        assert klj_reg.penalty(model).isnan()  # returned as it is, like the NLL
+    model(torch.randn(4, 4))
+    with pytest.raises(klj_reg.NonFiniteScaleError, match=r"layers\.2 \(Coupling"):
+        klj_reg.penalty(model, check_finite=True)
 
 
 def test_attach_after_compile_is_detected() -> None:

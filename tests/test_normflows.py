@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import klj_reg
-from klj_reg import patch
+from klj_reg import hooks
 from tests.truth import assert_triangular
 
 nf = pytest.importorskip("normflows")
@@ -533,17 +533,17 @@ def test_sampling_records_nothing(context: bool) -> None:
 
 def test_detach_restores_the_patched_classes() -> None:
     model, loss_fn = training_model()
-    counts = {key: patch._patched.get(key, (None, None, 0))[2] for key in PATCHED}
+    counts = {key: hooks._patched.get(key, (None, None, 0))[2] for key in PATCHED}
     attach(model)
     for key in PATCHED:
         assert getattr(key[0].__dict__.get(key[1]), "_klj_wrapper", False), key
     klj_reg.detach(model)
     for key in PATCHED:
-        assert patch._patched.get(key, (None, None, 0))[2] == counts[key]
+        assert hooks._patched.get(key, (None, None, 0))[2] == counts[key]
         if counts[key] == 0:  # no other attached model holds the class
             assert key[0].__dict__.get(key[1]) is ORIGINAL[key], key
     for module in model.modules():
-        assert not any(module.__dict__.get(patch.INSTANCE_KEY, {}).values())
+        assert hooks.binding(module) is None
     x, c = batch(False)
     loss_fn(x, c)  # runs without the capture
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import klj_reg
-from klj_reg.patch import INSTANCE_KEY
+from klj_reg import hooks
 from klj_reg.records import Factor, LayerRecord
 
 BACKENDS = ("freia", "nflows", "normflows", "zuko")
@@ -137,7 +137,10 @@ def hook_count(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        total += sum(len(v) for v in m.__dict__.get(INSTANCE_KEY, {}).values())
+        found = hooks.binding(m)
+        if found is not None:
+            total += sum(len(v) for v in (*found.before.values(), *found.after.values()))
+            total += len(found.pre) + len(found.forward)
     return total
 
 

@@ -27,17 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import Site
-from ..errors import AdapterMismatchError
+from ..kit import Door, Handle, Site, mismatch, module_entry, returned_log_det
 from ..records import Factor
-from ..registry import (
-    Handle,
-    framework_version,
-    register_flow_base,
-    register_installer,
-    register_neutral,
-    register_runner,
-)
+from ..registry import Registrar
+
+framework = Registrar("FrEIA", Fm, Ff)
 
 
 def _rev_reader(block: Any) -> Callable[[tuple[Any, ...], dict[str, Any]], bool]:
@@ -53,18 +47,6 @@ def _rev_reader(block: Any) -> Callable[[tuple[Any, ...], dict[str, Any]], bool]
     return is_rev
 
 
-def _log_det(output: Any) -> Tensor | None:
-    log_det = output[1]
-    return log_det if isinstance(log_det, Tensor) else None
-
-
-def _stash(site: Site, subnet: nn.Module, key: str) -> Handle:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        site.state[key] = output
-
-    return site.forward_hook(subnet, hook)
-
-
 def _install_stashing(
     block: Any, site: Site, subnets: dict[str, nn.Module], factors: Callable[[], list[Factor]]
 ) -> list[Handle]:
@@ -73,12 +55,12 @@ def _install_stashing(
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs) and len(site.state) == len(subnets):
-            site.record(factors(), _log_det(output), args[0][0].shape[1:].numel())
+            site.record(factors(), returned_log_det(output), args[0][0].shape[1:].numel())
         site.state.clear()
 
     site.add_subnets(*subnets.values())
-    handles = [_stash(site, net, key) for key, net in subnets.items()]
-    return [*handles, site.forward_hook(block, hook, with_kwargs=True)]
+    handles = [site.stash(net, key) for key, net in subnets.items()]
+    return [*handles, site.on_forward(block, hook)]
 
 
 def _soft_clamp(block: Any, width: int, gin: bool) -> dict[str, Any]:
@@ -98,6 +80,7 @@ def _first(width: int) -> Callable[[Tensor], Tensor]:
     return lambda a: a[:, :width]
 
 
+@framework.layers("GLOWCouplingBlock", "GINCouplingBlock")
 def install_two_sided(block: Any, site: Site) -> list[Handle]:
     """GLOW / GIN: subnet2 scales the first half, then subnet1 scales the second."""
     gin = isinstance(block, Fm.GINCouplingBlock)
@@ -107,13 +90,14 @@ def install_two_sided(block: Any, site: Site) -> list[Handle]:
 
     def factors() -> list[Factor]:
         return [
-            Factor(site.state["a2"], raw=raw1, **first),
-            Factor(site.state["a1"], raw=raw2, **second),
+            Factor(source=site.state["a2"], raw=raw1, **first),
+            Factor(source=site.state["a1"], raw=raw2, **second),
         ]
 
     return _install_stashing(block, site, {"a2": block.subnet2, "a1": block.subnet1}, factors)
 
 
+@framework.layers("RNVPCouplingBlock")
 def install_rnvp(block: Any, site: Site) -> list[Handle]:
     """RNVP: separate scale subnets ``subnet_s2`` (first half) and ``subnet_s1`` (second)."""
     l1, l2 = block.split_len1, block.split_len2
@@ -122,8 +106,8 @@ def install_rnvp(block: Any, site: Site) -> list[Handle]:
 
     def factors() -> list[Factor]:
         return [
-            Factor(site.state["s2"], raw=raw1, **first),
-            Factor(site.state["s1"], raw=raw2, **second),
+            Factor(source=site.state["s2"], raw=raw1, **first),
+            Factor(source=site.state["s1"], raw=raw2, **second),
         ]
 
     subnets = {"s2": block.subnet_s2, "s1": block.subnet_s1}
@@ -131,13 +115,14 @@ def install_rnvp(block: Any, site: Site) -> list[Handle]:
     return _install_stashing(block, site, subnets, factors)
 
 
+@framework.layers("AffineCouplingOneSided", "ConditionalAffineTransform")
 def install_one_sided(block: Any, site: Site) -> list[Handle]:
     """AffineCouplingOneSided (second half scaled) and ConditionalAffineTransform (all)."""
     width = block.channels if isinstance(block, Fm.ConditionalAffineTransform) else block.split_len2
     fields, raw = _soft_clamp(block, width, False), _first(width)
 
     def factors() -> list[Factor]:
-        return [Factor(site.state["a"], raw=raw, **fields)]
+        return [Factor(source=site.state["a"], raw=raw, **fields)]
 
     return _install_stashing(block, site, {"a": block.subnet}, factors)
 
@@ -161,10 +146,10 @@ def _all_in_one_variant(block: Any) -> tuple[bool, bool]:
         s = block.clamp * torch.tanh(pre / block.clamp if over_clamp else pre)
         if torch.allclose(s.sum(), log_det.sum(), rtol=1e-4, atol=1e-4):
             return in_place, over_clamp
-    raise AdapterMismatchError(
-        f"AllInOneBlock of {framework_version('FrEIA')} computes its coupling scale in a way "
-        "klj-reg does not know (neither clamp*tanh(0.1 a) nor clamp*tanh(0.1 a / clamp)). "
-        "Please report it; meanwhile use estimator='hutchinson'."
+    raise mismatch(
+        "FrEIA",
+        "AllInOneBlock computes its coupling scale in a way klj-reg does not know (neither "
+        "clamp*tanh(0.1 a) nor clamp*tanh(0.1 a / clamp))",
     )
 
 
@@ -201,6 +186,7 @@ def _global_log(block: Any) -> dict[str, Any]:
     return {"log_abs": own_log}
 
 
+@framework.layers("AllInOneBlock")
 def install_all_in_one(block: Any, site: Site) -> list[Handle]:
     """AllInOneBlock: coupling factor on the second half, then the global scale."""
     in_place, over_clamp = _all_in_one_variant(block)
@@ -225,15 +211,16 @@ def install_all_in_one(block: Any, site: Site) -> list[Handle]:
         return 10.0 * a[:, :ch] if in_place else a[:, :ch]
 
     def factors() -> list[Factor]:
-        out = [Factor(site.state["a"], raw=raw, **coupling)]
+        out = [Factor(source=site.state["a"], raw=raw, **coupling)]
         if not block.GIN:
             pixels = int(torch.Size(block.dims_in[0][1:]).numel())
-            out.append(Factor(block.global_scale, repeat=pixels, **global_fields))
+            out.append(Factor(source=block.global_scale, repeat=pixels, **global_fields))
         return out
 
     return _install_stashing(block, site, {"a": block.subnet}, factors)
 
 
+@framework.layers("ActNorm")
 def install_act_norm(block: Any, site: Site) -> list[Handle]:
     """ActNorm: per-channel factor ``exp(scale)``, shared by every pixel and sample."""
     is_rev = _rev_reader(block)
@@ -241,12 +228,13 @@ def install_act_norm(block: Any, site: Site) -> list[Handle]:
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs):
-            factor = Factor(block.scale, None, pixels)
-            site.record([factor], _log_det(output), args[0][0].shape[1:].numel())
+            factor = Factor(source=block.scale, repeat=pixels)
+            site.record([factor], returned_log_det(output), args[0][0].shape[1:].numel())
 
-    return [site.forward_hook(block, hook, with_kwargs=True)]
+    return [site.on_forward(block, hook)]
 
 
+@framework.layers("HaarDownsampling", "HaarUpsampling")
 def install_uniform(block: Any, site: Site) -> list[Handle]:
     """Layers that are a uniform scale times an orthogonal map (Haar wavelets): the factor
     is ``log_det / D`` on every entry, read from the layer's own log-det."""
@@ -258,23 +246,32 @@ def install_uniform(block: Any, site: Site) -> list[Handle]:
             dim = x.shape[1:].numel()
             log_det = torch.as_tensor(output[1], dtype=x.dtype, device=x.device)
             per_entry = (log_det / dim).reshape(-1, 1)
-            site.record([Factor(per_entry, None, dim)], log_det, dim)
+            site.record([Factor(source=per_entry, repeat=dim)], log_det, dim)
 
-    return [site.forward_hook(block, hook, with_kwargs=True)]
+    return [site.on_forward(block, hook)]
 
 
+@framework.layers("OrthogonalTransform")
 def install_orthogonal(block: Any, site: Site) -> list[Handle]:
     """OrthogonalTransform: ``diag(exp(log_e(scaling))) R``; R contributes zero."""
     is_rev = _rev_reader(block)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not is_rev(args, kwargs):
-            factor = Factor(block.scaling, block._log_e)
-            site.record([factor], _log_det(output), args[0][0].shape[1:].numel())
+            factor = Factor(source=block.scaling, log_abs=block._log_e)
+            site.record([factor], returned_log_det(output), args[0][0].shape[1:].numel())
 
-    return [site.forward_hook(block, hook, with_kwargs=True)]
+    return [site.on_forward(block, hook)]
 
 
+@framework.entry("InvertibleModule")
+def entry(model: nn.Module, door: Door) -> list[Handle]:
+    """A FrEIA model's pass begins at its own call with ``rev=False``."""
+    is_rev = _rev_reader(model)
+    return module_entry(model, door, lambda args, kwargs: not is_rev(args, kwargs))
+
+
+@framework.runner("InvertibleModule")
 def run(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     """FrEIA's data-to-latent pass (``rev=False``): ``(z, log_det)``."""
     kwargs: dict[str, Any] = {}
@@ -287,44 +284,21 @@ def run(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     return out, log_det
 
 
-def _classes(*names: str) -> list[type]:
-    """FrEIA classes by name, skipping those this FrEIA version does not have."""
-    found = [getattr(Fm, n, None) or getattr(Ff, n, None) for n in names]
-    return [c for c in found if isinstance(c, type)]
-
-
-register_flow_base(Fm.InvertibleModule, "FrEIA")
-register_runner(Fm.InvertibleModule, run)
-for cls in _classes("GLOWCouplingBlock", "GINCouplingBlock"):
-    register_installer(cls, install_two_sided)
-for cls in _classes("RNVPCouplingBlock"):
-    register_installer(cls, install_rnvp)
-for cls in _classes("AffineCouplingOneSided", "ConditionalAffineTransform"):
-    register_installer(cls, install_one_sided)
-for cls in _classes("AllInOneBlock"):
-    register_installer(cls, install_all_in_one)
-for cls in _classes("ActNorm"):
-    register_installer(cls, install_act_norm)
-for cls in _classes("HaarDownsampling", "HaarUpsampling"):
-    register_installer(cls, install_uniform)
-for cls in _classes("OrthogonalTransform"):
-    register_installer(cls, install_orthogonal)
-register_neutral(
-    *_classes(
-        "SequenceINN",
-        "GraphINN",
-        "ReversibleGraphNet",
-        "ReversibleSequential",
-        "NICECouplingBlock",
-        "PermuteRandom",
-        "HouseholderPerm",
-        "IRevNetDownsampling",
-        "IRevNetUpsampling",
-        "Flatten",
-        "Reshape",
-        "Split",
-        "Concat",
-        "SplitChannel",
-        "ConcatChannel",
-    )
+framework.flow_base("InvertibleModule")
+framework.neutral(
+    "SequenceINN",
+    "GraphINN",
+    "ReversibleGraphNet",
+    "ReversibleSequential",
+    "NICECouplingBlock",
+    "PermuteRandom",
+    "HouseholderPerm",
+    "IRevNetDownsampling",
+    "IRevNetUpsampling",
+    "Flatten",
+    "Reshape",
+    "Split",
+    "Concat",
+    "SplitChannel",
+    "ConcatChannel",
 )

@@ -37,36 +37,35 @@ captured; attach warns about them.
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import nflows.flows.base as nflows_flows
 import nflows.transforms as T
 import nflows.transforms.autoregressive as nflows_autoregressive
 import nflows.transforms.coupling as nflows_coupling
 import nflows.transforms.splines as nflows_splines
 import torch
-from nflows.flows.base import Flow
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..capture import Site, mark_hook
 from ..errors import AdapterMismatchError
-from ..patch import after_method
-from ..records import Factor
-from ..registry import (
+from ..kit import (
+    Door,
     Handle,
-    framework_version,
-    is_neutral,
-    register_flow_base,
-    register_installer,
-    register_neutral,
-    register_runner,
+    Site,
+    direction_sign,
+    log_sigmoid_plus_2_eps,
+    mismatch,
+    module_entry,
+    warn_left_out,
 )
+from ..records import Factor
+from ..registry import Registrar, is_neutral, register_installer
+
+framework = Registrar("nflows", T, nflows_coupling, nflows_autoregressive, nflows_flows)
 
 Stash = dict[str, Any]
 """What one piece computed during the latest call: ``input``, ``training``, ``net``, ``lad``."""
@@ -103,12 +102,15 @@ class SplineTap:
         self.users = 0
 
     def listen(self, on: bool) -> None:
+        """Keep spline results from now on (``True``, forgetting the latest) or stop."""
         self.local.on = on
-        self.local.latest = None
+        if on:
+            self.local.latest = None
 
-    def take(self) -> Tensor | None:
+    def latest(self) -> Tensor | None:
+        """The log-derivative of the latest spline call since ``listen(True)`` (every site
+        of a layer shared by several models reads it)."""
         latest: Tensor | None = getattr(self.local, "latest", None)
-        self.local.latest = None
         return latest
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,11 +134,11 @@ class SplineTap:
                         self.originals[(namespace, name)] = fn
                         setattr(namespace, name, self._wrap(fn))
         if not self.originals:
-            raise AdapterMismatchError(
-                f"{framework_version('nflows')} has none of the spline functions klj-reg "
-                f"reads ({', '.join(SPLINE_FUNCTIONS)}) in nflows.transforms.splines: its "
-                "spline layers cannot be captured. Please report it with the version; "
-                "meanwhile use estimator='hutchinson'."
+            raise mismatch(
+                "nflows",
+                f"nflows has none of the spline functions klj-reg reads "
+                f"({', '.join(SPLINE_FUNCTIONS)}) in nflows.transforms.splines, so its spline "
+                "layers cannot be captured",
             )
         self.users += 1
         return _Release(self)
@@ -204,16 +206,6 @@ class Piece:
     name: str
 
 
-def _sign(inverse: bool) -> float:
-    """The scale of log|d| for a layer run in its forward (+1) or inverse (-1) direction."""
-    return -1.0 if inverse else 1.0
-
-
-def _log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
-    """log of nflows' default coupling scale ``sigmoid(u + 2) + 1e-3``."""
-    return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
-
-
 def _is_default_scale(layer: Any) -> bool:
     """Whether the layer's own ``_scale_and_shift`` is nflows' default scale of the second
     half, ``sigmoid(u + 2) + 1e-3``, on a range of ``u``."""
@@ -231,7 +223,7 @@ def _affine_coupling(layer: Any, inverse: bool) -> Read:
     """Scale of the layer's own ``_scale_and_shift`` (when it is nflows' default, probed
     here, the unconstrained half through one shared activation); raw: the unconstrained
     half."""
-    n, sign = layer.num_transform_features, _sign(inverse)
+    n, sign = layer.num_transform_features, direction_sign(inverse)
 
     def half(p: Tensor) -> Tensor:
         return p[:, n:]
@@ -239,21 +231,21 @@ def _affine_coupling(layer: Any, inverse: bool) -> Read:
     def scale(p: Tensor) -> Tensor:
         return layer._scale_and_shift(p)[0]
 
-    log_abs, activation = (half, _log_sigmoid_plus_2_eps) if _is_default_scale(layer) else (
+    log_abs, activation = (half, log_sigmoid_plus_2_eps) if _is_default_scale(layer) else (
         scale, torch.log
     )  # fmt: skip
 
     def read(stash: Stash) -> list[Factor]:
         params = stash["net"]
         raw = half if params.shape[1] > n else None
-        return [Factor(params, log_abs, 1, raw, activation, sign)]
+        return [Factor(source=params, log_abs=log_abs, raw=raw, activation=activation, scale=sign)]
 
     return read
 
 
 def _affine_autoregressive(layer: Any, inverse: bool) -> Read:
     """``softplus(u) + eps`` with ``u`` from the layer's ``_unconstrained_scale_and_shift``."""
-    sign = _sign(inverse)
+    sign = direction_sign(inverse)
 
     def unconstrained(p: Tensor) -> Tensor:
         return layer._unconstrained_scale_and_shift(p)[0]
@@ -262,7 +254,7 @@ def _affine_autoregressive(layer: Any, inverse: bool) -> Read:
         return torch.log(F.softplus(unconstrained(p)) + layer._epsilon)
 
     def read(stash: Stash) -> list[Factor]:
-        return [Factor(stash["net"], log_abs, 1, unconstrained, scale=sign)]
+        return [Factor(source=stash["net"], log_abs=log_abs, raw=unconstrained, scale=sign)]
 
     return read
 
@@ -271,7 +263,7 @@ def _elementwise(layer: Any, inverse: bool) -> Read:
     """The layer's own elementwise log|dy/dx|, already of the direction it ran in."""
 
     def read(stash: Stash) -> list[Factor]:
-        return [Factor(stash["lad"])]
+        return [Factor(source=stash["lad"])]
 
     return read
 
@@ -282,12 +274,12 @@ def _per_channel(stash: Stash, channels: int) -> int:
 
 
 def _act_norm(layer: Any, inverse: bool) -> Read:
-    sign = _sign(inverse)
+    sign = direction_sign(inverse)
 
     def read(stash: Stash) -> list[Factor]:
         scale = layer.log_scale
         repeat = _per_channel(stash, scale.numel())
-        return [Factor(scale.unsqueeze(0), repeat=repeat, scale=sign)]
+        return [Factor(source=scale.unsqueeze(0), repeat=repeat, scale=sign)]
 
     return read
 
@@ -304,8 +296,8 @@ def _batch_norm(layer: Any, inverse: bool) -> Read:
 
     def read(stash: Stash) -> list[Factor]:
         if stash["training"]:
-            return [Factor(stash["input"], batch_log_abs)]
-        return [Factor(layer.running_var.unsqueeze(0), log_abs)]
+            return [Factor(source=stash["input"], log_abs=batch_log_abs)]
+        return [Factor(source=layer.running_var.unsqueeze(0), log_abs=log_abs)]
 
     return read
 
@@ -318,8 +310,8 @@ def _pointwise_affine(layer: Any, inverse: bool) -> Read:
         shape = stash["input"].shape[1:]
         scale = layer._scale
         if scale.numel() == 1:
-            return [Factor(scale.reshape(1, 1), log_abs, shape.numel())]
-        return [Factor(scale.expand(shape).unsqueeze(0), log_abs)]
+            return [Factor(source=scale.reshape(1, 1), log_abs=log_abs, repeat=shape.numel())]
+        return [Factor(source=scale.expand(shape).unsqueeze(0), log_abs=log_abs)]
 
     return read
 
@@ -334,7 +326,8 @@ def _linear(diagonal: str, log_diagonal: Callable[[Any], Tensor]) -> Reader:
 
         def read(stash: Stash) -> list[Factor]:
             source = getattr(layer, diagonal).unsqueeze(0)
-            return [Factor(source, log_abs, _per_channel(stash, layer.features))]
+            repeat = _per_channel(stash, layer.features)
+            return [Factor(source=source, log_abs=log_abs, repeat=repeat)]
 
         return read
 
@@ -342,11 +335,8 @@ def _linear(diagonal: str, log_diagonal: Callable[[Any], Tensor]) -> Reader:
 
 
 def _find(name: str) -> type | None:
-    for module in (T, nflows_coupling, nflows_autoregressive):
-        found = getattr(module, name, None)
-        if isinstance(found, type):
-            return found
-    return None
+    found = framework.classes(name)
+    return found[0] if found else None
 
 
 def _kinds() -> dict[type, Kind]:
@@ -426,7 +416,7 @@ def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
         found: Stash = site.state.setdefault(key, {})
         return found
 
-    def keep_net(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+    def keep_net(module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Tensor) -> None:
         stash()["net"] = output
 
     def keep_lad(
@@ -439,18 +429,18 @@ def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
         found["input"] = _call_input(args, kwargs)
         found["training"] = module.training
         if kind.spline:
-            found["lad"] = TAP.take()
+            found["lad"] = TAP.latest()
 
     handles: list[Handle] = []
     site.add_subnets(*(n for a in SUBNETS if isinstance(n := getattr(layer, a, None), nn.Module)))
     if kind.net is not None:
-        handles.append(site.forward_hook(getattr(layer, kind.net), keep_net))
+        handles.append(site.on_forward(getattr(layer, kind.net), keep_net))
     if kind.method is not None:
-        handles.append(after_method(layer, kind.method, keep_lad))
+        handles.extend(site.watch_method(layer, kind.method, after=keep_lad))
     if piece.inverse:
-        handles.append(after_method(layer, "inverse", called))
+        handles.extend(site.watch_method(layer, "inverse", after=called))
     elif not direct:
-        handles.append(site.forward_hook(layer, called, with_kwargs=True))
+        handles.append(site.on_forward(layer, called))
     return handles
 
 
@@ -458,21 +448,11 @@ def _mismatch(piece: Piece, needs: tuple[str, ...], stash: Stash | None) -> Adap
     """The error for a call of ``piece`` that did not compute what its factors need."""
     absent = ", ".join(n for n in needs if stash is None or stash.get(n) is None)
     direction = "inverse" if piece.inverse else "forward"
-    return AdapterMismatchError(
-        f"{piece.name} ({type(piece.layer).__name__}, {framework_version('nflows')}) did not "
-        f"compute what klj-reg reads ({absent}) during its {direction} call: this version of "
-        "nflows computes the layer differently from what its klj-reg adapter expects. Please "
-        "report it with the version; meanwhile use estimator='hutchinson'."
+    return mismatch(
+        "nflows",
+        f"{piece.name} ({type(piece.layer).__name__}) did not compute what klj-reg reads "
+        f"({absent}) during its {direction} call",
     )
-
-
-def _caller_level() -> int:
-    """``stacklevel`` of the first frame outside klj_reg (the user's ``attach`` call)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    level, frame = 1, sys._getframe(1)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 def install(module: nn.Module, site: Site) -> list[Handle]:
@@ -480,13 +460,7 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     pieces: list[Piece] = []
     left: list[str] = []
     collect(module, False, site.name or "<model>", pieces, left)
-    if left:
-        warnings.warn(
-            "klj-reg does not regularise these invertible layers (no adapter): "
-            + ", ".join(left)
-            + ". Register them with klj_reg.register_adapter if they scale their input.",
-            stacklevel=_caller_level(),
-        )
+    warn_left_out(left)
     if not pieces:
         return []
     spline = any(p.kind.spline for p in pieces)
@@ -503,7 +477,7 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     for key, piece in zip(keys, pieces, strict=True):
         handles.extend(_tap(piece, key, site, direct))
 
-    def before(mod: nn.Module, args: tuple[Any, ...]) -> None:
+    def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         site.state.clear()
         if spline:
             TAP.listen(True)
@@ -525,11 +499,19 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
         site.record(factors, output[1], x.shape[1:].numel())
 
     if not direct or elsewhere:
-        handles.append(module.register_forward_pre_hook(mark_hook(before)))
-    handles.append(site.forward_hook(module, after, with_kwargs=True))
+        handles.append(site.on_pre(module, before))
+    handles.append(site.on_forward(module, after))
     return handles
 
 
+@framework.entry("Flow")
+def entry(model: Any, door: Door) -> list[Handle]:
+    """A ``Flow``'s pass is its ``_transform`` call (``log_prob``); sampling runs the
+    transform's ``inverse``, not a call."""
+    return module_entry(model._transform, door)
+
+
+@framework.runner("Flow")
 def run_flow(model: Any, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     """A ``Flow``'s data-to-noise pass: ``(noise, logabsdet)`` of its transform."""
     noise, log_det = model._transform(x, context=model._embedding_net(context))
@@ -542,16 +524,15 @@ def run_transform(model: Any, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     return noise, log_det
 
 
-register_flow_base(T.Transform, "nflows")
-register_runner(Flow, run_flow)
-register_runner(T.Transform, run_transform)
+framework.flow_base("Transform")
+framework.runner("Transform")(run_transform)
 for cls in [*KINDS, T.InverseTransform]:
     register_installer(cls, install)
-register_neutral(
-    *CONTAINERS,
-    *(
-        cls
-        for name in ("Permutation", "SqueezeTransform", "HouseholderSequence", "IdentityTransform")
-        if (cls := _find(name)) is not None
-    ),
+framework.neutral(
+    "CompositeTransform",
+    "MultiscaleCompositeTransform",
+    "Permutation",
+    "SqueezeTransform",
+    "HouseholderSequence",
+    "IdentityTransform",
 )

@@ -3,8 +3,8 @@ r"""normflows: affine and spline couplings, autoregressive flows, ActNorm, LU mi
 normflows' ``Flow.forward`` maps latent to data; training (``forward_kld``, ``log_prob``,
 ``inverse_and_log_det``) calls each layer's ``.inverse`` directly, never through
 ``Module.__call__``, so module hooks on the layers never fire. Each captured layer's
-``inverse`` is watched with :func:`klj_reg.patch.after_method` (class patch, per-instance
-dispatch) and records the layer from what it returned and what its subnetworks returned
+``inverse`` is watched with :meth:`klj_reg.kit.Site.watch_method` (class patch,
+per-instance dispatch) and records the layer from what it returned and what its subnetworks returned
 (these are called through ``__call__``, so forward hooks on them stash their outputs). Its
 ``forward`` is watched only to drop whatever a latent-to-data (sampling) call stashed.
 
@@ -72,30 +72,27 @@ from normflows.flows.mixing import (
     Permute,
     _Permutation,
 )
-from normflows.flows.neural_spline.wrapper import (
-    AutoregressiveRationalQuadraticSpline,
-    CircularAutoregressiveRationalQuadraticSpline,
-    CircularCoupledRationalQuadraticSpline,
-    CoupledRationalQuadraticSpline,
-)
 from normflows.flows.periodic import PeriodicShift, PeriodicWrap
 from normflows.flows.reshape import Merge, Split, Squeeze
 from normflows.utils import splines
 from torch import Tensor, nn
 
-from ..capture import Site
-from ..errors import AdapterMismatchError, CaptureError, UnsupportedModelError
-from ..patch import after_method
-from ..records import Factor, Map
-from ..registry import (
+from ..errors import CaptureError, UnsupportedModelError
+from ..kit import (
+    Door,
     Handle,
+    Site,
+    direction_sign,
+    first_tensor,
     framework_version,
-    is_neutral,
-    register_flow_base,
-    register_installer,
-    register_neutral,
-    register_runner,
+    log_sigmoid_plus_2_eps,
+    returned_log_det,
+    watch_method,
 )
+from ..records import Factor, Map
+from ..registry import Registrar, is_neutral, register_installer, register_neutral
+
+framework = Registrar("normflows", nf, nf.flows)
 
 Build = Callable[[tuple[Any, ...], dict[str, Any], Any], list[Factor]]
 """Builds a layer's factors from its data-to-latent call: ``(args, kwargs, output)``."""
@@ -104,27 +101,11 @@ Install = Callable[[Any, Site, bool], list[Handle]]
 """An installer taking ``reverse``: True when the layer's ``forward`` maps data to latent."""
 
 
-def _method(layer: Any, name: str, callback: Any) -> Handle:
-    """``after_method`` with a clear error when this normflows version lacks the method."""
-    if not callable(getattr(layer, name, None)):
-        raise AdapterMismatchError(
-            f"{type(layer).__name__} of {framework_version('normflows')} has no method "
-            f"{name!r}, which its klj-reg adapter watches. Please report it; meanwhile use "
-            "estimator='hutchinson'."
-        )
-    return after_method(layer, name, callback)
-
-
 def _dim(z: Any) -> int:
     """Jacobian diagonal length per sample: numel of one input (or of a [z1, z2] pair)."""
     if isinstance(z, (list, tuple)):
         return sum(t.shape[1:].numel() for t in z)
     return z.shape[1:].numel()
-
-
-def _log_det(output: Any) -> Tensor | None:
-    log_det = output[1] if isinstance(output, (tuple, list)) else None
-    return log_det if isinstance(log_det, Tensor) else None
 
 
 def _watch(layer: Any, site: Site, reverse: bool, build: Build, stashed: int = 0) -> list[Handle]:
@@ -137,12 +118,10 @@ def _watch(layer: Any, site: Site, reverse: bool, build: Build, stashed: int = 0
     def on_latent(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     ) -> None:
-        if module is not layer:  # a deepcopy of the layer carried this callback over
-            return
         try:
             if len(site.state) < stashed:
                 # A subclass calling super().inverse: the inner call already recorded.
-                if site.name not in site.capture.records:
+                if not site.recorded():
                     raise CaptureError(
                         f"{site.name or '<model>'} ({site.kind}) ran its data-to-latent "
                         "pass without calling its subnetwork through Module.__call__, so "
@@ -151,25 +130,17 @@ def _watch(layer: Any, site: Site, reverse: bool, build: Build, stashed: int = 0
                     )
                 return
             z = args[0] if args else next(iter(kwargs.values()))
-            site.record(build(args, kwargs, out), _log_det(out), _dim(z))
+            site.record(build(args, kwargs, out), returned_log_det(out), _dim(z))
         finally:
             site.state.clear()
 
     def on_data(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if module is layer:
-            site.state.clear()
+        site.state.clear()
 
-    return [_method(layer, to_latent, on_latent), _method(layer, to_data, on_data)]
-
-
-def _stash(site: Site, net: nn.Module, key: str, inputs: bool = False) -> Handle:
-    """Forward hook keeping a reference to ``net``'s output (or its first input)."""
-
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if module is net:
-            site.state[key] = args[0] if inputs else output
-
-    return site.forward_hook(net, hook)
+    return [
+        *site.watch_method(layer, to_latent, after=on_latent),
+        *site.watch_method(layer, to_data, after=on_data),
+    ]
 
 
 def _once(fn: Map) -> Map:
@@ -194,10 +165,6 @@ def _odd(p: Tensor) -> Tensor:
 
 def _log_sigmoid_plus_2(u: Tensor) -> Tensor:
     return F.logsigmoid(u + 2.0)
-
-
-def _log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
-    return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
 
 
 def _coupling_activation(layer: Any, site: Site) -> tuple[Map | None, float]:
@@ -227,9 +194,10 @@ def install_affine_coupling(layer: Any, site: Site, reverse: bool = False) -> li
     scale = -sign if reverse else sign
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(site.state["params"], _odd, 1, _odd, activation, scale)]
+        params = site.state["params"]
+        return [Factor(source=params, log_abs=_odd, raw=_odd, activation=activation, scale=scale)]
 
-    return [_stash(site, layer.param_map, "params"), *_watch(layer, site, reverse, build, 1)]
+    return [site.stash(layer.param_map, "params"), *_watch(layer, site, reverse, build, 1)]
 
 
 def install_masked_affine(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
@@ -238,7 +206,7 @@ def install_masked_affine(layer: Any, site: Site, reverse: bool = False) -> list
     site.add_subnets(*nets)
     if not isinstance(layer.s, nn.Module):
         return []  # no scale net: volume preserving, diagonal 1
-    sign = 1.0 if reverse else -1.0
+    sign = -direction_sign(reverse)
 
     def log_abs(s: Tensor) -> Tensor:
         return sign * (1 - layer.b) * s
@@ -247,24 +215,29 @@ def install_masked_affine(layer: Any, site: Site, reverse: bool = False) -> list
         return (1 - layer.b) * s + layer.b
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(site.state["s"], log_abs, 1, raw)]
+        return [Factor(source=site.state["s"], log_abs=log_abs, raw=raw)]
 
-    return [_stash(site, layer.s, "s"), *_watch(layer, site, reverse, build, 1)]
+    return [site.stash(layer.s, "s"), *_watch(layer, site, reverse, build, 1)]
 
 
 def install_maf(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
     """MaskedAffineAutoregressive: :math:`1/(\\sigma(u+2) + 10^{-3})`, last MADE output."""
     site.add_subnets(layer.autoregressive_net)
-    sign = 1.0 if reverse else -1.0
+    sign = -direction_sign(reverse)
 
     def raw(p: Tensor) -> Tensor:
         return layer._unconstrained_scale_and_shift(p)[0]
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(site.state["params"], raw, 1, raw, _log_sigmoid_plus_2_eps, sign)]
+        params = site.state["params"]
+        return [
+            Factor(
+                source=params, log_abs=raw, raw=raw, activation=log_sigmoid_plus_2_eps, scale=sign
+            )
+        ]
 
     net = layer.autoregressive_net
-    return [_stash(site, net, "params"), *_watch(layer, site, reverse, build, 1)]
+    return [site.stash(net, "params"), *_watch(layer, site, reverse, build, 1)]
 
 
 # Elementwise and linear layers --------------------------------------------------------------
@@ -272,19 +245,19 @@ def install_maf(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
 
 def install_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
     """ActNorm / AffineConstFlow: :math:`e^{-s}`, one per element of ``s``, shared."""
-    sign = 1.0 if reverse else -1.0
+    sign = -direction_sign(reverse)
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         s = layer.s
         repeat = args[0].shape[1:].numel() // s.shape[1:].numel()
-        return [Factor(s, repeat=repeat, scale=sign)]
+        return [Factor(source=s, repeat=repeat, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 
 
 def install_cc_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
     """CCAffineConst: :math:`e^{-s(y)}` per sample, ``s(y) = s + y @ s_cc``."""
-    sign = 1.0 if reverse else -1.0
+    sign = -direction_sign(reverse)
     shape = tuple(layer.shape)
 
     def log_abs(y: Tensor) -> Tensor:
@@ -293,7 +266,7 @@ def install_cc_affine_const(layer: Any, site: Site, reverse: bool = False) -> li
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         y = args[1] if len(args) > 1 else kwargs["y"]
         repeat = args[0].shape[1:].numel() // math.prod(shape)
-        return [Factor(y, log_abs, repeat)]
+        return [Factor(source=y, log_abs=log_abs, repeat=repeat)]
 
     return _watch(layer, site, reverse, build)
 
@@ -314,12 +287,12 @@ def install_lu_mixing(layer: Any, site: Site, reverse: bool = False) -> list[Han
     :math:`\\pm e^{\\log S}`, shared, repeated over pixels."""
     if not layer.use_lu:
         return _free_matrix(site)
-    sign = -1.0 if reverse else 1.0
+    sign = direction_sign(reverse)
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         log_s = layer.log_S.unsqueeze(0)
         repeat = args[0].shape[1:].numel() // log_s.numel()
-        return [Factor(log_s, repeat=repeat, scale=sign)]
+        return [Factor(source=log_s, repeat=repeat, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 
@@ -328,13 +301,13 @@ def install_lu_linear_permute(layer: Any, site: Site, reverse: bool = False) -> 
     """LULinearPermute: permutation, then :math:`L U`, :math:`U`'s diagonal
     ``softplus(u) + eps`` (the layer's own ``upper_diag``)."""
     linear = layer.linear
-    sign = -1.0 if reverse else 1.0
+    sign = direction_sign(reverse)
 
     def log_abs(u: Tensor) -> Tensor:
         return sign * torch.log(linear.upper_diag).unsqueeze(0)
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(linear.unconstrained_upper_diag.unsqueeze(0), log_abs)]
+        return [Factor(source=linear.unconstrained_upper_diag.unsqueeze(0), log_abs=log_abs)]
 
     return _watch(layer, site, reverse, build)
 
@@ -386,18 +359,17 @@ def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
     site.add_subnets(coupling.transform_net)
 
     def tap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if module is coupling:
-            site.state["transformed"] = out[1]
+        site.state["transformed"] = out[1]
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        factors = [Factor(site.state["transformed"])]
+        factors = [Factor(source=site.state["transformed"])]
         if "identity" in site.state:
-            factors.append(Factor(site.state["identity"], _cdf_log_abs(cdf)))
+            factors.append(Factor(source=site.state["identity"], log_abs=_cdf_log_abs(cdf)))
         return factors
 
-    handles = [_method(coupling, "_piecewise_cdf", tap)]
+    handles = site.watch_method(coupling, "_piecewise_cdf", after=tap)
     if cdf is not None:
-        handles.append(_stash(site, cdf, "identity", inputs=True))
+        handles.append(site.stash(cdf, "identity", inputs=True))
     return [*handles, *_watch(layer, site, False, build, 1 if cdf is None else 2)]
 
 
@@ -408,9 +380,8 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
     site.add_subnets(net)
     hidden = getattr(net, "hidden_features", None)
 
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if module is net:
-            site.state["params"] = (output, output._version)
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Tensor) -> None:
+        site.state["params"] = (output, output._version)
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         params, version = site.state["params"]
@@ -425,9 +396,9 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
                 w, h = w / math.sqrt(hidden), h / math.sqrt(hidden)
             return _spline_log_abs(ar, x, w, h, d)
 
-        return [Factor(params, _once(log_abs))]
+        return [Factor(source=params, log_abs=_once(log_abs))]
 
-    return [site.forward_hook(net, hook), *_watch(layer, site, False, build, 1)]
+    return [site.on_forward(net, hook), *_watch(layer, site, False, build, 1)]
 
 
 # Reverse ----------------------------------------------------------------------------------
@@ -452,9 +423,41 @@ def install_reverse(layer: Any, site: Site) -> list[Handle]:
     return []
 
 
-# Runner -----------------------------------------------------------------------------------
+# Entry and runner ---------------------------------------------------------------------------
+
+DATA_TO_LATENT = ("forward_kld", "log_prob", "inverse", "inverse_and_log_det")
+"""Model methods that run the data-to-latent pass (each calls its layers' ``inverse``)."""
 
 
+@framework.entry("NormalizingFlow", "MultiscaleFlow", "ClassCondFlow", "Flow")
+def entry(model: nn.Module, door: Door) -> list[Handle]:
+    """A model's pass is a call of one of its data-to-latent methods (the outermost, as
+    they call each other); a single layer's, its ``inverse`` (``forward`` for Reverse)."""
+    if isinstance(model, Flow):
+        names: tuple[str, ...] = ("forward",) if isinstance(model, Reverse) else ("inverse",)
+    else:
+        names = DATA_TO_LATENT + (("forward",) if isinstance(model, nf.MultiscaleFlow) else ())
+    depth = [0]
+
+    def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        depth[0] += 1
+        x = first_tensor(args) if args else first_tensor(tuple(kwargs.values()))
+        if depth[0] == 1 and x is not None:
+            door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+
+    def end(module: nn.Module) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            door.end()
+
+    handles: list[Handle] = []
+    for name in names:
+        if callable(getattr(model, name, None)):
+            handles.extend(watch_method(model, name, before=begin, final=end))
+    return handles
+
+
+@framework.runner("NormalizingFlow", "MultiscaleFlow", "ClassCondFlow", "Flow")
 def run(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     """normflows' data-to-latent pass: ``(z, log_det)``, through the model's own methods."""
     if isinstance(model, nf.MultiscaleFlow):
@@ -490,7 +493,19 @@ _AFFINE: dict[type, Install] = {
     InvertibleAffine: install_lu_mixing,
     LULinearPermute: install_lu_linear_permute,
 }
-_NEUTRAL = (
+
+framework.flow_base("Flow")
+for _cls, _install in _AFFINE.items():
+    _REVERSIBLE[_cls] = _install
+    register_installer(_cls, _with_direction(_install))
+framework.layers("CoupledRationalQuadraticSpline", "CircularCoupledRationalQuadraticSpline")(
+    install_coupled_spline
+)
+framework.layers(
+    "AutoregressiveRationalQuadraticSpline", "CircularAutoregressiveRationalQuadraticSpline"
+)(install_autoregressive_spline)
+framework.layers("Reverse")(install_reverse)
+register_neutral(
     Permute,
     Split,
     Merge,
@@ -503,16 +518,3 @@ _NEUTRAL = (
     AffineCouplingBlock,
     GlowBlock,
 )
-
-register_flow_base(Flow, "normflows")
-for _model in (nf.NormalizingFlow, nf.MultiscaleFlow, nf.ClassCondFlow, Flow):
-    register_runner(_model, run)
-for _cls, _install in _AFFINE.items():
-    _REVERSIBLE[_cls] = _install
-    register_installer(_cls, _with_direction(_install))
-for _cls in (CoupledRationalQuadraticSpline, CircularCoupledRationalQuadraticSpline):
-    register_installer(_cls, install_coupled_spline)
-for _cls in (AutoregressiveRationalQuadraticSpline, CircularAutoregressiveRationalQuadraticSpline):
-    register_installer(_cls, install_autoregressive_spline)
-register_installer(Reverse, install_reverse)
-register_neutral(*_NEUTRAL)

@@ -34,7 +34,6 @@ collector.)
 from __future__ import annotations
 
 import importlib
-import warnings
 import weakref
 from collections.abc import Callable
 from types import ModuleType
@@ -48,17 +47,10 @@ from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 from torch.distributions.utils import _sum_rightmost
 
-from ..capture import Site
 from ..errors import AdapterMismatchError
+from ..kit import Door, Handle, Site, mismatch, on_forward, warn_left_out
 from ..records import Factor
-from ..registry import (
-    Handle,
-    framework_version,
-    register_flow_base,
-    register_installer,
-    register_neutral,
-    register_runner,
-)
+from ..registry import Registrar, register_installer
 
 
 def _lazy_module() -> ModuleType:
@@ -69,11 +61,12 @@ def _lazy_module() -> ModuleType:
         return importlib.import_module("zuko.flows.core")
 
 
+framework = Registrar("zuko", _lazy_module(), zuko.flows, zuko.transforms)
+
+
 def _classes(*names: str) -> tuple[Any, ...]:
     """zuko classes by name, skipping those this zuko version does not have."""
-    places = (_lazy_module(), zuko.flows, zuko.transforms)
-    found = [next((getattr(m, n) for m in places if hasattr(m, n)), None) for n in names]
-    return tuple(c for c in found if isinstance(c, type))
+    return tuple(framework.classes(*names))
 
 
 (Flow,) = _classes("Flow")
@@ -109,11 +102,7 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _mismatch(site: Site, what: str) -> AdapterMismatchError:
-    return AdapterMismatchError(
-        f"{site.name or '<model>'} ({site.kind}, {framework_version('zuko')}): {what}; this "
-        "version of zuko computes the layer differently from what klj-reg's adapter expects. "
-        "Please report it with the version above; meanwhile use estimator='hutchinson'."
-    )
+    return mismatch("zuko", f"{site.label}: {what}")
 
 
 def _method(obj: Any, name: str) -> Callable[..., Any]:
@@ -176,7 +165,7 @@ def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool)
             raise _mismatch(site, "no elementwise log-determinant was computed in call_and_ladj")
         features = x.shape[-1]
         log_abs = cell[-1]
-        factor = Factor(_rows(log_abs, log_abs.shape[-1]), scale=-1.0 if negate else 1.0)
+        factor = Factor(source=_rows(log_abs, log_abs.shape[-1]), scale=-1.0 if negate else 1.0)
         site.record([factor], _flat(ladj), features)
         cell.clear()
         return y, ladj
@@ -191,7 +180,7 @@ def _record_elementwise(site: Site, transform: Any) -> None:
     def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
         y, ladj = original(x)
         features = x.shape[-1] if x.dim() else 1
-        site.record([Factor(_rows(ladj.expand(x.shape), features))], None, features)
+        site.record([Factor(source=_rows(ladj.expand(x.shape), features))], None, features)
         return y, ladj
 
     transform.call_and_ladj = call_and_ladj
@@ -211,7 +200,7 @@ def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
         y, ladj = original(x)
         features = x.shape[-1]
         diag = torch.diagonal(lower, dim1=-2, dim2=-1)
-        site.record([Factor(_rows(diag, features), log_abs)], _flat(ladj), features)
+        site.record([Factor(source=_rows(diag, features), log_abs=log_abs)], _flat(ladj), features)
         return y, ladj
 
     transform.call_and_ladj = call_and_ladj
@@ -221,12 +210,7 @@ def _left_out(site: Site, transform: Transform) -> None:
     if site.state.get("warned"):
         return
     site.state["warned"] = True
-    warnings.warn(
-        f"klj-reg cannot read the Jacobian of {site.name or '<model>'} ({site.kind}), which "
-        f"returns a {type(transform).__name__}: it is left out of the penalty. Register the "
-        "module with klj_reg.register_adapter, or use estimator='hutchinson'.",
-        stacklevel=3,
-    )
+    warn_left_out([site.label], f"it returns a {type(transform).__name__}")
 
 
 def decorate(site: Site, transform: Any) -> None:
@@ -261,10 +245,10 @@ def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
     if isinstance(hyper, nn.Module):
         site.add_subnets(hyper)
 
-    def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         decorate(site, output)
 
-    return [site.forward_hook(module, hook)]
+    return [site.on_forward(module, hook)]
 
 
 def register_lazy_transform(layer_type: type) -> None:
@@ -274,6 +258,35 @@ def register_lazy_transform(layer_type: type) -> None:
     register_installer(layer_type, install_lazy)
 
 
+def _open(door: Door, output: Any) -> None:
+    """Make ``transform.call_and_ladj(x)`` (the whole flow's data-to-latent call) a pass."""
+    if not isinstance(output, Transform):
+        return
+    transform: Any = output
+    original = _method(transform, "call_and_ladj")
+
+    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
+        door.begin(x, x.shape[:-1].numel() if x.dim() else 1, x.shape[-1] if x.dim() else 1)
+        try:
+            return original(x)
+        finally:
+            door.end()
+
+    transform.call_and_ladj = call_and_ladj
+
+
+@framework.entry("Flow", "LazyTransform")
+def entry(model: nn.Module, door: Door) -> list[Handle]:
+    """A Flow's pass is ``flow(c).log_prob(x)``'s ``transform.call_and_ladj(x)``; a
+    LazyTransform's, ``t(c).call_and_ladj(x)``."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        _open(door, output.transform if isinstance(model, Flow) else output)
+
+    return [on_forward(model, hook)]
+
+
+@framework.runner("Flow")
 def run_flow(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     """A Flow's data-to-latent pass, as in ``log_prob``: ``(z, ladj)``."""
     dist: Any = model(context)
@@ -281,15 +294,14 @@ def run_flow(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]
     return z, _sum_rightmost(ladj, dist.reinterpreted)
 
 
+@framework.runner("LazyTransform")
 def run_transform(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     """A LazyTransform's ``t(c).call_and_ladj(x)``, ladj summed over the event: ``(z, ladj)``."""
     z, ladj = model(context).call_and_ladj(x)
     return z, _sum_rightmost(ladj, max(ladj.dim() - x.dim() + 1, 0))
 
 
-register_flow_base(LazyTransform, "zuko")
-register_runner(Flow, run_flow)
-register_runner(LazyTransform, run_transform)
+framework.flow_base("LazyTransform")
 for cls in CAPTURED:
     register_lazy_transform(cls)
-register_neutral(*_classes("Flow", "LazyComposedTransform"))
+framework.neutral("Flow", "LazyComposedTransform")

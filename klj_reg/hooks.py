@@ -1,0 +1,297 @@
+"""Hooks that find what to do through the module they run on.
+
+Every module klj-reg watches carries one :class:`Binding` in its ``__dict__`` and at most one
+dispatcher per kind of hook (forward pre-hook, forward hook) in torch's hook tables. A
+dispatcher is a module-level callable holding nothing: when it runs, it looks the module's
+binding up and calls the callbacks there. A method that frameworks call directly rather than
+through ``Module.__call__`` (normflows' ``flow.inverse``) is watched the same way: its class
+attribute is wrapped once (:func:`watch_method`) and the wrapper dispatches to the callbacks
+of the instance it runs on.
+
+A binding's copy is empty: ``copy.deepcopy`` (EMA and SWA copies, ``AveragedModel``) and
+``pickle`` (``torch.save(model)``) carry the dispatchers over, which then find nothing to call,
+so a copy never records into the original's capture, and the records (tensors inside the
+user's autograd graph) are never copied.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+KEY = "_klj_binding"
+
+Callback = Callable[..., Any]
+"""``pre``: ``(module, args, kwargs)``; ``forward``: ``(module, args, kwargs, output)``;
+methods: ``before`` ``(module, args, kwargs)``, ``after`` ``(module, args, kwargs, output)``,
+``final`` ``(module)``."""
+
+
+class Binding:
+    """What klj-reg keeps on one module: the callbacks its dispatchers call, and on the root
+    of an attached model, its capture. Copies (``deepcopy``, ``pickle``) are empty."""
+
+    __slots__ = ("pre", "forward", "ended", "before", "after", "final", "handles", "capture")
+
+    def __init__(self) -> None:
+        self.pre: list[Callback] = []
+        self.forward: list[Callback] = []
+        self.ended: list[Callback] = []
+        self.before: dict[str, list[Callback]] = {}
+        self.after: dict[str, list[Callback]] = {}
+        self.final: dict[str, list[Callback]] = {}
+        self.handles: dict[str, Any] = {}
+        self.capture: Any = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Binding:
+        return Binding()
+
+    def __copy__(self) -> Binding:
+        return Binding()
+
+    def __reduce__(self) -> tuple[type[Binding], tuple[()]]:
+        return Binding, ()
+
+    def empty(self) -> bool:
+        """No callback and no capture left."""
+        return not (
+            self.pre
+            or self.forward
+            or self.ended
+            or any(self.before.values())
+            or any(self.after.values())
+            or any(self.final.values())
+            or self.capture is not None
+        )
+
+
+def binding(module: nn.Module) -> Binding | None:
+    """The module's binding, or ``None``."""
+    found: Binding | None = module.__dict__.get(KEY)
+    return found
+
+
+def bind(module: nn.Module) -> Binding:
+    """The module's binding, created on first use."""
+    found = module.__dict__.get(KEY)
+    if not isinstance(found, Binding):
+        found = module.__dict__[KEY] = Binding()
+    return found
+
+
+class PreDispatch:
+    """A forward pre-hook (with kwargs) calling the module's ``pre`` callbacks."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        found = module.__dict__.get(KEY)
+        if found is not None:
+            for fn in found.pre:
+                fn(module, args, kwargs)
+
+
+class ForwardDispatch:
+    """A forward hook (with kwargs) calling the module's ``forward`` callbacks."""
+
+    __slots__ = ()
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        found = module.__dict__.get(KEY)
+        if found is not None:
+            for fn in found.forward:
+                fn(module, args, kwargs, output)
+
+
+class EndDispatch:
+    """A forward hook run whether the call returns or raises (``always_call``), calling the
+    module's ``ended`` callbacks with the module."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        found = module.__dict__.get(KEY)
+        if found is not None:
+            for fn in found.ended:
+                fn(module)
+
+
+DISPATCHERS = (PreDispatch, ForwardDispatch, EndDispatch)
+_KINDS = {"pre": PreDispatch, "forward": ForwardDispatch, "ended": EndDispatch}
+
+
+def _install_dispatcher(module: nn.Module, found: Binding, kind: str) -> None:
+    if kind in found.handles:
+        return
+    cls = _KINDS[kind]
+    # A copy of a watched module carries a dispatcher over: replace it.
+    table = module._forward_pre_hooks if kind == "pre" else module._forward_hooks
+    for key, hook in list(table.items()):
+        if type(hook) is cls:
+            del table[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+    if kind == "pre":
+        found.handles[kind] = module.register_forward_pre_hook(PreDispatch(), with_kwargs=True)
+    elif kind == "forward":
+        found.handles[kind] = module.register_forward_hook(ForwardDispatch(), with_kwargs=True)
+    else:
+        found.handles[kind] = module.register_forward_hook(EndDispatch(), always_call=True)
+
+
+class Handle:
+    """Removes one callback; the module's dispatcher (or method wrapper) goes with the last."""
+
+    __slots__ = ("module", "kind", "name", "fn")
+
+    def __init__(self, module: nn.Module, kind: str, name: str | None, fn: Callback) -> None:
+        self.module, self.kind, self.name, self.fn = module, kind, name, fn
+
+    def remove(self) -> None:
+        found = binding(self.module)
+        if found is None:
+            return
+        if self.name is None:
+            callbacks: list[Callback] = getattr(found, self.kind)
+            if self.fn in callbacks:
+                callbacks.remove(self.fn)
+            if not callbacks and self.kind in found.handles:
+                found.handles.pop(self.kind).remove()
+        else:
+            table: dict[str, list[Callback]] = getattr(found, self.kind)
+            callbacks = table.get(self.name, [])
+            if self.fn in callbacks:
+                callbacks.remove(self.fn)
+                _release_method(type(self.module), self.name)
+        if found.empty():
+            self.module.__dict__.pop(KEY, None)
+
+
+def on_pre(module: nn.Module, fn: Callback) -> Handle:
+    """Call ``fn(module, args, kwargs)`` before each ``module(...)``."""
+    found = bind(module)
+    _install_dispatcher(module, found, "pre")
+    found.pre.append(fn)
+    return Handle(module, "pre", None, fn)
+
+
+def on_forward(module: nn.Module, fn: Callback) -> Handle:
+    """Call ``fn(module, args, kwargs, output)`` after each ``module(...)``."""
+    found = bind(module)
+    _install_dispatcher(module, found, "forward")
+    found.forward.append(fn)
+    return Handle(module, "forward", None, fn)
+
+
+def on_end(module: nn.Module, fn: Callback) -> Handle:
+    """Call ``fn(module)`` after each ``module(...)``, whether it returns or raises."""
+    found = bind(module)
+    _install_dispatcher(module, found, "ended")
+    found.ended.append(fn)
+    return Handle(module, "ended", None, fn)
+
+
+# Methods called directly --------------------------------------------------------------------
+
+_patched: dict[tuple[type, str], tuple[Any, bool, int]] = {}
+"""(class, method) -> (original attribute, whether the class defined it, callbacks using it)."""
+
+
+def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        found = self.__dict__.get(KEY)
+        # Only the outermost wrapper dispatches (a patched subclass may call super().name).
+        if found is None or getattr(type(self), name) is not wrapper:
+            return original(self, *args, **kwargs)
+        for fn in found.before.get(name, ()):
+            fn(self, args, kwargs)
+        final = found.final.get(name)
+        if not final:
+            out = original(self, *args, **kwargs)
+        else:
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                for fn in final:
+                    fn(self)
+        for fn in found.after.get(name, ()):
+            fn(self, args, kwargs, out)
+        return out
+
+    wrapper._klj_wrapper = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _patch_method(cls: type, name: str) -> None:
+    key = (cls, name)
+    if key in _patched:
+        original, had_own, count = _patched[key]
+        _patched[key] = (original, had_own, count + 1)
+        return
+    had_own = name in cls.__dict__
+    original = cls.__dict__[name] if had_own else getattr(cls, name)
+    _patched[key] = (original, had_own, 1)
+    setattr(cls, name, _wrap(getattr(cls, name), name))
+
+
+def _release_method(cls: type, name: str) -> None:
+    key = (cls, name)
+    if key not in _patched:
+        return
+    original, had_own, count = _patched[key]
+    if count > 1:
+        _patched[key] = (original, had_own, count - 1)
+        return
+    del _patched[key]
+    if had_own:
+        setattr(cls, name, original)
+    else:
+        delattr(cls, name)
+
+
+def watch_method(
+    module: nn.Module,
+    name: str,
+    *,
+    before: Callback | None = None,
+    after: Callback | None = None,
+    final: Callback | None = None,
+) -> list[Handle]:
+    """Call ``before(module, args, kwargs)``, ``after(module, args, kwargs, output)`` (when
+    it returns) and ``final(module)`` (whether it returns or raises, before ``after``) around
+    each ``module.<name>(...)``, a method the framework calls directly."""
+    found = bind(module)
+    handles = []
+    for kind, fn in (("before", before), ("after", after), ("final", final)):
+        if fn is None:
+            continue
+        _patch_method(type(module), name)
+        table: dict[str, list[Callback]] = getattr(found, kind)
+        table.setdefault(name, []).append(fn)
+        handles.append(Handle(module, kind, name, fn))
+    return handles
+
+
+def strip_inert(module: nn.Module) -> None:
+    """Remove the dispatchers and empty bindings that copies of watched modules carried over
+    (modules watched for another attached model keep theirs)."""
+    for sub in module.modules():
+        found = binding(sub)
+        if found is not None and not found.empty():
+            continue
+        sub.__dict__.pop(KEY, None)
+        for table, kwargs in (
+            (sub._forward_pre_hooks, sub._forward_pre_hooks_with_kwargs),
+            (sub._forward_hooks, sub._forward_hooks_with_kwargs),
+        ):
+            for key in [k for k, hook in table.items() if isinstance(hook, DISPATCHERS)]:
+                del table[key]
+                kwargs.pop(key, None)
+                sub._forward_hooks_always_called.pop(key, None)

@@ -1,0 +1,277 @@
+"""The adapter kit: what an adapter may touch, and the helpers every adapter needs.
+
+An adapter installs, for each supported layer, callbacks that read tensors the layer computes
+anyway and call :meth:`Site.record` on data-to-latent calls. It touches the model only
+through a :class:`Site`: :meth:`Site.on_forward` / :meth:`Site.on_pre` (module hooks),
+:meth:`Site.watch_method` (a method the framework calls directly), :meth:`Site.stash` (keep a
+subnetwork's output for the layer's own callback), :attr:`Site.state` (what one call
+stashed), :meth:`Site.add_subnets` (weights ``tau`` regularises). It never stores anything
+on the model: callbacks live in the capture, and the hooks find them through the module
+they run on (:mod:`klj_reg.hooks`), so copies and pickles of a model carry none of them.
+
+This module imports no framework and nothing else of klj-reg's but its leaves.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from . import hooks
+from .errors import AdapterMismatchError
+from .records import Factor, LayerRecord
+
+MAX_CHECKS = 100
+"""Batches on which a layer is checked against its own log-det while its scales are ~1."""
+
+DISTRIBUTIONS = {"FrEIA": "FrEIA", "nflows": "nflows", "normflows": "normflows", "zuko": "zuko"}
+
+
+class Handle(Protocol):
+    """Anything with ``remove()``, e.g. ``torch.utils.hooks.RemovableHandle``."""
+
+    def remove(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where a site's records go: its capture's current pass."""
+
+    def record(self, site: Site, record: LayerRecord) -> None: ...
+
+    def has_record(self, site: Site) -> bool: ...
+
+
+class Door(Protocol):
+    """A model's entry: its adapter calls ``begin`` when a data-to-latent pass of the model
+    starts on ``inputs`` (``batch`` samples of dimension ``dim``) and ``end`` when it ends."""
+
+    def begin(self, inputs: Tensor, batch: int, dim: int) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class Site:
+    """One captured layer, as its adapter sees it.
+
+    Attributes:
+        name: The layer's path in the model (``named_modules``); ``""`` for the model itself.
+        module: The layer.
+        kind: The layer's class name, for messages.
+        framework: The framework that defines it (``"user"`` for registered layers).
+        state: What the current call stashed (subnetwork outputs); cleared by the adapter.
+        subnets: The layer's coupling subnetworks (for ``tau``).
+        checks_left: Batches on which the layer is still checked against its own log-det.
+    """
+
+    __slots__ = ("sink", "name", "module", "kind", "framework", "state", "subnets", "checks_left")
+
+    def __init__(self, sink: Sink, name: str, module: nn.Module, framework: str) -> None:
+        self.sink = sink
+        self.name = name
+        self.module = module
+        self.kind = type(module).__name__
+        self.framework = framework
+        self.state: dict[str, Any] = {}
+        self.subnets: list[nn.Module] = []
+        self.checks_left = MAX_CHECKS
+
+    @property
+    def label(self) -> str:
+        """``name (Kind)`` for messages."""
+        return f"{self.name or '<model>'} ({self.kind})"
+
+    def record(self, factors: Iterable[Factor], log_det: Tensor | None, dim: int) -> None:
+        """Record this layer's factors from the call that just ran."""
+        self.sink.record(
+            self,
+            LayerRecord(
+                name=self.name, kind=self.kind, factors=tuple(factors), log_det=log_det, dim=dim
+            ),
+        )
+
+    def recorded(self) -> bool:
+        """Whether this layer already recorded in the pass in progress."""
+        return self.sink.has_record(self)
+
+    def on_forward(self, module: nn.Module, fn: hooks.Callback) -> Handle:
+        """Call ``fn(module, args, kwargs, output)`` after each ``module(...)``."""
+        return hooks.on_forward(module, fn)
+
+    def on_pre(self, module: nn.Module, fn: hooks.Callback) -> Handle:
+        """Call ``fn(module, args, kwargs)`` before each ``module(...)``."""
+        return hooks.on_pre(module, fn)
+
+    def watch_method(
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        before: hooks.Callback | None = None,
+        after: hooks.Callback | None = None,
+        final: hooks.Callback | None = None,
+    ) -> list[Handle]:
+        """Callbacks around ``module.<name>(...)``, a method the framework calls directly;
+        raises :class:`AdapterMismatchError` if this framework version lacks it."""
+        if not callable(getattr(module, name, None)):
+            raise mismatch(
+                self.framework,
+                f"{type(module).__name__} has no method {name!r}, which its klj-reg adapter "
+                "watches",
+            )
+        return list(hooks.watch_method(module, name, before=before, after=after, final=final))
+
+    def stash(self, net: nn.Module, key: str, *, inputs: bool = False) -> Handle:
+        """Keep a reference to ``net``'s output (or its first input) in ``state[key]``."""
+        state = self.state
+
+        def keep(module: nn.Module, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
+            state[key] = args[0] if inputs else out
+
+        return self.on_forward(net, keep)
+
+    def add_subnets(self, *modules: nn.Module) -> None:
+        """Mark the layer's coupling subnetworks, whose weights ``tau`` regularises."""
+        self.subnets.extend(modules)
+
+
+# Helpers ------------------------------------------------------------------------------------
+
+
+def returned_log_det(output: Any, index: int = 1) -> Tensor | None:
+    """The log-determinant a layer returned as ``output[index]``, or ``None``."""
+    if not isinstance(output, (tuple, list)) or len(output) <= index:
+        return None
+    log_det = output[index]
+    return log_det if isinstance(log_det, Tensor) else None
+
+
+def first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor in a (nested) tuple or list of arguments."""
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def direction_sign(inverse: bool) -> float:
+    """The scale of log|d| for a layer run in its forward (+1) or inverse (-1) direction."""
+    return -1.0 if inverse else 1.0
+
+
+def classes(namespaces: Iterable[ModuleType | object], *names: str) -> list[type]:
+    """The classes called ``names`` in the first namespace that has each, skipping the names
+    this version of the framework lacks."""
+    spaces = list(namespaces)
+    found = []
+    for name in names:
+        cls = next((getattr(ns, name) for ns in spaces if hasattr(ns, name)), None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return found
+
+
+def framework_version(framework: str) -> str:
+    """Installed version of a framework, e.g. ``"FrEIA 0.2"``."""
+    dist = DISTRIBUTIONS.get(framework, framework)
+    try:
+        return f"{framework} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{framework} (version unknown)"
+
+
+def mismatch(framework: str, what: str) -> AdapterMismatchError:
+    """The error for a layer computed differently from what its adapter expects."""
+    return AdapterMismatchError(
+        f"{what} ({framework_version(framework)}): this version of {framework} computes the "
+        "layer differently from what its klj-reg adapter expects. Please report it with the "
+        "version; meanwhile use estimator='hutchinson'."
+    )
+
+
+def caller_level() -> int:
+    """``stacklevel`` of the first frame outside klj_reg (the user's ``attach`` call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def warn_left_out(labels: Iterable[str], why: str = "") -> None:
+    """Warn that some invertible layers are not regularised (no adapter), naming them."""
+    labels = list(labels)
+    if not labels:
+        return
+    warnings.warn(
+        "klj-reg does not regularise these invertible layers"
+        + (f" ({why})" if why else " (no adapter)")
+        + ": "
+        + ", ".join(labels)
+        + ". Register them with klj_reg.register_adapter if they scale their input, or use "
+        "estimator='hutchinson'.",
+        stacklevel=caller_level(),
+    )
+
+
+def log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
+    """``log(sigmoid(u + 2) + 1e-3)``: the coupling and autoregressive scale of nflows and
+    normflows (shared, so that their layers' factors are one expression)."""
+    return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
+
+
+Installer = Callable[[nn.Module, Site], Iterable[Handle]]
+"""Installs a layer's capture: callbacks that call ``site.record(...)`` on data-to-latent
+calls, returning their handles."""
+
+Entry = Callable[[nn.Module, Door], Iterable[Handle]]
+"""Installs a model's entry: callbacks that open and close ``door`` around each of its
+data-to-latent passes, returning their handles."""
+
+
+on_forward = hooks.on_forward
+"""``on_forward(module, fn)``: call ``fn(module, args, kwargs, output)`` after each call (for
+entries; layers use :meth:`Site.on_forward`)."""
+
+on_pre = hooks.on_pre
+"""``on_pre(module, fn)``: call ``fn(module, args, kwargs)`` before each call (for entries)."""
+
+on_end = hooks.on_end
+"""``on_end(module, fn)``: call ``fn(module)`` after each call, whether it returns or raises
+(for entries)."""
+
+watch_method = hooks.watch_method
+"""``watch_method(module, name, before=, after=, final=)``: callbacks around a method the
+framework calls directly (for entries; layers use :meth:`Site.watch_method`)."""
+
+
+def module_entry(
+    model: nn.Module, door: Door, is_data_to_latent: Callable[..., bool] | None = None
+) -> list[Handle]:
+    """The default entry: the model's own ``__call__``, on its first tensor argument
+    (``is_data_to_latent(args, kwargs)`` may exclude calls in the other direction)."""
+
+    def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if is_data_to_latent is not None and not is_data_to_latent(args, kwargs):
+            return
+        x = first_tensor(args)
+        if x is None:
+            x = first_tensor(tuple(kwargs.values()))
+        if x is not None:
+            door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+
+    def end(module: nn.Module) -> None:
+        door.end()
+
+    return [on_pre(model, begin), on_end(model, end)]

@@ -1,0 +1,212 @@
+"""Records belong to a pass: the data-to-latent passes a capture has seen, and which one a
+penalty reads.
+
+A pass begins at the model's entry (its ``forward``, ``log_prob``, ``forward_kld``, ... as
+each framework's adapter says) and is known by the tensor it was given there (by identity:
+no computation, no synchronisation). Grad-mode passes are kept until a penalty reads them or a
+later one (up to :data:`MAX_PASSES`), so that gradient accumulation works; passes under
+``torch.no_grad`` / ``inference_mode`` are kept apart (only the latest) and never replace
+them. A layer called outside any pass of an attached model (a hand-written loop over the
+layers) opens an *implicit* pass, which ends when a layer records a second time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .errors import CaptureError
+from .kit import Site
+from .records import LayerRecord
+
+MAX_PASSES = 8
+"""Grad-mode passes kept, not yet read by a penalty; the oldest goes first."""
+
+_active: list[object] = []
+"""Books with a pass in progress (any model), innermost last."""
+
+
+class Pass:
+    """One data-to-latent pass: its entry input and its layers' records.
+
+    Attributes:
+        inputs: The tensor given to the model's entry, or ``None`` for an implicit pass.
+        batch: Samples in the pass (``None``: read from the records).
+        dim: Data dimension ``D`` of one sample (``None``: read from the records).
+        grad: Whether gradients were being recorded when the pass began.
+        records: The records of its layers, by layer name.
+        untracked: Layers that ran with gradients off inside a grad-mode pass (reentrant
+            checkpointing, ``torch.no_grad`` around a block).
+    """
+
+    __slots__ = ("inputs", "batch", "dim", "grad", "records", "untracked")
+
+    def __init__(self, inputs: Tensor | None, batch: int | None, dim: int | None) -> None:
+        self.inputs = inputs
+        self.batch = batch
+        self.dim = dim
+        self.grad = torch.is_grad_enabled()
+        self.records: dict[str, LayerRecord] = {}
+        self.untracked: list[str] = []
+
+    def describe(self) -> str:
+        shape = "?" if self.inputs is None else tuple(self.inputs.shape)
+        mode = "grad-mode" if self.grad else "no-grad"
+        return f"{mode} pass on an input of shape {shape}"
+
+
+class PassBook:
+    """The passes of one attached model."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.grad: list[Pass] = []
+        self.latest_no_grad: Pass | None = None
+        self.active: Pass | None = None
+        self.implicit: Pass | None = None
+
+    # Recording ----------------------------------------------------------------------------
+
+    def begin(self, inputs: Tensor, batch: int, dim: int) -> None:
+        """A data-to-latent pass of the model begins on ``inputs``."""
+        if self in _active:
+            _active.remove(self)  # a pass that ended with an exception
+        new = Pass(inputs, batch, dim)
+        self._keep(new)
+        self.active = new
+        self.implicit = None
+        _active.append(self)
+
+    def end(self) -> None:
+        """The pass in progress ended."""
+        self.active = None
+        if self in _active:
+            _active.remove(self)
+
+    def _keep(self, new: Pass) -> None:
+        if not new.grad:
+            self.latest_no_grad = new
+            return
+        if new.inputs is not None:
+            self.grad = [p for p in self.grad if p.inputs is not new.inputs]
+        self.grad.append(new)
+        if len(self.grad) > MAX_PASSES:
+            del self.grad[0]
+
+    def record(self, site: Site, record: LayerRecord) -> None:
+        """Store a layer's record in the pass in progress."""
+        current = self.active
+        if current is None:
+            if _active:
+                return  # the layer is running in another model's pass
+            current = self.implicit
+            if current is None or site.name in current.records:
+                current = self.implicit = Pass(None, None, None)
+                self._keep(current)
+        if current.grad and not torch.is_grad_enabled():
+            current.untracked.append(site.name)
+        current.records[site.name] = record
+
+    def has_record(self, site: Site) -> bool:
+        """Whether ``site`` recorded in the pass in progress."""
+        current = self.active or self.implicit
+        return current is not None and site.name in current.records
+
+    def clear(self) -> None:
+        """Forget every pass."""
+        self.grad.clear()
+        self.latest_no_grad = None
+        self.implicit = None
+
+    def pending(self) -> int:
+        """Passes with records, not yet read."""
+        return sum(1 for p in self.grad if p.records) + bool(
+            self.latest_no_grad and self.latest_no_grad.records
+        )
+
+    def latest(self) -> Pass | None:
+        """The latest pass with records (grad-mode first), without taking it."""
+        for p in reversed(self.grad):
+            if p.records:
+                return p
+        if self.latest_no_grad is not None and self.latest_no_grad.records:
+            return self.latest_no_grad
+        return None
+
+    # Reading ------------------------------------------------------------------------------
+
+    def take(self, x: Tensor | None) -> Pass | None:
+        """The pass a penalty on ``x`` reads (removed, with the grad-mode passes before it),
+        or ``None`` when there is none to read (the penalty then runs its own).
+
+        ``x`` is looked up by identity among the passes' entry inputs. Otherwise the penalty
+        reads the only grad-mode pass there is (or, with gradients off, the latest no-grad
+        one), after checking that ``x`` has its shape; with several, it cannot tell which
+        and raises :class:`CaptureError`.
+        """
+        grad = [p for p in self.grad if p.records]
+        no_grad = self.latest_no_grad
+        if no_grad is not None and not no_grad.records:
+            no_grad = None
+        found: Pass | None = None
+        if x is not None:
+            found = next((p for p in reversed(grad) if p.inputs is x), None)
+            if found is None and no_grad is not None and no_grad.inputs is x:
+                found = no_grad
+            if found is None:
+                if len(grad) > 1:
+                    raise CaptureError(
+                        f"{len(grad)} grad-mode passes of {self.model_name} are waiting for a "
+                        "penalty and x is the input of none of them, so klj-reg cannot tell "
+                        "which pass x is: pass the same tensor object you gave the model "
+                        "(penalty(model, x) right after model's pass on x), or call "
+                        "klj_reg.clear(model) before the pass."
+                    )
+                found = grad[0] if grad else None
+                if found is None and no_grad is not None and not torch.is_grad_enabled():
+                    found = no_grad
+                if found is not None:
+                    _check_shape(found, x, self.model_name)
+        elif grad:
+            found = grad[-1]
+        elif no_grad is not None and not torch.is_grad_enabled():
+            found = no_grad
+        if found is None:
+            return None
+        if found is no_grad:
+            self.latest_no_grad = None
+        else:
+            index = next(i for i, p in enumerate(self.grad) if p is found)
+            del self.grad[: index + 1]
+        if self.implicit is found:
+            self.implicit = None
+        return found
+
+
+def _check_shape(found: Pass, x: Tensor, model: str) -> None:
+    """``x`` is not the pass's input: it must at least hold as many samples of the same
+    dimension (zuko flattens batch shapes, so ``(2, 3, D)`` and ``(6, D)`` agree)."""
+    batch, dim = batch_and_dim(found)
+    per_sample = x.shape[1:].numel() if x.dim() > 1 else 1
+    last = x.shape[-1] if x.dim() else 1
+    if x.numel() != batch * dim or dim not in (per_sample, last):
+        shape = "?" if found.inputs is None else tuple(found.inputs.shape)
+        raise CaptureError(
+            f"x has shape {tuple(x.shape)} but the captured pass of {model} ran on {batch} "
+            f"samples of dimension {dim} (input shape {shape}): x must be the batch the "
+            "model's pass ran on."
+        )
+
+
+def _shape_of(found: Pass) -> tuple[int, int]:
+    """``(batch, D)`` of an implicit pass, from its records."""
+    records = list(found.records.values())
+    sizes = {f.source.shape[0] for r in records for f in r.factors} - {1}
+    return (max(sizes) if sizes else 1), max(r.dim for r in records)
+
+
+def batch_and_dim(found: Pass) -> tuple[int, int]:
+    """``(batch, D)`` of a pass: from its entry, or read from its records."""
+    if found.batch is not None and found.dim is not None:
+        return found.batch, found.dim
+    return _shape_of(found)
