@@ -14,6 +14,7 @@ from .errors import (
     NonFiniteScaleWarning,
     UnsupportedModelError,
 )
+from .monitor import DivergenceGrowthWarning, Flag, Monitor, layer_divergence
 from .penalty import penalty
 from .records import Factor, LayerRecord
 from .registry import register_adapter, register_runner
@@ -25,9 +26,12 @@ __all__ = [
     "Capture",
     "CaptureError",
     "CompileOrderError",
+    "DivergenceGrowthWarning",
     "Factor",
+    "Flag",
     "KLJError",
     "LayerRecord",
+    "Monitor",
     "NonFiniteScaleError",
     "NonFiniteScaleWarning",
     "UnsupportedModelError",
@@ -38,6 +42,7 @@ __all__ = [
     "divergence",
     "klj_sum",
     "klj_terms",
+    "layer_divergence",
     "penalty",
     "register_adapter",
     "register_runner",

@@ -37,6 +37,7 @@ class Capture:
         self.warned_own_pass = False
         self.compiled: dict[tuple[object, ...], Any] = {}
         self.finite: Any = None  # checks.FiniteWatch, created on first use
+        self.monitors: list[Any] = []  # monitor.Monitor objects fed by each penalty
 
     @property
     def records(self) -> dict[str, LayerRecord]:
@@ -55,9 +56,9 @@ class Capture:
             self.book.grad.remove(latest)
         return list(latest.records.values())
 
-    def take_pass(self, x: Tensor | None) -> Pass | None:
+    def take_pass(self, x: Tensor | None, any_mode: bool = False) -> Pass | None:
         """The pass a penalty on ``x`` reads (see :meth:`PassBook.take`), removed."""
-        return self.book.take(x)
+        return self.book.take(x, any_mode)
 
     def subnet_parameters(self) -> Iterator[nn.Parameter]:
         """Weight matrices/kernels (ndim >= 2) of every captured layer's subnetworks."""

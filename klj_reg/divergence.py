@@ -108,7 +108,7 @@ def _unscaled(factor: Factor) -> Tensor:
     return t if factor.activation is None else factor.activation(t)
 
 
-def layer_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
+def record_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
     """One layer's divergence per sample, shape ``(B,)`` (or ``(1,)`` if batch-independent)."""
     total: Tensor | None = None
     for factor in record.factors:
@@ -131,12 +131,12 @@ def layer_divergence(record: LayerRecord, form: str = "jacobian") -> Tensor:
 
 
 def divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
-    """Sum of :func:`layer_divergence` over layers, per sample: shape ``(B,)``."""
+    """Sum of :func:`record_divergence` over layers, per sample: shape ``(B,)``."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     total: Tensor | None = None
     for record in records:
-        term = layer_divergence(record, form)
+        term = record_divergence(record, form)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("no layer records to compute the divergence from")

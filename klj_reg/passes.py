@@ -135,15 +135,17 @@ class PassBook:
 
     # Reading ------------------------------------------------------------------------------
 
-    def take(self, x: Tensor | None) -> Pass | None:
+    def take(self, x: Tensor | None, any_mode: bool = False) -> Pass | None:
         """The pass a penalty on ``x`` reads (removed, with the grad-mode passes before it),
         or ``None`` when there is none to read (the penalty then runs its own).
 
         ``x`` is looked up by identity among the passes' entry inputs. Otherwise the penalty
         reads the only grad-mode pass there is (or, with gradients off, the latest no-grad
         one), after checking that ``x`` has its shape; with several, it cannot tell which
-        and raises :class:`CaptureError`.
+        and raises :class:`CaptureError`. ``any_mode``: a no-grad pass may be read with
+        gradients on (diagnostics).
         """
+        no_grad_ok = any_mode or not torch.is_grad_enabled()
         grad = [p for p in self.grad if p.records]
         no_grad = self.latest_no_grad
         if no_grad is not None and not no_grad.records:
@@ -163,13 +165,13 @@ class PassBook:
                         "klj_reg.clear(model) before the pass."
                     )
                 found = grad[0] if grad else None
-                if found is None and no_grad is not None and not torch.is_grad_enabled():
+                if found is None and no_grad is not None and no_grad_ok:
                     found = no_grad
                 if found is not None:
                     _check_shape(found, x, self.model_name)
         elif grad:
             found = grad[-1]
-        elif no_grad is not None and not torch.is_grad_enabled():
+        elif no_grad is not None and no_grad_ok:
             found = no_grad
         if found is None:
             return None

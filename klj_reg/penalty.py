@@ -113,16 +113,18 @@ def _no_gradient(model: Any, found: Pass) -> CaptureError:
     )
 
 
-def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[Pass, Capture]:
+def _captured(
+    model: Any, x: Tensor | None, context: Any, need_grad: bool = True
+) -> tuple[Pass, Capture]:
     capture = get_capture(model)
     first_use = capture is None
     if capture is None:
         capture = attach(model)
-    found = capture.take_pass(x)
+    found = capture.take_pass(x, not need_grad)
     if found is None:
         if x is None:
             no_grad = capture.book.latest_no_grad
-            if no_grad is not None and no_grad.records:
+            if need_grad and no_grad is not None and no_grad.records:
                 raise _no_gradient(model, no_grad)
             raise CaptureError(
                 f"no captured forward pass of {type(unwrap(model)).__name__} and no x: run "
@@ -145,13 +147,13 @@ def _captured(model: Any, x: Tensor | None, context: Any) -> tuple[Pass, Capture
                 stacklevel=3,
             )
         _flow_fn(model, context)(x)
-        found = capture.take_pass(x)
+        found = capture.take_pass(x, not need_grad)
         if found is None or not found.records:
             raise CaptureError(
                 f"running {type(unwrap(model)).__name__} on x recorded no layer: the pass "
                 "did not go data-to-latent through any captured layer."
             )
-    if torch.is_grad_enabled() and (not found.grad or found.untracked):
+    if need_grad and torch.is_grad_enabled() and (not found.grad or found.untracked):
         raise _no_gradient(model, found)
     return found, capture
 
@@ -243,6 +245,8 @@ def penalty(
         if value.device.type == "cuda" and capture.finite is None:
             capture.finite = FiniteWatch()
         check(records, capture.sites, value, check_finite, capture.finite)
+        for monitor in capture.monitors:
+            monitor.observe_records(records)
     if tau and reduction != "none":
         weights = list(capture.subnet_parameters())
         if not weights:
