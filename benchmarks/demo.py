@@ -23,7 +23,9 @@ NLL, higher = OoD) of the test images against four OoD sets made from them: Gaus
 A run's training subset, outliers, initialisation, batches and dequantisation noise depend
 only on its seed, so plain and KLJ runs differ only in the loss; runs are single-threaded, so
 results are the same on rerun on the same machine, whatever ``--jobs``. Writes
-``demo.json``, ``demo.png`` and ``summary.md`` to ``--out``.
+``demo.json``, ``demo.png`` and ``summary.md`` to ``--out``: by default
+``benchmarks/runs/demo`` (ignored by git, so that ``make demo`` leaves a checkout clean); the
+committed results were written with ``--out benchmarks/results/demo``.
 """
 
 from __future__ import annotations
@@ -456,7 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="all", help="comma-separated, or 'all' (installed)")
     parser.add_argument("--alpha", type=float, default=1e-2, help="KLJ weight (library default)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0 .. n-1 per cell")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/demo"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/runs/demo"),
+        help="output folder (default: benchmarks/runs/demo, ignored by git; the committed "
+        "results: --out benchmarks/results/demo)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny flows, few steps (tests)")
     parser.add_argument("--kind", default="realnvp", choices=("realnvp", "maf"))
     parser.add_argument("--steps", type=int, default=None, help="override the Adam steps")
