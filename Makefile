@@ -8,7 +8,7 @@ STAMP = $(VENV)/.installed
 
 FRAMEWORKS ?= FrEIA==0.2 nflows==0.14 normflows==1.7.3 zuko==1.6.0
 
-.PHONY: demo test lint venv clean gpu-site
+.PHONY: demo test docs lint venv clean gpu-site
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check klj_reg benchmarks tests
 	$(BIN)/mypy klj_reg
 	$(BIN)/python -m pytest
+
+# The documentation site (MkDocs + Material + mkdocstrings), strict: a warning fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 # The four frameworks (pure Python, no dependencies) for a GPU machine that has torch but not
 # them: carry .gpu there and run benchmarks/gpu_check.sh.

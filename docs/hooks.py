@@ -1,0 +1,104 @@
+"""MkDocs hooks: the results pages' tables are generated from ``benchmarks/results/`` at build
+time, by the same functions that write each benchmark's Markdown table, and the figures are
+served from there (nothing is copied into ``docs/`` by hand).
+
+In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
+``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``outliers``, ``trainsize``,
+``sweep``, ``overhead``. Figures are linked as ``figures/<path under benchmarks/results>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"<!-- results: (\w+) (\S+) -->")
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _runs(folder: Path, command: str) -> list[dict[str, Any]]:
+    from benchmarks import report
+
+    runs = [r for r in report.load_runs(folder) if r["config"].get("command") == command]
+    if not runs:
+        raise ValueError(f"no {command} runs under {folder}")
+    return runs
+
+
+def _demo(folder: Path) -> str:
+    from benchmarks import demo
+
+    return demo.summary_md(json.loads((folder / "demo.json").read_text()))
+
+
+def _ood(folder: Path) -> str:
+    from benchmarks import report
+
+    return report.table1_markdown(_runs(folder, "ood"))
+
+
+def _outliers(folder: Path) -> str:
+    from benchmarks import outliers
+
+    return outliers.markdown(_runs(folder, "outliers"))
+
+
+def _trainsize(folder: Path) -> str:
+    from benchmarks import trainsize
+
+    return trainsize.markdown(_runs(folder, "trainsize"))
+
+
+def _sweep(folder: Path) -> str:
+    from benchmarks import sweep
+
+    return sweep.markdown(_runs(folder, "sweep"))
+
+
+def _overhead(folder: Path) -> str:
+    from benchmarks import overhead
+
+    path = folder if folder.suffix == ".json" else folder / "cpu.json"
+    return overhead.markdown(json.loads(path.read_text()))
+
+
+RENDER: dict[str, Callable[[Path], str]] = {
+    "demo": _demo,
+    "ood": _ood,
+    "outliers": _outliers,
+    "trainsize": _trainsize,
+    "sweep": _sweep,
+    "overhead": _overhead,
+}
+
+
+def _demote(markdown: str, levels: int = 2) -> str:
+    """Push the generated headings below the page's own."""
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", markdown, flags=re.M)
+
+
+def render(kind: str, folder: str) -> str:
+    """The Markdown table of ``benchmarks/results/<folder>``, as its benchmark writes it."""
+    return _demote(RENDER[kind](RESULTS / folder)).strip() + "\n"
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    return MARKER.sub(lambda m: render(m.group(1), m.group(2)), markdown)
+
+
+def on_files(files: Files, config: Any) -> Files:
+    """Serve ``benchmarks/results/**/*.png`` as ``figures/...``."""
+    for path in sorted(RESULTS.rglob("*.png")):
+        uri = "figures/" + path.relative_to(RESULTS).as_posix()
+        files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
