@@ -3,7 +3,7 @@ time, by the same functions that write each benchmark's Markdown table, and the 
 served from there (nothing is copied into ``docs/`` by hand).
 
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
-``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``outliers``, ``trainsize``,
+``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in brief), ``outliers``, ``trainsize``,
 ``sweep``, ``overhead``. Figures are linked as ``figures/<path under benchmarks/results>``.
 """
 
@@ -20,10 +20,14 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-MARKER = re.compile(r"<!-- results: (\w+) (\S+) -->")
+MARKER = re.compile(r"<!-- results: ([\w-]+) (\S+) -->")
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+
+
+def _importable() -> None:
+    """Put the repository on the import path (MkDocs restores it after loading this file)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
 
 
 def _runs(folder: Path, command: str) -> list[dict[str, Any]]:
@@ -45,6 +49,40 @@ def _ood(folder: Path) -> str:
     from benchmarks import report
 
     return report.table1_markdown(_runs(folder, "ood"))
+
+
+def _ood_mean(folder: Path) -> str:
+    """Table 1 in brief: per method and backend, the typicality AUROC % averaged over the four
+    OoD sets (mean ± std over seeds) with the accuracy % in brackets, beside the paper's."""
+    from benchmarks import report
+
+    runs = _runs(folder, "ood")
+    backends = sorted({r["config"]["backend"] for r in runs})
+    rows = report.group(runs, "row")
+    lines = [
+        "| method | " + " | ".join(backends) + " | paper |",
+        "|---" * (len(backends) + 2) + "|",
+    ]
+    for key in report._ordered(rows):
+        cells = [report._label(rows[(key,)])]
+        for backend in backends:
+            group = [r for r in rows[(key,)] if r["config"]["backend"] == backend]
+            means = []
+            for r in group:
+                sets = [report.value(r, "auroc_typical", o) for o in report.OOD_SETS]
+                means.append(None if None in sets else sum(sets) / len(sets))
+            accuracy = report.mean_std(report.value(r, "accuracy") for r in group)
+            text = report.cell(report.mean_std(means), None)
+            cells.append(text + (f" ({accuracy[0]:.0f})" if accuracy else ""))
+        paper = report.PAPER_TABLE1.get(key, {})
+        known = [paper[o] for o in report.OOD_SETS if o in paper]
+        cells.append(
+            f"{sum(known) / len(known):.1f} ({paper['accuracy']:.0f})"
+            if len(known) == len(report.OOD_SETS) and "accuracy" in paper
+            else "-"
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _outliers(folder: Path) -> str:
@@ -75,6 +113,7 @@ def _overhead(folder: Path) -> str:
 RENDER: dict[str, Callable[[Path], str]] = {
     "demo": _demo,
     "ood": _ood,
+    "ood-mean": _ood_mean,
     "outliers": _outliers,
     "trainsize": _trainsize,
     "sweep": _sweep,
@@ -93,6 +132,7 @@ def render(kind: str, folder: str) -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    _importable()
     return MARKER.sub(lambda m: render(m.group(1), m.group(2)), markdown)
 
 
