@@ -1,4 +1,4 @@
-"""The README's code snippets run as written."""
+"""The README's code snippets run as written, and the README stays a short front door."""
 
 from __future__ import annotations
 
@@ -8,15 +8,34 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = [
-    b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "import klj_reg" in b
-]
+TEXT = README.read_text()
+FENCES = re.findall(r"^```(\w*)[^\n]*\n(.*?)^```", TEXT, re.S | re.M)
+BLOCKS = [code for lang, code in FENCES if lang == "python"]
 FRAMEWORKS = {"FrEIA": "FrEIA", "nflows": "nflows", "normflows": "normflows", "zuko": "zuko"}
 
 
 def test_the_readme_has_snippets_for_every_framework() -> None:
     for name in FRAMEWORKS:
         assert any(re.search(rf"^(import|from) {name}\b", b, re.M) for b in BLOCKS), name
+
+
+def test_every_code_block_is_python_or_a_shell_command() -> None:
+    assert {lang for lang, _ in FENCES} <= {"python", "bash"}
+
+
+def test_the_readme_is_short_and_self_contained() -> None:
+    assert len(TEXT) <= 8000, len(TEXT)
+    hashes = [
+        t
+        for t in re.findall(r"\b[0-9a-f]{7,40}\b", TEXT)
+        if re.search(r"[a-f]", t) and re.search(r"\d", t)
+    ]
+    assert not hashes, hashes  # no commit hashes: history belongs in the changelog
+    assert "../" not in TEXT  # no paths outside the repository
+    root = README.parent
+    for target in re.findall(r"\]\(([^)#\s]+)", TEXT):
+        if not target.startswith(("http://", "https://")):
+            assert (root / target).exists(), target
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"snippet{i}" for i in range(len(BLOCKS))])
