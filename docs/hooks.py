@@ -136,6 +136,26 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
     return MARKER.sub(lambda m: render(m.group(1), m.group(2)), markdown)
 
 
+ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>~?(.*?)</code>")
+MATH_ROLE = re.compile(r":math:<code>(.*?)</code>", re.S)
+MATH_CODE = re.compile(
+    r"<p>\.\. math::</p>\s*<div class=\"highlight\"><pre><span></span><code>(.*?)</code></pre></div>",
+    re.S,
+)
+MATH_BLOCK = re.compile(r"\.\. math::\s*(.*?)</p>", re.S)
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    """The docstrings are written in reStructuredText's inline roles; in the API reference
+    show ``:func:`x``` as code and ``:math:`` as math (MathJax), and ``Example::`` as
+    ``Example:``."""
+    html = ROLE.sub(r"<code>\1</code>", html)
+    html = MATH_ROLE.sub(r'<span class="arithmatex">\(\1\)</span>', html)
+    html = MATH_CODE.sub(r'<div class="arithmatex">\\[\1\\]</div>', html)
+    html = MATH_BLOCK.sub(r'</p><div class="arithmatex">\[\1\]</div>', html)
+    return html.replace("::</p>", ":</p>")
+
+
 def on_files(files: Files, config: Any) -> Files:
     """Serve ``benchmarks/results/**/*.png`` as ``figures/...``."""
     for path in sorted(RESULTS.rglob("*.png")):
