@@ -56,35 +56,71 @@ def klj_terms(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
 
 
 class _KLJSum(torch.autograd.Function):
-    """``klj_terms(s, scale).sum()`` with two temporary tensors forward (term by term, so that
+    """``klj_terms(s, scale).sum()`` with few temporary tensors forward (term by term, so that
     nothing cancels near the identity) and one backward, saving only ``s`` (which the
     activation before it usually saves already), where the chain of autograd operators
-    allocates a tensor per step both ways and saves ``expm1``'s result besides."""
+    allocates a tensor per step both ways and saves ``expm1``'s result besides. ``continued``
+    False skips the tangent continuation where ``2 scale s`` cannot exceed its threshold."""
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, s: Tensor, scale: float, continued: bool) -> Tensor:
         ctx.save_for_backward(s)
         ctx.two_scale = 2.0 * scale
+        ctx.continued = continued
         two_s = s * ctx.two_scale
+        if not continued:
+            return torch.expm1(two_s).sub_(two_s).sum()
         t = two_s.clamp_max(U_CONTINUED)
         terms = torch.expm1(t).sub_(t)
         # Beyond u_c the tangent: slope * (u - u_c); exactly zero below it.
         return terms.add_(two_s.sub_(t), alpha=SLOPE_CONTINUED).sum()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (s,) = ctx.saved_tensors
         k = ctx.two_scale
         if torch.is_grad_enabled():  # create_graph: out of place, so that it differentiates
-            return grad * k * torch.expm1((k * s).clamp_max(U_CONTINUED)), None
-        return (s * k).clamp_max_(U_CONTINUED).expm1_().mul_(grad * k), None
+            u = k * s
+            return (
+                grad * k * torch.expm1(u.clamp_max(U_CONTINUED) if ctx.continued else u),
+                None,
+                None,
+            )
+        u = s * k
+        if ctx.continued:
+            u.clamp_max_(U_CONTINUED)
+        return u.expm1_().mul_(grad * k), None, None
 
 
-def klj_sum(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
+def klj_sum(
+    log_abs_d: Tensor, scale: float = 1.0, bounds: tuple[float, float] | None = None
+) -> Tensor:
     r""":math:`\sum (d^2 - 1 - 2\log|d|)` over every element, :math:`\log|d| = \text{scale}
-    \cdot \text{log\_abs\_d}`: ``klj_terms(log_abs_d, scale).sum()`` in fewer passes."""
-    result: Tensor = _KLJSum.apply(log_abs_d, scale)
+    \cdot \text{log\_abs\_d}`: ``klj_terms(log_abs_d, scale).sum()`` in fewer passes.
+    ``bounds``: the range of ``log_abs_d`` when known (a bounded activation), which spares
+    the continuation's operators when ``2 scale log_abs_d`` stays below its threshold."""
+    continued = True
+    if bounds is not None:
+        lo, hi = bounds
+        continued = 2.0 * scale * (hi if scale >= 0 else lo) > U_CONTINUED
+    result: Tensor = _KLJSum.apply(log_abs_d, scale, continued)
     return result
+
+
+RANGES: dict[object, tuple[float, float]] = {torch.tanh: (-1.0, 1.0)}
+r"""Output ranges of elementwise activations that bound :math:`\log|d|` (adapters' own
+activations carry theirs as a ``klj_range`` attribute instead)."""
+
+
+def activation_range(activation: Map | None) -> tuple[float, float] | None:
+    """The range of an activation's output, if it is known to be bounded."""
+    if activation is None:
+        return None
+    try:
+        found = RANGES.get(activation)
+    except TypeError:  # unhashable
+        found = None
+    return found if found is not None else getattr(activation, "klj_range", None)
 
 
 def _float32(t: Tensor) -> Tensor:
@@ -199,7 +235,10 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
         activation = activations.get(which)
         if activation is not None:
             s = activation(s)
-        term = klj_sum(s, scale) if form == "jacobian" else s.sum() * (-2.0 * scale)
+        if form == "jacobian":
+            term = klj_sum(s, scale, activation_range(activation))
+        else:
+            term = s.sum() * (-2.0 * scale)
         add(term * repeat if repeat != 1 else term, batch)
     if not sums:
         raise ValueError("no layer records to compute the divergence from")

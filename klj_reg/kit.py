@@ -15,6 +15,7 @@ This module imports no framework and nothing else of klj-reg's but its leaves.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import sys
 import warnings
@@ -229,6 +230,10 @@ def log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
     """``log(sigmoid(u + 2) + 1e-3)``: the coupling and autoregressive scale of nflows and
     normflows (shared, so that their layers' factors are one expression)."""
     return torch.log(torch.sigmoid(u + 2.0) + 1e-3)
+
+
+log_sigmoid_plus_2_eps.klj_range = (math.log(1e-3), math.log1p(1e-3))  # type: ignore[attr-defined]
+"""Its output range (bounded: the penalty needs no overflow continuation for it)."""
 
 
 Installer = Callable[[nn.Module, Site], Iterable[Handle]]

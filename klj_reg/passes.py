@@ -87,8 +87,10 @@ class PassBook:
         if not new.grad:
             self.latest_no_grad = new
             return
-        if new.inputs is not None:
-            self.grad = [p for p in self.grad if p.inputs is not new.inputs]
+        # Ended passes that recorded nothing, or ran on the same tensor, are of no more use.
+        self.grad = [
+            p for p in self.grad if p.records and (p.inputs is None or p.inputs is not new.inputs)
+        ]
         self.grad.append(new)
         if len(self.grad) > MAX_PASSES:
             del self.grad[0]
@@ -117,12 +119,6 @@ class PassBook:
         self.grad.clear()
         self.latest_no_grad = None
         self.implicit = None
-
-    def pending(self) -> int:
-        """Passes with records, not yet read."""
-        return sum(1 for p in self.grad if p.records) + bool(
-            self.latest_no_grad and self.latest_no_grad.records
-        )
 
     def latest(self) -> Pass | None:
         """The latest pass with records (grad-mode first), without taking it."""

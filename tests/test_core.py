@@ -89,9 +89,13 @@ def test_klj_sum_is_the_sum_of_klj_terms_twice_differentiable(seed: int, scale: 
     builds a graph when asked to)."""
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(3, 5, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
-    torch.testing.assert_close(klj_reg.klj_sum(s, scale), klj_reg.klj_terms(s, scale).sum())
-    assert torch.autograd.gradcheck(lambda t: klj_reg.klj_sum(t, scale), (s,))
-    assert torch.autograd.gradgradcheck(lambda t: klj_reg.klj_sum(t, scale), (s,))
+    bounded = (-5.0, 5.0)  # a known activation range: no continuation operators
+    for bounds in (None, bounded):
+        torch.testing.assert_close(
+            klj_reg.klj_sum(s, scale, bounds), klj_reg.klj_terms(s, scale).sum()
+        )
+        assert torch.autograd.gradcheck(lambda t, b=bounds: klj_reg.klj_sum(t, scale, b), (s,))
+        assert torch.autograd.gradgradcheck(lambda t, b=bounds: klj_reg.klj_sum(t, scale, b), (s,))
     # float32 near the identity, where sum(expm1(2s)) - sum(2s) would cancel: term by term
     near = torch.randn(64, 512, generator=g) * 1e-3 + 2e-3
     exact = klj_reg.klj_terms(near.double(), scale).sum()
