@@ -3,8 +3,8 @@ time, by the same functions that write each benchmark's Markdown table, and the 
 served from there (nothing is copied into ``docs/`` by hand).
 
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
-``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in brief), ``outliers``, ``trainsize``,
-``sweep``, ``overhead``. Figures are linked as ``figures/<path under benchmarks/results>``.
+``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
+brief), ``outliers``, ``trainsize``, ``sweep``, ``overhead``. Figures are linked as ``figures/<path under benchmarks/results>``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from mkdocs.structure.files import File, Files
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MARKER = re.compile(r"<!-- results: ([\w-]+) (\S+) -->")
-
 
 
 def _importable() -> None:
@@ -139,7 +138,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
 ROLE = re.compile(r":(?:func|class|meth|attr|mod|data|exc|obj):<code>~?(.*?)</code>")
 MATH_ROLE = re.compile(r":math:<code>(.*?)</code>", re.S)
 MATH_CODE = re.compile(
-    r"<p>\.\. math::</p>\s*<div class=\"highlight\"><pre><span></span><code>(.*?)</code></pre></div>",
+    r"<p>\.\. math::</p>\s*<div class=\"highlight\"><pre><span></span>"
+    r"<code>(.*?)</code></pre></div>",
     re.S,
 )
 MATH_BLOCK = re.compile(r"\.\. math::\s*(.*?)</p>", re.S)
