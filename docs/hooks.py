@@ -4,7 +4,8 @@ served from there (nothing is copied into ``docs/`` by hand).
 
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
 ``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
-brief), ``outliers``, ``trainsize``, ``sweep``, ``overhead``. Figures are linked as ``figures/<path under benchmarks/results>``.
+brief), ``outliers``, ``trainsize``, ``sweep``, ``overhead``. Figures are linked as
+``figures/<path under benchmarks/results>``.
 """
 
 from __future__ import annotations
