@@ -63,7 +63,7 @@ from ..kit import (
     warn_left_out,
 )
 from ..records import Factor
-from ..registry import Registrar, is_neutral, register_installer
+from ..registry import Registrar, is_neutral
 
 framework = Registrar("nflows", T, nflows_coupling, nflows_autoregressive, nflows_flows)
 
@@ -339,7 +339,8 @@ def _find(name: str) -> type | None:
     return found[0] if found else None
 
 
-def _kinds() -> dict[type, Kind]:
+def _spec() -> dict[str, Kind]:
+    """How to read each supported nflows class, by name."""
     spec: dict[str, Kind] = {
         "AffineCouplingTransform": Kind(_affine_coupling, net="transform_net"),
         "PiecewiseCouplingTransform": Kind(_elementwise, method="_piecewise_cdf"),
@@ -366,10 +367,11 @@ def _kinds() -> dict[type, Kind]:
         "PiecewiseRationalQuadraticCDF",
     ):
         spec[name] = Kind(_elementwise, spline=True)
-    return {cls: kind for name, kind in spec.items() if (cls := _find(name)) is not None}
+    return spec
 
 
-KINDS = _kinds()
+SPEC = _spec()
+KINDS = {cls: kind for name, kind in SPEC.items() if (cls := _find(name)) is not None}
 CONTAINERS = (T.CompositeTransform, T.MultiscaleCompositeTransform)
 
 
@@ -526,8 +528,7 @@ def run_transform(model: Any, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
 
 framework.flow_base("Transform")
 framework.runner("Transform")(run_transform)
-for cls in [*KINDS, T.InverseTransform]:
-    register_installer(cls, install)
+framework.layers(*SPEC, "InverseTransform")(install)
 framework.neutral(
     "CompositeTransform",
     "MultiscaleCompositeTransform",

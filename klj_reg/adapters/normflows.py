@@ -53,27 +53,10 @@ from collections.abc import Callable
 from typing import Any
 
 import normflows as nf
+import normflows.flows.mixing as normflows_mixing
 import torch
 import torch.nn.functional as F
-from normflows.flows.affine.autoregressive import MaskedAffineAutoregressive
-from normflows.flows.affine.coupling import (
-    AffineConstFlow,
-    AffineCoupling,
-    AffineCouplingBlock,
-    CCAffineConst,
-    MaskedAffineFlow,
-)
-from normflows.flows.affine.glow import GlowBlock
-from normflows.flows.base import Composite, Flow, Reverse
-from normflows.flows.mixing import (
-    Invertible1x1Conv,
-    InvertibleAffine,
-    LULinearPermute,
-    Permute,
-    _Permutation,
-)
-from normflows.flows.periodic import PeriodicShift, PeriodicWrap
-from normflows.flows.reshape import Merge, Split, Squeeze
+from normflows.flows.base import Flow, Reverse
 from normflows.utils import splines
 from torch import Tensor, nn
 
@@ -90,9 +73,9 @@ from ..kit import (
     watch_method,
 )
 from ..records import Factor, Map
-from ..registry import Registrar, is_neutral, register_installer, register_neutral
+from ..registry import Registrar, is_neutral
 
-framework = Registrar("normflows", nf, nf.flows)
+framework = Registrar("normflows", nf, nf.flows, normflows_mixing, nf.transforms)
 
 Build = Callable[[tuple[Any, ...], dict[str, Any], Any], list[Factor]]
 """Builds a layer's factors from its data-to-latent call: ``(args, kwargs, output)``."""
@@ -483,21 +466,21 @@ def _with_direction(install: Install) -> Callable[[Any, Site], list[Handle]]:
     return lambda layer, site: install(layer, site, False)
 
 
-_AFFINE: dict[type, Install] = {
-    AffineCoupling: install_affine_coupling,
-    MaskedAffineFlow: install_masked_affine,
-    MaskedAffineAutoregressive: install_maf,
-    AffineConstFlow: install_affine_const,  # and ActNorm
-    CCAffineConst: install_cc_affine_const,
-    Invertible1x1Conv: install_lu_mixing,
-    InvertibleAffine: install_lu_mixing,
-    LULinearPermute: install_lu_linear_permute,
+_AFFINE: dict[str, Install] = {
+    "AffineCoupling": install_affine_coupling,
+    "MaskedAffineFlow": install_masked_affine,
+    "MaskedAffineAutoregressive": install_maf,
+    "AffineConstFlow": install_affine_const,  # and ActNorm
+    "CCAffineConst": install_cc_affine_const,
+    "Invertible1x1Conv": install_lu_mixing,
+    "InvertibleAffine": install_lu_mixing,
+    "LULinearPermute": install_lu_linear_permute,
 }
 
 framework.flow_base("Flow")
-for _cls, _install in _AFFINE.items():
-    _REVERSIBLE[_cls] = _install
-    register_installer(_cls, _with_direction(_install))
+for _name, _install in _AFFINE.items():
+    _REVERSIBLE.update(dict.fromkeys(framework.classes(_name), _install))
+    framework.layers(_name)(_with_direction(_install))
 framework.layers("CoupledRationalQuadraticSpline", "CircularCoupledRationalQuadraticSpline")(
     install_coupled_spline
 )
@@ -505,16 +488,16 @@ framework.layers(
     "AutoregressiveRationalQuadraticSpline", "CircularAutoregressiveRationalQuadraticSpline"
 )(install_autoregressive_spline)
 framework.layers("Reverse")(install_reverse)
-register_neutral(
-    Permute,
-    Split,
-    Merge,
-    Squeeze,
-    PeriodicWrap,
-    PeriodicShift,
-    _Permutation,
-    nf.transforms.Shift,
-    Composite,
-    AffineCouplingBlock,
-    GlowBlock,
+framework.neutral(
+    "Permute",
+    "Split",
+    "Merge",
+    "Squeeze",
+    "PeriodicWrap",
+    "PeriodicShift",
+    "_Permutation",
+    "Shift",
+    "Composite",
+    "AffineCouplingBlock",
+    "GlowBlock",
 )

@@ -79,7 +79,7 @@ META = _classes("AutoregressiveTransform", "CouplingTransform")
 ORTHOGONAL = _classes("PermutationTransform", "RotationTransform", "IdentityTransform")
 """Transforms whose Jacobian is orthogonal: their KLJ term is exactly zero."""
 
-CAPTURED = _classes(
+CAPTURED_NAMES = (
     "MaskedAutoregressiveTransform",
     "GeneralCouplingTransform",
     "ElementWiseTransform",
@@ -237,6 +237,7 @@ def decorate(site: Site, transform: Any) -> None:
         _left_out(site, transform)
 
 
+@framework.layers(*CAPTURED_NAMES)
 def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
     """Decorate the Transform each call of ``module`` returns; mark its hyper-network."""
     hyper = getattr(module, "hyper", None)
@@ -302,6 +303,4 @@ def run_transform(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Te
 
 
 framework.flow_base("LazyTransform")
-for cls in CAPTURED:
-    register_lazy_transform(cls)
 framework.neutral("Flow", "LazyComposedTransform")
