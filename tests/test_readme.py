@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.test_docs import _release
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()
@@ -43,8 +46,12 @@ def test_snippet_runs(block: str) -> None:
     for name, module in FRAMEWORKS.items():
         if re.search(rf"^(import|from) {name}\b", block, re.M):
             pytest.importorskip(module)
-    with _no_klj_warning():
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    try:
+        with _no_klj_warning():
+            exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        _release(namespace)
 
 
 class _no_klj_warning:
