@@ -13,6 +13,7 @@ COMMANDS = {
     "trainsize": ("benchmarks.trainsize", "CIFAR-10 with a fraction of the training set (Fig. 6)"),
     "sweep": ("benchmarks.sweep", "alpha x IB beta sweep (Fig. 4)"),
     "overhead": ("benchmarks.overhead", "cost of the penalty per training step, per backend"),
+    "stability": ("benchmarks.stability", "training-failure gallery: KLJ vs the usual fixes"),
 }
 
 

@@ -1,0 +1,280 @@
+"""``python -m benchmarks stability``: a gallery of reported flow-training failures, with and
+without KLJ, against the fixes users try instead.
+
+Each configuration (:mod:`.configs`; its docstring names the public reports it reproduces)
+trains a small flow from one of the four backends in a way users have reported to fail: deep
+unbounded exp-scale couplings, heavy-tailed data, near-singular data with N close to D,
+training outliers, a high learning rate, long training on a small set, spline flows, and a
+small image flow on a CIFAR-10 subset. Per configuration and seed, seven methods train on the
+same data, initialisation and batches (:mod:`.runner`):
+
+- ``plain``: Adam on the NLL;
+- ``klj``: + ``klj_reg.penalty(model, x)`` at alpha = 1e-2, the library default;
+- ``klj-val``: + the penalty at the alpha of {1e-3, 1e-2, 1e-1, 1} whose run ends with the
+  lowest NLL on a validation split carved from seed 0's training data (20 %, one run per
+  alpha; the test split is never read), then trained on each seed's whole training split;
+- ``clip``: gradient-norm clipping at 1; ``wd``: AdamW with weight decay 1e-2 (its default);
+  ``low-lr``: the learning rate / 10; ``clip+klj``: clipping and the penalty at 1e-2.
+
+A run *fails* at the first step with non-finite parameters, 10 consecutive non-finite losses
+(such steps are skipped, as a user's guard would), or a held-out NLL that is non-finite or
+above the configuration's threshold (the untrained identity flow's held-out NLL + a margin,
+fixed in :mod:`.configs` before any run). Measured per (configuration, method): failures k/n,
+final and best held-out NLL (nats/dim) over the surviving runs, steps to failure, and for
+every failing plain run whether (and how many steps before the failure, at which layer) the
+per-layer monitor ``klj_reg.Monitor`` (window 20, factor 10) flagged it.
+
+Runs are single-threaded and deterministic given (configuration, method, seed). Writes
+``stability.json`` (every run: settings, held-out NLL curve, failure, monitor flags),
+``summary.md`` and ``stability.png`` to ``--out``. ``--quick``: tiny flows and 30 steps, for
+the tests. The image configuration needs CIFAR-10 under ``../shared/data`` (or
+``$KLJ_DATA``) and is skipped, with a note, without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import configs, report, runner
+
+__all__ = ["main"]
+
+
+def _cifar_available() -> bool:
+    from ..data import default_data_root
+
+    root = default_data_root()
+    return root is not None and any(
+        (root / name).exists()
+        for name in ("cifar-10-batches-py", "cifar10-sprites", "cifar10-jpeg.tar.gz")
+    )
+
+
+def plan(names: list[str], seeds: int, quick: bool) -> tuple[list[runner.Run], list[runner.Run]]:
+    """(alpha-selection runs, method runs other than ``klj-val``) for ``names``."""
+    select = [r for n in names for r in runner.selection_runs(n, quick)]
+    methods = [
+        runner.method_run(n, m, s, quick)
+        for n in names
+        for m in runner.METHODS
+        if m != "klj-val"
+        for s in range(seeds)
+    ]
+    return select, methods
+
+
+def execute(
+    names: list[str], seeds: int, quick: bool, jobs: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every run of ``names``: selection runs first; each configuration's ``klj-val`` runs
+    once its alpha is chosen (reusing the ``klj`` runs when the choice is the default alpha,
+    which would train the same flows). Returns (runs, chosen alpha per configuration)."""
+    from tqdm import tqdm
+
+    select, others = plan(names, seeds, quick)
+    total = len(select) + len(others) + len(names) * seeds
+    bar = tqdm(total=total, desc="stability runs", unit="run", file=sys.stderr)
+    results: list[dict[str, Any]] = []
+    chosen: dict[str, float] = {}
+    pending_select = {n: len(runner.ALPHA_GRID) for n in names}
+
+    def finished(result: dict[str, Any]) -> list[runner.Run]:
+        """Record a result; the klj-val runs it unlocks."""
+        results.append(result)
+        bar.update()
+        if result["split"] != "validation":
+            return []
+        name = result["config"]
+        pending_select[name] -= 1
+        if pending_select[name]:
+            return []
+        chosen[name] = runner.choose_alpha(
+            [r for r in results if r["config"] == name and r["split"] == "validation"]
+        )
+        return [runner.method_run(name, "klj-val", s, quick, chosen[name]) for s in range(seeds)]
+
+    def reuse(run: runner.Run) -> dict[str, Any] | None:
+        if run.alpha != runner.DEFAULT_ALPHA:
+            return None
+        for r in results:
+            if (r["config"], r["method"], r["seed"]) == (run.config, "klj", run.seed):
+                return {**r, "method": "klj-val", "reused_from": "klj"}
+        return None
+
+    queue = select + others
+    deferred: list[runner.Run] = []  # klj-val runs waiting for the klj run they reuse
+    if jobs <= 1:
+        while queue or deferred:
+            run = queue.pop(0) if queue else deferred.pop(0)
+            if run.method == "klj-val" and run.alpha == runner.DEFAULT_ALPHA:
+                copy = reuse(run)
+                if copy is not None:
+                    queue += finished(copy)
+                    continue
+            queue += finished(runner.train_one(run))
+    else:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method)) as pool:
+            running: set[Future[dict[str, Any]]] = {pool.submit(runner.train_one, r) for r in queue}
+            while running or deferred:
+                for run in list(deferred):
+                    copy = reuse(run)
+                    if copy is not None:
+                        deferred.remove(run)
+                        for new in finished(copy):
+                            running.add(pool.submit(runner.train_one, new))
+                if not running:
+                    if deferred:  # its klj runs are gone (cannot happen): train it instead
+                        running.add(pool.submit(runner.train_one, deferred.pop(0)))
+                    continue
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    for new in finished(future.result()):
+                        if new.alpha == runner.DEFAULT_ALPHA:
+                            deferred.append(new)
+                        else:
+                            running.add(pool.submit(runner.train_one, new))
+    bar.close()
+    return results, chosen
+
+
+def summary_md(payload: dict[str, Any]) -> str:
+    cfgs, cells = payload["configs"], payload["cells"]
+    alphas = ", ".join(f"{n}: {a:g}" for n, a in payload["chosen_alpha"].items())
+    skipped = "".join(f"\n\nSkipped: {s}." for s in payload["skipped"])
+    return (
+        "# Stability gallery: reported flow-training failures, with and without KLJ\n\n"
+        f"Command: `{payload['command']}`; {payload['seeds']} seeds per cell; wall time "
+        f"{payload['wall_seconds'] / 60:.1f} min with {payload['jobs']} worker(s) on "
+        f"{payload['machine']}; commit {payload['commit'].get('commit', '?')[:10]}"
+        f"{' (uncommitted changes)' if payload['commit'].get('dirty') else ''}."
+        f"{skipped}\n\n"
+        "A run **fails** at the first step where a parameter is non-finite, 10 consecutive "
+        "losses were non-finite (each such step is skipped), or the held-out NLL (mean, "
+        "nats/dim, every `eval_every` steps and at the end) is non-finite or above the "
+        "configuration's threshold: the untrained identity flow's held-out NLL plus a margin "
+        "(1 nat/dim), fixed before any run. Final and best held-out NLL are over the runs "
+        "that survived (mean ± std); `–` where none did.\n\n"
+        "## Configurations\n\n"
+        + report.config_table(cfgs)
+        + "\n\n## Methods\n\n"
+        + report.methods_text()
+        + "\n\n`klj-val`: one run per alpha of "
+        + "{"
+        + ", ".join(f"{a:g}" for a in payload["alpha_grid"])
+        + "}"
+        + " on 80 % of seed 0's training split, scored by its final NLL on the other 20 % "
+        "(a failed run scores +inf; ties go to the smaller alpha); the test split is not "
+        "read. When the choice is the default alpha, the `klj` runs are reused. Chosen: "
+        f"{alphas}.\n\n"
+        "## Failures (runs failed / seeds)\n\n"
+        + report.failure_matrix(cells, cfgs)
+        + "\n\n"
+        + report.headline(cells, cfgs)
+        + "\n\n## Per configuration and method\n\n"
+        + report.main_table(cells, cfgs)
+        + "\n\n## The monitor on plain runs\n\n"
+        "`klj_reg.Monitor(model, window=20, factor=10, every=1)` fed with every training "
+        "batch: a layer is flagged when its KLJ is non-finite or exceeds 10x the larger of 1 "
+        "and its minimum over the previous 20 steps. A failure counts as *flagged* when the "
+        f"last flag at or before the failing step came at most {runner.WARNING_WINDOW} steps "
+        "before it; *lead*: steps from that flag to the failure; *false alarms*: surviving "
+        "plain runs that were flagged at any step.\n\n"
+        + report.monitor_table(cells, cfgs)
+        + "\n\n"
+        + report.monitor_runs(payload["runs"])
+        + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks stability",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        default="all",
+        help=f"comma-separated of: {', '.join(configs.REGISTRY)}; or 'all'",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. n-1 per cell")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stability"))
+    parser.add_argument("--quick", action="store_true", help="tiny flows, 30 steps (tests)")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args(argv)
+    names = list(configs.REGISTRY) if args.configs == "all" else args.configs.split(",")
+    for n in names:
+        if n not in configs.REGISTRY:
+            parser.error(f"unknown configuration {n!r}; choose from {', '.join(configs.REGISTRY)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    skipped = []
+    if not _cifar_available():
+        for n in [n for n in names if configs.get(n, args.quick).needs_data]:
+            names.remove(n)
+            skipped.append(f"{n} (no CIFAR-10 under ../shared/data or $KLJ_DATA)")
+    if not names:
+        parser.error("no configuration left to run")
+
+    start = time.perf_counter()
+    runs, chosen = execute(names, args.seeds, args.quick, args.jobs)
+    order = {n: i for i, n in enumerate(names)}
+    kinds = (*runner.METHODS, "select")
+    runs.sort(
+        key=lambda r: (order[r["config"]], r["split"] != "validation",
+                       kinds.index(r["method"]), r["alpha"], r["seed"])
+    )  # fmt: skip
+    cfgs = []
+    for n in names:
+        cfg = configs.get(n, args.quick)
+        thresholds = [r["threshold"] for r in runs if r["config"] == n and r["split"] == "test"]
+        cfgs.append(
+            {**cfg.settings(), "doc": cfg.doc, "threshold": sum(thresholds) / len(thresholds)}
+        )
+    from ..report import commit
+
+    payload = {
+        "command": " ".join(
+            ["python -m benchmarks stability", *(sys.argv[2:] if argv is None else argv)]
+        ),
+        "seeds": args.seeds,
+        "jobs": args.jobs,
+        "quick": args.quick,
+        "machine": f"{platform.machine()} {len(os.sched_getaffinity(0))} cores, "
+        f"torch {torch.__version__}",
+        "commit": commit(),
+        "wall_seconds": time.perf_counter() - start,
+        "skipped": skipped,
+        "methods": {m: runner.METHOD_TEXT[m] for m in runner.METHODS},
+        "alpha_grid": list(runner.ALPHA_GRID),
+        "chosen_alpha": chosen,
+        "failure_rule": {
+            "max_consecutive_nonfinite": runner.MAX_SKIPPED,
+            "threshold": "identity-flow held-out NLL + margin (nats/dim)",
+        },
+        "monitor": runner.MONITOR,
+        "configs": cfgs,
+        "cells": report.cells(runs),
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stability.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "summary.md").write_text(summary_md(payload))
+    report.figure(payload["cells"], cfgs, args.out / "stability.png")
+    print(report.failure_matrix(payload["cells"], cfgs))
+    print("\n" + report.headline(payload["cells"], cfgs))
+    print(f"\n{len(runs)} runs in {payload['wall_seconds']:.0f} s; wrote "
+          f"{args.out}/stability.json, summary.md, stability.png")  # fmt: skip
+    return 0
