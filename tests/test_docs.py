@@ -75,3 +75,12 @@ def test_every_fence_has_a_known_language(page: Path) -> None:
 )
 def test_page_code_runs(page: Path) -> None:
     run_page(page.relative_to(DOCS).as_posix(), python_blocks(page.read_text()))
+
+
+def test_the_api_reference_covers_the_public_api() -> None:
+    import klj_reg
+
+    documented = set(
+        re.findall(r"^::: klj_reg\.(?:\w+\.)?(\w+)$", (DOCS / "api.md").read_text(), re.M)
+    )
+    assert set(klj_reg.__all__) <= documented, set(klj_reg.__all__) - documented
