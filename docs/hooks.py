@@ -4,7 +4,7 @@ served from there (nothing is copied into ``docs/`` by hand).
 
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
 ``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
-brief), ``outliers``, ``trainsize``, ``sweep``, ``overhead``. Figures are linked as
+brief), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``. Figures are linked as
 ``figures/<path under benchmarks/results>``.
 """
 
@@ -103,6 +103,12 @@ def _sweep(folder: Path) -> str:
     return sweep.markdown(_runs(folder, "sweep"))
 
 
+def _stability(folder: Path) -> str:
+    from benchmarks import stability
+
+    return stability.summary_md(json.loads((folder / "stability.json").read_text()))
+
+
 def _overhead(folder: Path) -> str:
     from benchmarks import overhead
 
@@ -118,6 +124,7 @@ RENDER: dict[str, Callable[[Path], str]] = {
     "trainsize": _trainsize,
     "sweep": _sweep,
     "overhead": _overhead,
+    "stability": _stability,
 }
 
 
