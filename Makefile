@@ -28,6 +28,13 @@ test: $(STAMP)
 	$(BIN)/mypy klj_reg
 	$(BIN)/python -m pytest
 
+# The four frameworks' own test suites (../shared/peer-tests, run from there) with klj-reg
+# attached to every model they build: tests/peer/klj_peer_plugin.py. Skipped, with a
+# message, when ../shared/peer-tests is absent. PEER_ARGS go to each pytest run
+# (--klj-baseline: the suites without klj-reg, for comparison).
+peer-tests: $(STAMP)
+	PYTEST=$(BIN)/pytest tests/peer/run $(PEER_ARGS)
+
 # The documentation site (MkDocs + Material + mkdocstrings), strict: a warning fails the build.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
