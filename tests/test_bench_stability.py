@@ -94,6 +94,20 @@ def test_quick_run_has_every_config_method_and_seed(quick: tuple[dict[str, Any],
     assert len(payload["cells"]) == len(QUICK) * len(runner.METHODS)
 
 
+def test_render_rebuilds_the_summary_without_training(
+    quick: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    payload, out = quick
+    copy = tmp_path / "stability.json"
+    copy.write_text(json.dumps({**payload, "cells": []}))
+    assert stability.main(["--render", str(copy)]) == 0
+    rendered = json.loads(copy.read_text())
+    assert rendered["runs"] == payload["runs"] and rendered["cells"] == payload["cells"]
+    text = (tmp_path / "summary.md").read_text()
+    assert "rendered from its `stability.json` by `python -m benchmarks stability --render" in text
+    assert (tmp_path / "stability.png").exists()
+
+
 def test_runs_of_one_seed_share_data_and_initialisation() -> None:
     """plain and clip start from the same flow on the same batches: their first loss (before
     any step) is identical, and a deterministic rerun reproduces a run exactly."""
