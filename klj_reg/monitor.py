@@ -80,6 +80,10 @@ class Monitor:
 
     once per excursion (again only after it fell back below). Flags are kept in
     :attr:`flags` and, with ``warn=True``, raised as :class:`DivergenceGrowthWarning`.
+    A flow that starts at the identity (KLJ ~0) and grows its scales in healthy early
+    training can exceed ``factor x floor`` within its first steps: the first ``warmup``
+    observations are logged only (neither flagged nor kept as a reference; ``0``, the
+    default, flags from the start).
 
     Example::
 
@@ -101,9 +105,12 @@ class Monitor:
         floor: float = 1.0,
         warn: bool = True,
         prefix: str = "klj/",
+        warmup: int = 0,
     ) -> None:
-        if every < 1 or window < 1:
-            raise ValueError(f"every and window must be >= 1, got {every} and {window}")
+        if every < 1 or window < 1 or warmup < 0:
+            raise ValueError(
+                f"need every, window >= 1 and warmup >= 0, got {every}, {window}, {warmup}"
+            )
         if not (factor > 1 and floor >= 0):
             raise ValueError(f"need factor > 1 and floor >= 0, got {factor} and {floor}")
         self.model = model
@@ -111,6 +118,7 @@ class Monitor:
         self.capture.monitors.append(self)
         self.log, self.every, self.window = log, every, window
         self.factor, self.floor, self.warn, self.prefix = factor, floor, warn, prefix
+        self.warmup = warmup
         self.seen = 0
         self.steps = 0
         self.history: dict[str, deque[float]] = {}
@@ -150,6 +158,8 @@ class Monitor:
                 flagged = value > self.factor * max(reference, self.floor)
             else:
                 reference, flagged = value, False
+            if self.steps <= self.warmup:  # neither flagged nor a reference for later
+                continue
             if flagged and name not in self.high:
                 flags.append(Flag(step, name, value, reference))
             if flagged:

@@ -238,6 +238,28 @@ def test_layer_divergence_reads_and_takes_the_pass() -> None:
     )
 
 
+def test_warmup_observations_are_logged_but_never_flagged() -> None:
+    model = Chain(dim=3)
+    logged: list[int] = []
+    monitor = klj_reg.Monitor(
+        model, log=lambda v, s: logged.append(s), window=3, warmup=4, warn=False
+    )
+    x = torch.randn(4, 3)
+    for t in range(8):  # from the identity, the scales grow fast and then stay
+        with torch.no_grad():
+            model.layers[0].log_scale.fill_(min(0.6 * t, 1.8))
+        model(x)
+        klj_reg.penalty(model, x)
+    assert logged == list(range(1, 9)) and monitor.flags == []
+    unwarmed = klj_reg.Monitor(Chain(dim=3), window=3, warn=False)
+    for t in range(8):
+        with torch.no_grad():
+            unwarmed.model.layers[0].log_scale.fill_(min(0.6 * t, 1.8))
+        unwarmed.model(x)
+        klj_reg.penalty(unwarmed.model, x)
+    assert [f.layer for f in unwarmed.flags] == ["layers.0"]  # the false alarm it avoids
+
+
 def test_monitor_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="every"):
         klj_reg.Monitor(Chain(), every=0)
