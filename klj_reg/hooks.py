@@ -215,14 +215,17 @@ def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
         final = found.final.get(name)
         if not final:
             out = original(self, *args, **kwargs)
-        else:
-            try:
-                out = original(self, *args, **kwargs)
-            finally:
-                for fn in final:
-                    fn(self)
-        for fn in found.after.get(name, ()):
-            fn(self, args, kwargs, out)
+            for fn in found.after.get(name, ()):
+                fn(self, args, kwargs, out)
+            return out
+        # ``final`` last: an entry's ends the pass that the layer's ``after`` records into.
+        try:
+            out = original(self, *args, **kwargs)
+            for fn in found.after.get(name, ()):
+                fn(self, args, kwargs, out)
+        finally:
+            for fn in final:
+                fn(self)
         return out
 
     wrapper._klj_wrapper = True  # type: ignore[attr-defined]
@@ -265,8 +268,8 @@ def watch_method(
     final: Callback | None = None,
 ) -> list[Handle]:
     """Call ``before(module, args, kwargs)``, ``after(module, args, kwargs, output)`` (when
-    it returns) and ``final(module)`` (whether it returns or raises, before ``after``) around
-    each ``module.<name>(...)``, a method the framework calls directly."""
+    it returns) and ``final(module)`` (whether it or an ``after`` returns or raises, last)
+    around each ``module.<name>(...)``, a method the framework calls directly."""
     found = bind(module)
     handles = []
     for kind, fn in (("before", before), ("after", after), ("final", final)):

@@ -196,6 +196,23 @@ def maf(context: int) -> nn.Module:
     return noisy(layer, 0.2)
 
 
+def test_a_layer_attached_as_the_model_records_into_the_pass_its_inverse_began() -> None:
+    """The layer's record lands in the pass its own ``inverse`` began, not in a stray pass
+    after that one ended: so penalties on two micro-batches each read their own."""
+    layer = maf(0)
+    capture = attach(layer)
+    x1, x2 = torch.randn(4, DIM), torch.randn(5, DIM)
+    layer.inverse(x1)
+    assert [p.inputs is x1 for p in capture.book.grad if p.records] == [True]
+    want1 = klj_reg.penalty(layer, x1)
+    layer.inverse(x2)
+    want2 = klj_reg.penalty(layer, x2)
+    layer.inverse(x1)
+    layer.inverse(x2)
+    torch.testing.assert_close(klj_reg.penalty(layer, x1), want1)
+    torch.testing.assert_close(klj_reg.penalty(layer, x2), want2)
+
+
 @pytest.mark.parametrize("context", [0, CONTEXT_DIM])
 def test_masked_affine_autoregressive(context: int) -> None:
     layer = maf(context)
