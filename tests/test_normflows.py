@@ -196,10 +196,14 @@ def maf(context: int) -> nn.Module:
     return noisy(layer, 0.2)
 
 
-def test_a_layer_attached_as_the_model_records_into_the_pass_its_inverse_began() -> None:
-    """The layer's record lands in the pass its own ``inverse`` began, not in a stray pass
-    after that one ended: so penalties on two micro-batches each read their own."""
-    layer = maf(0)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_layer_attached_as_the_model_records_into_the_pass_its_inverse_began(
+    reverse: bool,
+) -> None:
+    """The layer's record lands in the pass its own ``inverse`` began (``Reverse``'s too,
+    whose ``inverse`` runs the inner ``forward``), not in a stray pass outside it: so
+    penalties on two micro-batches each read their own."""
+    layer = nf.flows.Reverse(maf(0)) if reverse else maf(0)
     capture = attach(layer)
     x1, x2 = torch.randn(4, DIM), torch.randn(5, DIM)
     layer.inverse(x1)

@@ -56,7 +56,7 @@ import normflows as nf
 import normflows.flows.mixing as normflows_mixing
 import torch
 import torch.nn.functional as F
-from normflows.flows.base import Flow, Reverse
+from normflows.flows.base import Flow
 from normflows.utils import splines
 from torch import Tensor, nn
 
@@ -415,9 +415,10 @@ DATA_TO_LATENT = ("forward_kld", "log_prob", "inverse", "inverse_and_log_det")
 @framework.entry("NormalizingFlow", "MultiscaleFlow", "ClassCondFlow", "Flow")
 def entry(model: nn.Module, door: Door) -> list[Handle]:
     """A model's pass is a call of one of its data-to-latent methods (the outermost, as
-    they call each other); a single layer's, its ``inverse`` (``forward`` for Reverse)."""
+    they call each other); a single layer's, its ``inverse`` (Reverse's too: it runs the
+    inner layer's ``forward``, which records)."""
     if isinstance(model, Flow):
-        names: tuple[str, ...] = ("forward",) if isinstance(model, Reverse) else ("inverse",)
+        names: tuple[str, ...] = ("inverse",)
     else:
         names = DATA_TO_LATENT + (("forward",) if isinstance(model, nf.MultiscaleFlow) else ())
     depth = [0]
