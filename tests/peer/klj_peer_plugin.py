@@ -16,11 +16,14 @@ there by ``tests/peer/run``, i.e. ``make peer-tests``). It
   ``klj_reg.penalty`` on that pass and checks that it is finite (unless the flow's own
   captured tensors or log-determinants are not: the flow itself is then non-finite) and,
   with gradients on, that its gradient reaches every trainable parameter of the model that
-  the layers' own log-determinants depend on, and that its backward runs. A failed check,
-  or an exception of the penalty itself (``AdapterMismatchError``, ``CaptureError``, ...),
-  raises in the pass, and fails the test afterwards too, so that a test that catches
-  exceptions cannot hide it. A pass that ends by an exception is not checked (its records
-  may be partial; the test sees the framework's own exception);
+  the layers' own log-determinants depend on, and that its backward runs. The penalty also
+  checks each layer against the layer's own log-determinant, on every pass (klj-reg alone
+  does on the first batches). A record that lands outside any pass of its model while the
+  model runs (a misplaced entry) fails too.
+  A failed check, or an exception of the penalty itself (``AdapterMismatchError``,
+  ``CaptureError``, ...), raises in the pass, and fails the test afterwards too, so that a
+  test that catches exceptions cannot hide it. A pass that ends by an exception is not
+  checked (its records may be partial; the test sees the framework's own exception);
 - seeds ``torch``, ``numpy`` and ``random`` once, before collection (``--klj-seed``): several
   of these suites draw unseeded random inputs and fail at random without klj-reg; seeded,
   a suite gives the same results on every run, with or without the harness (the harness
@@ -40,6 +43,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -47,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import klj_reg
+from klj_reg.capture import get_capture
 from klj_reg.passes import Pass, PassBook
 
 KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
@@ -86,6 +91,7 @@ class Stats:
     non_finite_flow: int = 0
     untracked: int = 0
     aborted: int = 0
+    outside: int = 0
     failures: list[str] = field(default_factory=list)
     checked: Counter[str] = field(default_factory=Counter)
     """Penalties computed, by model class."""
@@ -301,7 +307,13 @@ def _check_gradient(model: nn.Module, ended: Pass, value: Tensor) -> None:
 
 
 def check_pass(model: nn.Module, ended: Pass) -> Tensor:
-    """Compute the penalty of ``model`` on the pass that just ended and check it."""
+    """Compute the penalty of ``model`` on the pass that just ended and check it. klj-reg
+    checks each layer against its own log-determinant on its first batches only; here, on
+    every pass."""
+    capture = get_capture(model)
+    if capture is not None:
+        for site in capture.sites.values():
+            site.checks_left = max(site.checks_left, 1)
     with_grad = torch.is_grad_enabled() and ended.grad and not ended.untracked
     if torch.is_grad_enabled() and ended.untracked:
         STATS.untracked += 1  # klj-reg refuses a gradient there, by design: value only
@@ -321,6 +333,43 @@ def check_pass(model: nn.Module, ended: Pass) -> Tensor:
     return value
 
 
+_record: Callable[..., None] = PassBook.record
+
+
+def _running(obj: object) -> bool:
+    """Whether a method of ``obj`` is on the call stack."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_locals.get("self") is obj:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _record_in_a_pass(book: PassBook, site: Any, record: Any) -> None:
+    """``PassBook.record``; a record outside any pass of its model, made while the model
+    itself runs, fails the check."""
+    _record(book, site, record)
+    if book.active is not None or book.implicit is None or not _enabled:
+        return
+    ref = _models.get(book)
+    model = None if ref is None else ref()
+    if model is None or site.name not in book.implicit.records:
+        return
+    # A layer called on its own records into an implicit pass of each model it belongs to,
+    # by design (a hand-written loop over a model's layers). While the model itself runs,
+    # its records belong in its pass: one outside means a misplaced entry.
+    if not _running(model):
+        STATS.outside += 1
+        return
+    message = (
+        f"{type(model).__name__}: {site.label} recorded outside any pass of the model while "
+        "the model ran"
+    )
+    STATS.failures.append(message)
+    raise HarnessError(message)
+
+
 _end: Callable[[PassBook], None] = PassBook.end
 
 
@@ -331,7 +380,11 @@ def _end_and_check(book: PassBook) -> None:
     if ended is None or not ended.records:
         return
     if sys.exc_info()[0] is not None:
-        STATS.aborted += 1  # ended by an exception: records may be partial
+        STATS.aborted += 1  # ended by an exception: records may be partial; dropped
+        if ended in book.grad:
+            book.grad.remove(ended)
+        if book.latest_no_grad is ended:
+            book.latest_no_grad = None
         return
     ref = _models.get(book)
     model = None if ref is None else ref()
@@ -377,6 +430,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for root in _roots():
         _watch_hierarchy(root)
     PassBook.end = _end_and_check  # type: ignore[method-assign,assignment]
+    PassBook.record = _record_in_a_pass  # type: ignore[method-assign,assignment]
     _seed(config)
 
 
@@ -432,7 +486,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"had nothing to capture); {s.penalties} penalties computed and checked "
         f"({s.grad_checked} with their gradient, {s.untracked} value only as layers ran "
         f"without gradients, {s.non_finite_flow} on non-finite flows); {s.aborted} passes "
-        f"ended by an exception (not checked); {len(s.failures)} failed checks"
+        f"ended by an exception (not checked); {s.outside} records by layers called on "
+        f"their own outside their models' passes; {len(s.failures)} failed checks"
     )
     if config.getoption("verbose") > 0:
         by_class = ", ".join(f"{name} {n}" for name, n in s.checked.most_common())
