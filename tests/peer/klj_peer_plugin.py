@@ -409,7 +409,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="seed and deselect as usual, but attach nothing (the suite's own baseline)",
     )
     group.addoption(
-        "--klj-seed", type=int, default=0, help="seed before each test (-1: do not seed)"
+        "--klj-seed", type=int, default=0, help="seed once, before collection (-1: do not seed)"
     )
     group.addoption(
         "--klj-min-penalties",
