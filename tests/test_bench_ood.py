@@ -283,6 +283,9 @@ def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
     if rank == 0:
         grads = {n: p.grad.clone() for n, p in clf.named_parameters() if p.grad is not None}
         torch.save({"values": values / world, "grads": grads}, path)
+    # Both ranks leave together: a rank tearing gloo down while its peer is still connected
+    # aborted once under load ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
