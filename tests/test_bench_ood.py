@@ -311,11 +311,20 @@ def test_ddp_two_processes_match_one_process(tmp_path: pathlib.Path) -> None:
 
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as error:
+            # gloo's rendezvous rarely aborts a worker here (SIGABRT, "terminate called
+            # without an active exception", twice in ~20 runs, not reproducible on demand):
+            # a crash of the process group, not a wrong value, so start it again.
+            if error.signal_name != "SIGABRT" or attempt == 2:
+                raise
     ddp = torch.load(path)
     clf, x, y = _ddp_problem()
     klj_reg.attach(clf.flow.model)
