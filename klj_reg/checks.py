@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .divergence import _float32, _per_sample_sum
 from .errors import AdapterMismatchError, NonFiniteScaleError, NonFiniteScaleWarning
-from .kit import Site, framework_version
+from .kit import Site, mismatch
 from .records import LayerRecord
 
 NONTRIVIAL = 1e-2
@@ -90,13 +90,10 @@ class FiniteWatch:
 
 
 def _mismatch(r: LayerRecord, site: Site, error: float) -> AdapterMismatchError:
-    return AdapterMismatchError(
-        f"captured scales of {r.name or '<model>'} ({r.kind}, "
-        f"{framework_version(site.framework)}) do not match the layer's own "
-        f"log-determinant (max error {error:.3g}): this version of the framework "
-        "computes the layer differently from what its klj-reg adapter expects. "
-        "Please report it with the version above; meanwhile use "
-        "estimator='hutchinson'."
+    return mismatch(
+        site.framework,
+        f"captured scales of {r.name or '<model>'} ({r.kind}) do not match the layer's own "
+        f"log-determinant (max error {error:.3g})",
     )
 
 

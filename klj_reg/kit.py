@@ -194,6 +194,11 @@ def framework_version(framework: str) -> str:
 
 def mismatch(framework: str, what: str) -> AdapterMismatchError:
     """The error for a layer computed differently from what its adapter expects."""
+    if framework == "user":
+        return AdapterMismatchError(
+            f"{what}: the factors your klj_reg.register_adapter function returns do not "
+            "describe the layer's Jacobian diagonal; check that function (and its log_det)."
+        )
     return AdapterMismatchError(
         f"{what} ({framework_version(framework)}): this version of {framework} computes the "
         "layer differently from what its klj-reg adapter expects. Please report it with the "
@@ -261,6 +266,16 @@ watch_method = hooks.watch_method
 framework calls directly (for entries; layers use :meth:`Site.watch_method`)."""
 
 
+def begin_on_first_tensor(door: Door, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Open ``door`` on a call's first tensor argument (positional, else keyword): a pass of
+    ``x.shape[0]`` samples of dimension ``x.shape[1:].numel()``."""
+    x = first_tensor(args)
+    if x is None:
+        x = first_tensor(tuple(kwargs.values()))
+    if x is not None:
+        door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+
+
 def module_entry(
     model: nn.Module, door: Door, is_data_to_latent: Callable[..., bool] | None = None
 ) -> list[Handle]:
@@ -268,13 +283,8 @@ def module_entry(
     (``is_data_to_latent(args, kwargs)`` may exclude calls in the other direction)."""
 
     def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if is_data_to_latent is not None and not is_data_to_latent(args, kwargs):
-            return
-        x = first_tensor(args)
-        if x is None:
-            x = first_tensor(tuple(kwargs.values()))
-        if x is not None:
-            door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+        if is_data_to_latent is None or is_data_to_latent(args, kwargs):
+            begin_on_first_tensor(door, args, kwargs)
 
     def end(module: nn.Module) -> None:
         door.end()

@@ -65,8 +65,8 @@ from ..kit import (
     Door,
     Handle,
     Site,
+    begin_on_first_tensor,
     direction_sign,
-    first_tensor,
     framework_version,
     log_sigmoid_plus_2_eps,
     returned_log_det,
@@ -425,9 +425,8 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
 
     def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         depth[0] += 1
-        x = first_tensor(args) if args else first_tensor(tuple(kwargs.values()))
-        if depth[0] == 1 and x is not None:
-            door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+        if depth[0] == 1:
+            begin_on_first_tensor(door, args, kwargs)
 
     def end(module: nn.Module) -> None:
         depth[0] -= 1
