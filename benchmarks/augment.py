@@ -95,6 +95,12 @@ class Augment(nn.Module):
         self.colour_jitter = colour_jitter and any(j > 0 for j in self.jitter)
         self.interpolation = interpolation
 
+    @classmethod
+    def for_side(cls, side: int) -> Augment:
+        """The same augmentation scaled to ``side``-pixel images: pad ``side / 4``, centre crop
+        ``9 side / 8``, random crop ``side`` (the defaults at 32)."""
+        return cls(pad=side // 4, centre=side * 9 // 8, crop=side)
+
     def extra_repr(self) -> str:
         return (
             f"flip={self.flip}, jitter={self.jitter if self.colour_jitter else None}, "

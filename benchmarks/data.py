@@ -74,7 +74,7 @@ _HOW_TO_GET = (
 class Images(NamedTuple):
     """A set of images with labels and a record of where they came from."""
 
-    x: torch.Tensor  # uint8, (N, 3, 32, 32)
+    x: torch.Tensor  # uint8, (N, 3, 32, 32), or smaller after :func:`downsample`
     y: torch.Tensor  # int64, (N,)
     source: str
 
@@ -424,18 +424,59 @@ def corrupt(
     return out, mask
 
 
+def balanced_rows(y: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted rows of a class-balanced random choice: ``round(fraction * n_c)`` of each class."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[: round(fraction * len(idx))]])
+    return torch.sort(torch.cat(keep)).values
+
+
 def subset(images: Images, fraction: float, seed: int = 0) -> Images:
     """Class-balanced random subset: ``round(fraction * n_c)`` images of each class c.
 
     The chosen images keep their original order.
     """
-    if not 0 <= fraction <= 1:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in torch.unique(images.y).tolist():
-        idx = torch.nonzero(images.y == c).flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[: round(fraction * len(idx))]])
-    rows = torch.sort(torch.cat(keep)).values
+    rows = balanced_rows(images.y, fraction, seed)
     source = f"{images.source}, class-balanced subset {fraction:g} (seed {seed})"
     return Images(images.x[rows], images.y[rows], source)
+
+
+def downsample(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Box-filter (area) downsampling of ``(N, C, H, W)`` images to ``side x side``.
+
+    Each output pixel is the mean of a ``H / side`` square of input pixels; uint8 input is
+    rounded back to uint8 (the training pipeline's lossless form), float input stays float.
+    """
+    factor = x.shape[-1] // side
+    if side <= 0 or x.shape[-1] != factor * side or x.shape[-2] != x.shape[-1]:
+        raise ValueError(f"cannot box-downsample {tuple(x.shape[-2:])} images to {side}x{side}")
+    if factor == 1:
+        return x
+    pooled = torch.nn.functional.avg_pool2d(x.float(), factor)
+    if x.dtype == torch.uint8:
+        return pooled.round().clamp(0, 255).to(torch.uint8)
+    return pooled.to(x.dtype)
+
+
+def downsample_images(images: Images, side: int) -> Images:
+    """:func:`downsample` of a labelled set, its source saying so."""
+    if images.x.shape[-1] == side:
+        return images
+    return Images(
+        downsample(images.x, side), images.y, f"{images.source}, box-downsampled to {side}x{side}"
+    )
+
+
+def split(images: Images, fraction: float, seed: int = 0) -> tuple[Images, Images]:
+    """``(rest, held_out)``: a class-balanced ``fraction`` held out (a validation split) and
+    the rest for training, each in the original order."""
+    held = torch.zeros(len(images.y), dtype=torch.bool)
+    held[balanced_rows(images.y, fraction, seed)] = True
+    tag = f"{fraction:g} validation split (seed {seed})"
+    rest = Images(images.x[~held], images.y[~held], f"{images.source}, minus a {tag}")
+    return rest, Images(images.x[held], images.y[held], f"{images.source}, {tag}")

@@ -41,6 +41,8 @@ class Row:
     objective: str  # "ib" | "cnll"
     beta: float
     klj: bool
+    alpha: float | None = None  # this row's KLJ weight (None: the command's --alpha)
+    form: str | None = None  # this row's KLJ form (None: the command's --form)
 
 
 def _beta_key(beta: float) -> str:
@@ -59,6 +61,17 @@ def table_rows(beta: float = 1.0) -> list[Row]:
         Row("cnll_klj", "cNLL + KLJ", "cnll", 1.0, True),
     ]
     return rows
+
+
+EXTRA_ROWS = (
+    Row("ibinf_klj_rc", "IB γ→∞ + KLJ (released-code form)", "ib", math.inf, True,
+        form="released-code"),
+)  # fmt: skip
+"""Rows beside the six, chosen by key with ``--rows``: the released-code form of IB γ→∞ + KLJ
+(baselines are shared, so it can live in the same folder as the six)."""
+
+SELECTION_SPLIT = 0.1
+"""Fraction of the training images held out (class-balanced) to choose alpha on."""
 
 
 def run_config(
@@ -84,9 +97,9 @@ def run_config(
             "row": row.key,
             "objective": row.objective,
             "beta": "inf" if math.isinf(row.beta) else row.beta,
-            "alpha": alpha if row.klj else 0.0,
+            "alpha": (alpha if row.alpha is None else row.alpha) if row.klj else 0.0,
             # a baseline does not depend on the form: one baseline serves every form's table
-            "form": form if row.klj else "jacobian",
+            "form": (form if row.form is None else row.form) if row.klj else "jacobian",
             "seed": seed,
             "train": asdict(preset.train),
             "train_limit": preset.train_limit,
@@ -94,6 +107,9 @@ def run_config(
             "ood_limit": preset.ood_limit,
             "variant": variant or {},
             "world_size": world_size,
+            # only where they differ from the defaults, so earlier runs' configs still match
+            **({"resolution": preset.resolution} if preset.resolution != 32 else {}),
+            **({"curves": True} if preset.curves else {}),
         }
     )
 
@@ -126,20 +142,32 @@ def _memo(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
     return _MEMO[key]
 
 
-def load_training_set(config: dict[str, Any], data_root: Any, cache_dir: Any) -> tuple[Any, str]:
-    """The training images of a run: preset limit (class-balanced), then the variant's
-    fraction (``train_fraction``, Fig. 6) and outliers (``outlier_fraction``, Table 2)."""
-    from .data import Images, corrupt, load_cifar10, subset
+def limited_training_set(config: dict[str, Any], data_root: Any, cache_dir: Any) -> Any:
+    """The preset's training images: its limit (class-balanced) at its resolution."""
+    from .data import downsample_images, load_cifar10, subset
+
+    side = config.get("resolution", 32)
 
     def limited() -> Any:
         train = load_cifar10("train", data_root, cache_dir=cache_dir)
         limit = config["train_limit"]
         if limit and limit < len(train.y):
             train = subset(train, limit / len(train.y), seed=0)
-        return train
+        return downsample_images(train, side)
 
-    train = _memo(("train", data_root, cache_dir, config["train_limit"]), limited)
+    return _memo(("train", data_root, cache_dir, config["train_limit"], side), limited)
+
+
+def load_training_set(config: dict[str, Any], data_root: Any, cache_dir: Any) -> tuple[Any, str]:
+    """The training images of a run: :func:`limited_training_set` minus the variant's
+    validation split (``validation``), then its fraction (``train_fraction``, Fig. 6) and
+    outliers (``outlier_fraction``, Table 2)."""
+    from .data import Images, corrupt, split, subset
+
+    train = limited_training_set(config, data_root, cache_dir)
     variant = config.get("variant", {})
+    if variant.get("validation"):
+        train = split(train, float(variant["validation"]), seed=0)[0]
     if variant.get("train_fraction") is not None:
         train = subset(train, float(variant["train_fraction"]), seed=config["seed"])
     if variant.get("outlier_fraction"):
@@ -226,7 +254,7 @@ def run_one(job: Job) -> dict[str, Any]:
     }
     try:
         from .classifier import GenerativeClassifier
-        from .data import load_cifar10
+        from .data import downsample, downsample_images, load_cifar10, split
         from .image_flows import build, parameter_count
         from .oodsets import make_ood_sets
 
@@ -235,20 +263,32 @@ def run_one(job: Job) -> dict[str, Any]:
             torch.backends.cudnn.benchmark = True
         root = pathlib.Path(job.data_root) if job.data_root else None
         cache = pathlib.Path(job.cache_dir) if job.cache_dir else None
+        side = cfg.get("resolution", 32)
         train, source = load_training_set(cfg, root, cache)
         test = _memo(("test", root, cache), lambda: load_cifar10("test", root, cache_dir=cache))
-        record["data_source"] = {"train": source, "test": test.source}
+        validation = cfg.get("variant", {}).get("validation")
+        if validation:  # evaluated on the held-out part of the training set, no OoD sets
+            full = limited_training_set(cfg, root, cache)
+            test_eval = split(full, float(validation), seed=0)[1]
+        else:
+            n_test = cfg["test_limit"] or len(test.y)
+            test_eval = downsample_images(
+                type(test)(test.x[:n_test], test.y[:n_test], test.source), side
+            )
+        record["data_source"] = {"train": source, "test": test_eval.source}
         record["train_images"] = len(train.y)
-        flow = build(cfg["backend"], cfg["size"], seed=cfg["seed"])
-        clf = GenerativeClassifier(flow).to(device)
+        shape = tuple(train.x.shape[1:])
+        flow = build(cfg["backend"], cfg["size"], shape=shape, seed=cfg["seed"])
+        clf = GenerativeClassifier(flow, shape=shape).to(device)
         record["parameters"] = parameter_count(clf.flow)
         train_cfg = TrainConfig(**{k: _tuple(v) for k, v in cfg["train"].items()})
         beta = math.inf if cfg["beta"] == "inf" else float(cfg["beta"])
         objective = Objective(cfg["objective"], beta, cfg["alpha"], cfg["form"])
         x_train, y_train = train.x.to(device), train.y.to(device)
+        curve = _test_curve(clf, test_eval, job.eval_batch) if cfg.get("curves") else None
         history = fit(
             clf, x_train, y_train, train_cfg, objective,
-            seed=cfg["seed"], progress=job.progress, desc=job.label,
+            seed=cfg["seed"], progress=job.progress, desc=job.label, after_epoch=curve,
         )  # fmt: skip
         record["history"] = history.epochs
         train_s = history.seconds
@@ -258,12 +298,18 @@ def run_one(job: Job) -> dict[str, Any]:
                 clf, x_train, train_cfg.bn_refresh, job.eval_batch,
                 augment=train_cfg.augment, seed=cfg["seed"],
             )  # fmt: skip
-            n_test = cfg["test_limit"] or len(test.y)
-            test_eval = type(test)(test.x[:n_test], test.y[:n_test], test.source)
-            ood = _memo(
-                ("ood", root, cache, cfg["ood_limit"]),
-                lambda: make_ood_sets(test, root, cache_dir=cache, limit=cfg["ood_limit"]),
-            )
+            if validation:
+                ood: dict[str, torch.Tensor] = {}
+            else:
+                ood = _memo(
+                    ("ood", root, cache, cfg["ood_limit"], side),
+                    lambda: {
+                        k: downsample(v, side)
+                        for k, v in make_ood_sets(
+                            test, root, cache_dir=cache, limit=cfg["ood_limit"]
+                        ).items()
+                    },
+                )
             record["metrics"] = evaluate(clf, test_eval, ood, job.eval_batch)
             record["time"] = {
                 "train_s": train_s,
@@ -283,6 +329,25 @@ def run_one(job: Job) -> dict[str, Any]:
 
         dist.barrier()
     return record
+
+
+def _test_curve(clf: Any, test: Any, batch: int) -> Callable[[], dict[str, float]]:
+    """After each epoch: accuracy and mean ``L_x`` of the test images (eval mode, running
+    batch-norm statistics, no refresh), for learning curves."""
+    from . import metrics
+    from .augment import to_float
+    from .train import score
+
+    x = to_float(test.x)
+
+    def measure() -> dict[str, float]:
+        s = score(clf, x, batch)
+        return {
+            "test_accuracy": metrics.accuracy(s["logits"], test.y),
+            "test_l_x": float(s["l_x"].mean()),
+        }
+
+    return measure
 
 
 def _tuple(v: Any) -> Any:
@@ -490,24 +555,114 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--beta", type=float, default=1.0, help="IB beta of the first IB pair (γ; inf allowed)"
     )
-    p.add_argument("--rows", default=None, help="comma-separated row keys (default: all six)")
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated row keys (default: all six; also: "
+        + ", ".join(r.key for r in EXTRA_ROWS)
+        + ")",
+    )
+    p.add_argument(
+        "--select-alpha",
+        default=None,
+        metavar="ALPHAS",
+        help="comma-separated alphas: train IB γ→∞ + KLJ with each on the training set minus a "
+        f"{SELECTION_SPLIT:g} validation split, choose one on that split (never OoD or test "
+        "data: best held-out L_x among the alphas within 1 point of the best held-out "
+        "accuracy), then add the row 'ibinf_klj_val' with it",
+    )
     args = p.parse_args(argv)
     s = settings(args, "ood")
     rows = table_rows(args.beta)
     if args.rows:
         wanted = args.rows.split(",")
-        unknown = set(wanted) - {r.key for r in rows}
+        known = rows + list(EXTRA_ROWS)
+        unknown = set(wanted) - {r.key for r in known}
         if unknown:
-            raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {[r.key for r in rows]}")
-        rows = [r for r in rows if r.key in wanted]
-    jobs = make_jobs(s, "ood", rows, lambda b: s.out / b)
+            raise SystemExit(
+                f"unknown rows {sorted(unknown)}; choose from {[r.key for r in known]}"
+            )
+        rows = [r for r in known if r.key in wanted]
+    jobs = table_jobs = make_jobs(s, "ood", rows, lambda b: s.out / b)
+    if args.select_alpha:
+        jobs = jobs + selected_alpha_jobs(s, [float(a) for a in args.select_alpha.split(",")])
     total = len(s.backends) * len(rows) * len(s.seeds)
     if s.rank == 0:
-        print(f"ood: preset {s.preset.name}, {total - len(jobs)} of {total} runs done, "
+        print(f"ood: preset {s.preset.name}, {total - len(table_jobs)} of {total} runs done, "
               f"{len(jobs)} to run on {s.device}" + (f" x{s.parallel}" if s.parallel > 1 else "")
               + (f" (DDP x{s.world})" if s.world > 1 else ""))  # fmt: skip
     records = run_jobs(jobs, s.parallel, desc="ood")
     return finish(s, "ood", "table1", records, report.table1_markdown, report.table1_chart)
+
+
+def selected_alpha_jobs(s: Setting, alphas: Sequence[float]) -> list[Job]:
+    """Choose alpha for IB γ→∞ + KLJ on a validation split of the training images, per backend
+    (one run per alpha, the first seed; see ``--select-alpha``), write the choice to
+    ``<out>/<backend>/validation/selection.json``, and return the jobs of the row
+    ``ibinf_klj_val`` with it (every seed, the whole training set)."""
+    variant = {"validation": SELECTION_SPLIT}
+    probe = [
+        Row(
+            "ibinf" if a == 0 else f"ibinf_a{a:g}",
+            f"IB γ→∞, α={a:g}",
+            "ib",
+            math.inf,
+            a > 0,
+            alpha=a,
+        )
+        for a in alphas
+    ]
+    folder = lambda b: s.out / b / "validation"  # noqa: E731
+    first = replace(s, seeds=s.seeds[:1])
+    jobs = make_jobs(first, "ood", probe, folder, variant)
+    if s.rank == 0 and jobs:
+        print(f"ood: choosing alpha on a validation split: {len(jobs)} runs")
+    records = run_jobs(jobs, s.parallel, desc="alpha")
+    out: list[Job] = []
+    for backend in s.backends:
+        runs = [
+            r for r in report.load_runs(folder(backend))
+            if r["status"] == "ok" and r["config"].get("variant") == variant
+            and r["config"]["seed"] == first.seeds[0]
+            and r["config"]["alpha"] in alphas and r["config"]["preset"] == s.preset.name
+        ]  # fmt: skip
+        if not runs:
+            failed = [r for r in records if r["config"]["backend"] == backend]
+            raise SystemExit(f"alpha selection for {backend}: no finished run ({failed[:1]})")
+        choice = choose_alpha(runs)
+        report.write_json(folder(backend) / "selection.json", choice)
+        if s.rank == 0:
+            print(f"ood: {backend}: alpha {choice['alpha']:g} chosen on the validation split")
+        if choice["alpha"] > 0:
+            label = f"IB γ→∞ + KLJ (α={choice['alpha']:g}, chosen on validation)"
+            row = Row("ibinf_klj_val", label, "ib", math.inf, True, alpha=choice["alpha"])
+            out += make_jobs(replace(s, backends=[backend]), "ood", [row], lambda b: s.out / b)
+    return out
+
+
+def choose_alpha(runs: Sequence[dict[str, Any]], tolerance: float = 1.0) -> dict[str, Any]:
+    """The alpha with the lowest held-out mean ``L_x`` (the OoD score's density term) among
+    those whose held-out accuracy is within ``tolerance`` points of the best."""
+    scored = sorted(
+        (
+            {
+                "alpha": float(r["config"]["alpha"]),
+                "accuracy": float(r["metrics"]["accuracy"]),
+                "l_x": float(r["metrics"]["id_l_x_mean"]),
+            }
+            for r in runs
+        ),
+        key=lambda c: c["alpha"],
+    )
+    best_acc = max(c["accuracy"] for c in scored)
+    eligible = [c for c in scored if c["accuracy"] >= best_acc - tolerance]
+    chosen = min(eligible, key=lambda c: c["l_x"])
+    return {
+        "alpha": chosen["alpha"],
+        "rule": f"lowest held-out L_x among alphas within {tolerance:g} accuracy points of the "
+        "best held-out accuracy",
+        "candidates": scored,
+    }
 
 
 def finish(
@@ -521,7 +676,11 @@ def finish(
     """Write ``<stem>.md`` and ``<stem>.png`` from every finished run of ``command`` in the
     output folder (rank 0), end DDP; exit status 1 if a run failed."""
     if s.rank == 0:
-        runs = [r for r in report.load_runs(s.out) if r["config"].get("command") == command]
+        runs = [
+            r for r in report.load_runs(s.out)
+            if r["config"].get("command") == command
+            and not r["config"].get("variant", {}).get("validation")  # alpha-selection runs
+        ]  # fmt: skip
         (s.out / f"{stem}.md").write_text(markdown(runs))
         chart(runs, s.out / f"{stem}.png")
         print(f"wrote {s.out / stem}.md and {s.out / stem}.png")

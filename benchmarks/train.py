@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,7 @@ def step_terms(
     )
     total = terms.loss
     logged = {"loss": terms.loss, "l_x": terms.l_x, "l_y": terms.l_y, "l_cnll": terms.l_cnll}
+    logged["accuracy"] = 100.0 * (out.zz.argmin(1) == y).float().mean()
     if objective.alpha > 0:
         pen = klj_reg.penalty(flow_model, x, alpha=objective.alpha, form=objective.form)
         total = total + pen
@@ -163,11 +165,13 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
+    after_epoch: Callable[[], dict[str, float]] | None = None,
 ) -> History:
     """Train ``clf`` in place on uint8 images ``x_train`` (already on the training device).
 
     Under torch.distributed, wraps ``clf`` in DistributedDataParallel and splits each global
-    batch of ``cfg.batch_size`` images across ranks.
+    batch of ``cfg.batch_size`` images across ranks. ``after_epoch`` (e.g. a test-set
+    evaluation for learning curves) adds its values to each epoch's history.
     """
     from .augment import Augment
 
@@ -185,7 +189,7 @@ def fit(
     flow_model = clf.flow.model
     if objective.alpha > 0:
         klj_reg.attach(flow_model)
-    augment = Augment().to(device) if cfg.augment else None
+    augment = Augment.for_side(x_train.shape[-1]).to(device) if cfg.augment else None
     order_gen = torch.Generator().manual_seed(seed)
     noise_gen = torch.Generator(device=device).manual_seed(seed * 1009 + rank + 1)
 
@@ -236,6 +240,8 @@ def fit(
         if not all(math.isfinite(v) for v in means.values()):
             bar.close()
             raise FloatingPointError(f"training diverged in epoch {epoch + 1}: {means}")
+        if after_epoch is not None:
+            means.update(after_epoch())
         means["lr"] = opt.param_groups[0]["lr"]
         means["seconds"] = time.perf_counter() - start
         history.epochs.append(means)
@@ -265,7 +271,7 @@ def refresh_batch_norm(
         clf.eval()
         return 0
     device = x_train.device
-    aug = Augment().to(device) if augment else None
+    aug = Augment.for_side(x_train.shape[-1]).to(device) if augment else None
     gen = torch.Generator(device=device).manual_seed(seed + 7)
     momenta = [m.momentum for m in norms]
     for m in norms:
