@@ -452,6 +452,10 @@ def parser(command: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: preset's)")
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument(
+        "--resolution", type=int, default=None, help="override the preset's image side (16, 8)"
+    )
+    p.add_argument("--curves", action="store_true", help="test accuracy and L_x after every epoch")
+    p.add_argument(
         "--data-root", default=None, help="data folder (default: $KLJ_DATA or ../shared/data)"
     )
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $KLJ_CACHE)")
@@ -493,6 +497,10 @@ def settings(args: argparse.Namespace, command: str) -> Setting:
     preset = presets.get(args.preset)
     if args.epochs is not None:
         preset = replace(preset, train=replace(preset.train, epochs=args.epochs))
+    if args.resolution is not None:
+        preset = replace(preset, resolution=args.resolution)
+    if args.curves:
+        preset = replace(preset, curves=True)
     names = backends.parse(args.backend)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset.seeds)
     rank, size, ddp_device = setup_distributed()

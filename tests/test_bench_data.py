@@ -513,3 +513,48 @@ def test_dequantise_and_to_float() -> None:
     assert torch.equal(to_float(k.numpy()), k.float() / 255)
     with pytest.raises(TypeError):
         to_float(k.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Downsampling and validation splits (the converged preset)
+
+
+def test_downsample_is_the_block_mean() -> None:
+    from benchmarks.data import downsample, downsample_images
+
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    small = downsample(x, 16)
+    assert small.shape == (5, 3, 16, 16) and small.dtype == torch.uint8
+    blocks = x.double().reshape(5, 3, 16, 2, 16, 2).mean((3, 5))
+    assert (small.double() - blocks).abs().max() <= 0.5  # rounded to the nearest level
+    f = x.float() / 255
+    assert torch.allclose(
+        downsample(f, 8), x.double().reshape(5, 3, 8, 4, 8, 4).mean((3, 5)).float() / 255
+    )
+    assert downsample(x, 32) is x
+    with pytest.raises(ValueError, match="cannot box-downsample"):
+        downsample(x, 12)
+    images = downsample_images(Images(x, torch.arange(5), "toy"), 16)
+    assert images.x.shape[-1] == 16 and "downsampled to 16x16" in images.source
+
+
+def test_validation_split_is_balanced_disjoint_and_complete() -> None:
+    from benchmarks.data import split
+
+    y = torch.arange(200) % 10
+    x = torch.zeros(200, 3, 4, 4, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(200)  # each image carries its row
+    rest, held = split(Images(x, y, "toy"), 0.1, seed=0)
+    assert torch.bincount(held.y).tolist() == [2] * 10 and len(rest.y) == 180
+    rows = torch.cat([rest.x[:, 0, 0, 0], held.x[:, 0, 0, 0]]).long()
+    assert sorted(rows.tolist()) == list(range(200))  # disjoint and complete
+    assert torch.equal(y[rows], torch.cat([rest.y, held.y]))
+    assert "validation split" in held.source and "minus" in rest.source
+
+
+def test_augment_for_side_scales_the_geometry() -> None:
+    assert Augment.for_side(32).extra_repr() == Augment().extra_repr()
+    aug = Augment.for_side(16)
+    assert (aug.pad, aug.centre, aug.crop) == (4, 18, 16)
+    out = aug(_batch(8, 16), torch.Generator().manual_seed(0))
+    assert out.shape == (8, 3, 16, 16)

@@ -403,3 +403,59 @@ def test_ablation_commands_write_results(
     text = (tmp_path / f"{report_name}.md").read_text()
     assert expected in text and "freia" in text
     assert (tmp_path / f"{report_name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------- converged preset: resolution, alpha
+
+
+def _probe(alpha: float, accuracy: float, l_x: float) -> dict[str, object]:
+    return {"config": {"alpha": alpha}, "metrics": {"accuracy": accuracy, "id_l_x_mean": l_x}}
+
+
+def test_choose_alpha_prefers_held_out_density_within_an_accuracy_point() -> None:
+    from benchmarks.ood import choose_alpha
+
+    runs = [_probe(0.0, 60.0, 3.0), _probe(0.01, 59.5, 2.0), _probe(1.0, 55.0, 1.0)]
+    choice = choose_alpha(runs)
+    assert choice["alpha"] == 0.01  # alpha 1 has the best L_x but costs 5 accuracy points
+    assert [c["alpha"] for c in choice["candidates"]] == [0.0, 0.01, 1.0]
+    assert choose_alpha([_probe(0.0, 60.0, 1.0), _probe(0.1, 60.0, 2.0)])["alpha"] == 0.0
+
+
+@pytest.mark.skipif("freia" not in INSTALLED, reason="needs FrEIA")
+def test_downsampled_run_with_curves_extra_rows_and_alpha_selection(tmp_path: pathlib.Path) -> None:
+    if _data_root() is None:
+        pytest.skip("CIFAR-10 not found (set $KLJ_DATA)")
+    from benchmarks import ood
+
+    code = ood.main(
+        ["--preset", "smoke", "--backend", "freia", "--out", str(tmp_path), "--device", "cpu",
+         "--no-progress", "--resolution", "16", "--curves", "--rows", "ibinf,ibinf_klj_rc",
+         "--select-alpha", "0,0.1"]
+    )  # fmt: skip
+    assert code == 0, (tmp_path / "table1.md").read_text()
+    rc = json.loads((tmp_path / "freia" / "ibinf_klj_rc_seed0.json").read_text())
+    assert rc["status"] == "ok", rc.get("error")
+    assert rc["config"]["form"] == "released-code" and rc["config"]["resolution"] == 16
+    assert "downsampled to 16x16" in rc["data_source"]["test"]
+    epoch = rc["history"][-1]
+    assert 0 <= epoch["test_accuracy"] <= 100 and 0 <= epoch["accuracy"] <= 100
+    assert math.isfinite(epoch["test_l_x"])
+    assert set(rc["metrics"]["ood"]) == {"rot_rgb", "quickdraw", "tinyimagenet", "noisy"}
+    selection = json.loads((tmp_path / "freia" / "validation" / "selection.json").read_text())
+    assert [c["alpha"] for c in selection["candidates"]] == [0.0, 0.1]
+    probes = [
+        json.loads(p.read_text()) for p in (tmp_path / "freia" / "validation").glob("ib*.json")
+    ]
+    assert len(probes) == 2
+    for probe in probes:  # trained without the held-out tenth, scored on it, no OoD sets
+        assert probe["config"]["variant"] == {"validation": 0.1}
+        assert probe["metrics"]["n_test"] == 30 and probe["metrics"]["ood"] == {}
+        assert probe["train_images"] == 260 - 30  # round(0.1 * 26) = 3 per class held out
+    table = (tmp_path / "table1.md").read_text()
+    assert "released-code form" in table
+    if selection["alpha"] > 0:
+        val = json.loads((tmp_path / "freia" / "ibinf_klj_val_seed0.json").read_text())
+        assert val["config"]["alpha"] == selection["alpha"] and val["train_images"] == 260
+        assert "chosen on validation" in table
+    assert "IB γ→∞, α=" not in table  # the probes stay out of the table
