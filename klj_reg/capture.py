@@ -2,10 +2,12 @@
 
 ``attach(model)`` walks the model once and lets each supported layer's adapter install its
 callbacks (:mod:`klj_reg.kit`), and the model's adapter its entry, where each data-to-latent
-pass begins (:mod:`klj_reg.passes`). The callbacks keep references to tensors the layers
-compute anyway. Nothing is stored on the model but an empty-when-copied binding per watched
-module (:mod:`klj_reg.hooks`): the capture of a model lives in its root module's binding, so
-``copy.deepcopy`` and ``pickle`` give an unattached copy, whatever the model ran before.
+pass begins (:mod:`klj_reg.passes`); ``attach(model, direction="sample")`` (or ``"both"``)
+records the model's latent-to-data sampling passes as well (or instead). The callbacks keep
+references to tensors the layers compute anyway. Nothing is stored on the model but an
+empty-when-copied binding per watched module (:mod:`klj_reg.hooks`): the capture of a model
+lives in its root module's binding, so ``copy.deepcopy`` and ``pickle`` give an unattached
+copy, whatever the model ran before.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ from torch import Tensor, nn
 from . import hooks, registry
 from .errors import CompileOrderError, UnsupportedModelError
 from .kit import Handle, Site, module_entry
-from .passes import Pass, PassBook
+from .passes import DIRECTIONS, Pass, PassBook
 from .records import LayerRecord
 
 
 class Capture:
     """The capture state of one model: its sites, hook handles and passes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, direction: str = "data") -> None:
         self.model_name = type(model).__name__
+        self.direction = direction
         self.sites: dict[str, Site] = {}
-        self.book = PassBook(self.model_name)
+        self.book = PassBook(self.model_name, direction)
         self.handles: list[Handle] = []
         self.warned_own_pass = False
         self.compiled: dict[tuple[object, ...], Any] = {}
@@ -56,9 +59,11 @@ class Capture:
             self.book.grad.remove(latest)
         return list(latest.records.values())
 
-    def take_pass(self, x: Tensor | None, any_mode: bool = False) -> Pass | None:
+    def take_pass(
+        self, x: Tensor | None, any_mode: bool = False, direction: str | None = None
+    ) -> Pass | None:
         """The pass a penalty on ``x`` reads (see :meth:`PassBook.take`), removed."""
-        return self.book.take(x, any_mode)
+        return self.book.take(x, any_mode, direction)
 
     def subnet_parameters(self) -> Iterator[nn.Parameter]:
         """Weight matrices/kernels (ndim >= 2) of every captured layer's subnetworks."""
@@ -135,7 +140,8 @@ def get_capture(model: Any) -> Capture | None:
 def _install(capture: Capture, name: str, module: nn.Module) -> None:
     installer = registry.installer_for(type(module))
     if installer is not None:
-        site = Site(capture.book, name, module, registry.framework_of(type(module)) or "user")
+        framework = registry.framework_of(type(module)) or "user"
+        site = Site(capture.book, name, module, framework, capture.book.sampling)
         capture.sites[name] = site
         capture.handles.extend(installer(module, site))
         return
@@ -161,16 +167,40 @@ def _left_out(model: nn.Module, capture: Capture) -> list[str]:
     return left
 
 
-def attach(model: nn.Module) -> Capture:
+def attach(model: nn.Module, direction: str = "data") -> Capture:
     """Install capture hooks on every supported layer of ``model`` (idempotent).
 
     Call it before ``torch.compile``; :func:`klj_reg.penalty` calls it on first use
     otherwise. Raises :class:`UnsupportedModelError` when no layer is supported, and
     :class:`CompileOrderError` when ``model`` (or a ``torch.compile`` wrapper of it that
     already ran) is compiled.
+
+    Args:
+        model: The flow.
+        direction: Which passes are recorded: ``"data"`` (default) the data-to-latent
+            passes (``log_prob``, ``forward_kld``, FrEIA's ``rev=False``); ``"sample"`` the
+            latent-to-data sampling passes (normflows' ``sample`` / ``reverse_kld``, zuko's
+            ``rsample_and_log_prob``, nflows' ``sample_and_log_prob``, FrEIA's ``rev=True``),
+            whose penalty is the KLJ term of the sampling map; ``"both"`` either. A model
+            already attached with another direction raises ``ValueError`` (detach it
+            first); a layer whose sampling calls cannot be read raises
+            :class:`UnsupportedModelError` for ``"sample"`` and ``"both"``.
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            f"direction must be one of {DIRECTIONS} ('data': data-to-latent passes such as "
+            "log_prob; 'sample': sampling passes such as reverse_kld or "
+            f"rsample_and_log_prob; 'both'), got {direction!r}"
+        )
     existing = get_capture(model)
     if existing is not None:
+        if existing.direction != direction:
+            raise ValueError(
+                f"{existing.model_name} is already attached with direction="
+                f"{existing.direction!r} (klj_reg.penalty attaches with the default 'data' on "
+                "first use): call klj_reg.detach(model), then klj_reg.attach(model, "
+                f"direction={direction!r}), before the model's first pass."
+            )
         return existing
     inner = unwrap(model)
     if isinstance(model, nn.Module) and (
@@ -188,7 +218,7 @@ def attach(model: nn.Module) -> Capture:
             "function x -> (z, log_det) use penalty(fn, x, estimator='exact' or 'hutchinson')."
         )
     hooks.strip_inert(model)
-    capture = Capture(model)
+    capture = Capture(model, direction)
     _install(capture, "", model)
     if not capture.sites:
         capture.remove()
@@ -197,6 +227,15 @@ def attach(model: nn.Module) -> Capture:
             f"no layer of {type(model).__name__} is supported by klj-reg (classes found: "
             f"{', '.join(kinds)}). Register yours with klj_reg.register_adapter(LayerType, "
             "fn), or use penalty(model, x, estimator='exact' or 'hutchinson')."
+        )
+    unsampled = [f"{s.label}: {s.unsampled}" for s in capture.sites.values() if s.unsampled]
+    if capture.book.sampling and unsampled:
+        capture.remove()
+        raise UnsupportedModelError(
+            f"klj-reg cannot read the sampling pass of these layers of {type(model).__name__}: "
+            + "; ".join(unsampled)
+            + ". Attach with direction='data' and train it by maximum likelihood, or use "
+            "penalty(fn, x, estimator='exact' or 'hutchinson') on the data-to-latent map."
         )
     entry = registry.entry_for(type(model))
     capture.handles.extend(
@@ -235,10 +274,11 @@ def clear(model: nn.Module) -> None:
 
 
 @contextmanager
-def capturing(model: nn.Module) -> Iterator[Capture]:
-    """Attach on entry and detach on exit (unless it was already attached)."""
+def capturing(model: nn.Module, direction: str = "data") -> Iterator[Capture]:
+    """Attach on entry (with ``direction``, as :func:`attach`) and detach on exit (unless it
+    was already attached)."""
     was_attached = get_capture(model) is not None
-    capture = attach(model)
+    capture = attach(model, direction)
     try:
         yield capture
     finally:

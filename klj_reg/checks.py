@@ -103,11 +103,14 @@ def check(
     value: Tensor,
     finite: bool | None,
     watch: FiniteWatch | None,
+    sampling: bool = False,
 ) -> None:
     """Check unverified layers' records against their log-det, and ``value`` for finiteness
-    (``finite``: ``None`` warns, ``True`` raises, ``False`` skips)."""
+    (``finite``: ``None`` warns, ``True`` raises, ``False`` skips). ``sampling``: the records
+    of a sampling pass, checked on batches of their own (``Site.sample_checks_left``)."""
     raise_error = finite is True
-    pending = [r for r in records if r.log_det is not None and sites[r.name].checks_left > 0]
+    left = "sample_checks_left" if sampling else "checks_left"
+    pending = [r for r in records if r.log_det is not None and getattr(sites[r.name], left) > 0]
     total = value.detach() if value.dim() == 0 else value.detach().sum()
     if not pending:
         if finite is False:
@@ -141,6 +144,6 @@ def check(
         if excess > 0:
             raise _mismatch(r, site, error)
         if math.isfinite(size):
-            site.checks_left = 0 if size > NONTRIVIAL else site.checks_left - 1
+            setattr(site, left, 0 if size > NONTRIVIAL else getattr(site, left) - 1)
     if not host[-1] and finite is not False:
         report_non_finite(records, raise_error)

@@ -1,13 +1,15 @@
 """The adapter kit: what an adapter may touch, and the helpers every adapter needs.
 
 An adapter installs, for each supported layer, callbacks that read tensors the layer computes
-anyway and call :meth:`Site.record` on data-to-latent calls. It touches the model only
-through a :class:`Site`: :meth:`Site.on_forward` / :meth:`Site.on_pre` (module hooks),
-:meth:`Site.watch_method` (a method the framework calls directly), :meth:`Site.stash` (keep a
-subnetwork's output for the layer's own callback), :attr:`Site.state` (what one call
-stashed), :meth:`Site.add_subnets` (weights ``tau`` regularises). It never stores anything
-on the model: callbacks live in the capture, and the hooks find them through the module
-they run on (:mod:`klj_reg.hooks`), so copies and pickles of a model carry none of them.
+anyway and call :meth:`Site.record` on data-to-latent calls (and, where :attr:`Site.sampling`
+asks for it, ``Site.record(..., sampling=True)`` on latent-to-data calls, with the factors of
+the sampling map: log|e| = -log|d|). It touches the model only through a :class:`Site`:
+:meth:`Site.on_forward` / :meth:`Site.on_pre` (module hooks), :meth:`Site.watch_method` (a
+method the framework calls directly), :meth:`Site.stash` (keep a subnetwork's output for the
+layer's own callback), :attr:`Site.state` (what one call stashed), :meth:`Site.add_subnets`
+(weights ``tau`` regularises). It never stores anything on the model: callbacks live in the
+capture, and the hooks find them through the module they run on (:mod:`klj_reg.hooks`), so
+copies and pickles of a model carry none of them.
 
 This module imports no framework and nothing else of klj-reg's but its leaves.
 """
@@ -45,16 +47,27 @@ class Handle(Protocol):
 class Sink(Protocol):
     """Where a site's records go: its capture's current pass."""
 
-    def record(self, site: Site, record: LayerRecord) -> None: ...
+    def record(self, site: Site, record: LayerRecord, sampling: bool = False) -> None: ...
 
     def has_record(self, site: Site) -> bool: ...
 
 
 class Door(Protocol):
     """A model's entry: its adapter calls ``begin`` when a data-to-latent pass of the model
-    starts on ``inputs`` (``batch`` samples of dimension ``dim``) and ``end`` when it ends."""
+    starts on ``inputs`` (``batch`` samples of dimension ``dim``) and ``end`` when it ends;
+    ``begin(..., sampling=True)`` for a latent-to-data pass (``inputs``, ``batch`` and ``dim``
+    ``None`` when it is given no tensor), which the model's entry opens only where
+    ``sampling`` is set (the model was attached with ``direction="sample"`` or ``"both"``)."""
 
-    def begin(self, inputs: Tensor, batch: int, dim: int) -> None: ...
+    sampling: bool
+
+    def begin(
+        self,
+        inputs: Tensor | None,
+        batch: int | None,
+        dim: int | None,
+        sampling: bool = False,
+    ) -> None: ...
 
     def end(self) -> None: ...
 
@@ -70,11 +83,33 @@ class Site:
         state: What the current call stashed (subnetwork outputs); cleared by the adapter.
         subnets: The layer's coupling subnetworks (for ``tau``).
         checks_left: Batches on which the layer is still checked against its own log-det.
+        sample_checks_left: The same, for its records of sampling passes.
+        sampling: Whether the model was attached for sampling passes too: the adapter then
+            also records the layer's latent-to-data calls (``record(..., sampling=True)``),
+            or calls :meth:`no_sampling` if it cannot.
+        unsampled: Why the layer's sampling calls cannot be recorded (``None``: they can).
     """
 
-    __slots__ = ("sink", "name", "module", "kind", "framework", "state", "subnets", "checks_left")
+    __slots__ = (
+        "sink",
+        "name",
+        "module",
+        "kind",
+        "framework",
+        "state",
+        "subnets",
+        "checks_left",
+        "sample_checks_left",
+        "sampling",
+        "unsampled",
+    )
 
-    def __init__(self, sink: Sink, name: str, module: nn.Module, framework: str) -> None:
+    def __init__(
+        self, sink: Sink, name: str, module: nn.Module, framework: str, sampling: bool = False
+    ) -> None:
+        self.sampling = sampling
+        self.sample_checks_left = MAX_CHECKS
+        self.unsampled: str | None = None
         self.sink = sink
         self.name = name
         self.module = module
@@ -89,14 +124,27 @@ class Site:
         """``name (Kind)`` for messages."""
         return f"{self.name or '<model>'} ({self.kind})"
 
-    def record(self, factors: Iterable[Factor], log_det: Tensor | None, dim: int) -> None:
-        """Record this layer's factors from the call that just ran."""
-        self.sink.record(
-            self,
-            LayerRecord(
-                name=self.name, kind=self.kind, factors=tuple(factors), log_det=log_det, dim=dim
-            ),
+    def record(
+        self,
+        factors: Iterable[Factor],
+        log_det: Tensor | None,
+        dim: int,
+        sampling: bool = False,
+    ) -> None:
+        """Record this layer's factors from the call that just ran (``sampling``: a
+        latent-to-data call, with the sampling map's factors and log-determinant)."""
+        record = LayerRecord(
+            name=self.name, kind=self.kind, factors=tuple(factors), log_det=log_det, dim=dim
         )
+        if sampling:
+            self.sink.record(self, record, sampling=True)
+        else:
+            self.sink.record(self, record)
+
+    def no_sampling(self, why: str) -> None:
+        """The adapter cannot record this layer's sampling calls (``attach`` then raises
+        when the model is attached for sampling passes)."""
+        self.unsampled = why
 
     def recorded(self) -> bool:
         """Whether this layer already recorded in the pass in progress."""
@@ -169,6 +217,12 @@ def first_tensor(obj: Any) -> Tensor | None:
 def direction_sign(inverse: bool) -> float:
     """The scale of log|d| for a layer run in its forward (+1) or inverse (-1) direction."""
     return -1.0 if inverse else 1.0
+
+
+def inverted(factors: Iterable[Factor]) -> list[Factor]:
+    r"""The factors of the inverse map at the same point: :math:`\log e = -\log d` (for a
+    layer's sampling call, whose tensors give the data-to-latent diagonal :math:`d`)."""
+    return [f._replace(scale=-f.scale) for f in factors]
 
 
 def classes(namespaces: Iterable[ModuleType | object], *names: str) -> list[type]:
@@ -266,24 +320,40 @@ watch_method = hooks.watch_method
 framework calls directly (for entries; layers use :meth:`Site.watch_method`)."""
 
 
-def begin_on_first_tensor(door: Door, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def begin_on_first_tensor(
+    door: Door, args: tuple[Any, ...], kwargs: dict[str, Any], sampling: bool = False
+) -> None:
     """Open ``door`` on a call's first tensor argument (positional, else keyword): a pass of
-    ``x.shape[0]`` samples of dimension ``x.shape[1:].numel()``."""
+    ``x.shape[0]`` samples of dimension ``x.shape[1:].numel()``. ``sampling``: a
+    latent-to-data pass, opened on nothing when the call has no tensor argument."""
     x = first_tensor(args)
     if x is None:
         x = first_tensor(tuple(kwargs.values()))
     if x is not None:
-        door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+        if sampling:
+            door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel(), sampling=True)
+        else:
+            door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel())
+    elif sampling:
+        door.begin(None, None, None, sampling=True)
 
 
 def module_entry(
-    model: nn.Module, door: Door, is_data_to_latent: Callable[..., bool] | None = None
+    model: nn.Module,
+    door: Door,
+    is_data_to_latent: Callable[..., bool] | None = None,
+    is_latent_to_data: Callable[..., bool] | None = None,
 ) -> list[Handle]:
     """The default entry: the model's own ``__call__``, on its first tensor argument
-    (``is_data_to_latent(args, kwargs)`` may exclude calls in the other direction)."""
+    (``is_data_to_latent(args, kwargs)`` may exclude calls in the other direction; where
+    the door opens sampling passes, calls for which ``is_latent_to_data(args, kwargs)``
+    holds open one)."""
+    sampling = is_latent_to_data if getattr(door, "sampling", False) else None
 
     def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if is_data_to_latent is None or is_data_to_latent(args, kwargs):
+        if sampling is not None and sampling(args, kwargs):
+            begin_on_first_tensor(door, args, kwargs, sampling=True)
+        elif is_data_to_latent is None or is_data_to_latent(args, kwargs):
             begin_on_first_tensor(door, args, kwargs)
 
     def end(module: nn.Module) -> None:

@@ -1,5 +1,6 @@
-"""Records belong to a pass: the data-to-latent passes a capture has seen, and which one a
-penalty reads.
+"""Records belong to a pass: the data-to-latent passes a capture has seen (and, for a model
+attached with ``direction="sample"`` or ``"both"``, its latent-to-data sampling passes), and
+which one a penalty reads.
 
 A pass begins at the model's entry (its ``forward``, ``log_prob``, ``forward_kld``, ... as
 each framework's adapter says) and is known by the tensor it was given there (by identity:
@@ -8,6 +9,13 @@ later one (up to :data:`MAX_PASSES`), so that gradient accumulation works; passe
 ``torch.no_grad`` / ``inference_mode`` are kept apart (only the latest) and never replace
 them. A layer called outside any pass of an attached model (a hand-written loop over the
 layers) opens an *implicit* pass, which ends when a layer records a second time.
+
+A sampling pass begins at the model's sampling entry (``sample``, ``reverse_kld``,
+``rsample_and_log_prob``, ``rev=True``, ...), on its latent input when it is given one (else
+on nothing: ``penalty(model)`` reads the latest). Records go only into a pass of their own
+direction: a data-to-latent call inside a sampling pass (normflows' ``reverse_kld(...,
+score_fn=False)`` runs the inverse) records nothing, and sampling records never open an
+implicit pass.
 """
 
 from __future__ import annotations
@@ -22,26 +30,35 @@ from .records import LayerRecord
 MAX_PASSES = 8
 """Grad-mode passes kept, not yet read by a penalty; the oldest goes first."""
 
+DIRECTIONS = ("data", "sample", "both")
+"""What ``attach(model, direction=...)`` captures: data-to-latent passes (the default),
+latent-to-data sampling passes, or both."""
+
 _active: list[object] = []
 """Books with a pass in progress (any model), innermost last."""
 
 
 class Pass:
-    """One data-to-latent pass: its entry input and its layers' records.
+    """One pass: its entry input and its layers' records.
 
     Attributes:
-        inputs: The tensor given to the model's entry, or ``None`` for an implicit pass.
+        inputs: The tensor given to the model's entry, or ``None`` for an implicit pass (or
+            a sampling pass given no tensor, e.g. ``sample(num_samples)``).
         batch: Samples in the pass (``None``: read from the records).
         dim: Data dimension ``D`` of one sample (``None``: read from the records).
         grad: Whether gradients were being recorded when the pass began.
         records: The records of its layers, by layer name.
         untracked: Layers that ran with gradients off inside a grad-mode pass (reentrant
             checkpointing, ``torch.no_grad`` around a block).
+        sampling: Whether it is a latent-to-data (sampling) pass.
     """
 
-    __slots__ = ("inputs", "batch", "dim", "grad", "records", "untracked")
+    __slots__ = ("inputs", "batch", "dim", "grad", "records", "untracked", "sampling")
 
-    def __init__(self, inputs: Tensor | None, batch: int | None, dim: int | None) -> None:
+    def __init__(
+        self, inputs: Tensor | None, batch: int | None, dim: int | None, sampling: bool = False
+    ) -> None:
+        self.sampling = sampling
         self.inputs = inputs
         self.batch = batch
         self.dim = dim
@@ -52,14 +69,19 @@ class Pass:
     def describe(self) -> str:
         shape = "?" if self.inputs is None else tuple(self.inputs.shape)
         mode = "grad-mode" if self.grad else "no-grad"
+        if self.sampling:
+            return f"{mode} sampling pass" + ("" if self.inputs is None else f" on {shape}")
         return f"{mode} pass on an input of shape {shape}"
 
 
 class PassBook:
     """The passes of one attached model."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, direction: str = "data") -> None:
         self.model_name = model_name
+        self.direction = direction
+        self.data = direction != "sample"
+        self.sampling = direction != "data"
         self.grad: list[Pass] = []
         self.latest_no_grad: Pass | None = None
         self.active: Pass | None = None
@@ -67,11 +89,21 @@ class PassBook:
 
     # Recording ----------------------------------------------------------------------------
 
-    def begin(self, inputs: Tensor, batch: int, dim: int) -> None:
-        """A data-to-latent pass of the model begins on ``inputs``."""
+    def begin(
+        self,
+        inputs: Tensor | None,
+        batch: int | None,
+        dim: int | None,
+        sampling: bool = False,
+    ) -> None:
+        """A data-to-latent pass of the model begins on ``inputs`` (``sampling``: a
+        latent-to-data pass, on ``inputs`` if it was given a tensor, else ``None``); a
+        direction the model is not attached for begins nothing."""
+        if not (self.sampling if sampling else self.data):
+            return
         if self in _active:
             _active.remove(self)  # a pass that ended with an exception
-        new = Pass(inputs, batch, dim)
+        new = Pass(inputs, batch, dim, sampling)
         self._keep(new)
         self.active = new
         self.implicit = None
@@ -95,9 +127,19 @@ class PassBook:
         if len(self.grad) > MAX_PASSES:
             del self.grad[0]
 
-    def record(self, site: Site, record: LayerRecord) -> None:
-        """Store a layer's record in the pass in progress."""
+    def record(self, site: Site, record: LayerRecord, sampling: bool = False) -> None:
+        """Store a layer's record in the pass in progress (``sampling``: a record of the
+        layer's latent-to-data call, kept only in a sampling pass)."""
         current = self.active
+        if sampling or (current is not None and current.sampling):
+            if current is None or current.sampling != sampling:
+                return  # the other direction's pass, or a sampling call outside any
+            if current.grad and not torch.is_grad_enabled():
+                current.untracked.append(site.name)
+            current.records[site.name] = record
+            return
+        if not self.data:
+            return  # attached for sampling passes only
         if current is None:
             if _active:
                 return  # the layer is running in another model's pass
@@ -110,7 +152,7 @@ class PassBook:
         current.records[site.name] = record
 
     def has_record(self, site: Site) -> bool:
-        """Whether ``site`` recorded in the pass in progress."""
+        """Whether ``site`` recorded in the pass in progress (of either direction)."""
         current = self.active or self.implicit
         return current is not None and site.name in current.records
 
@@ -131,7 +173,9 @@ class PassBook:
 
     # Reading ------------------------------------------------------------------------------
 
-    def take(self, x: Tensor | None, any_mode: bool = False) -> Pass | None:
+    def take(
+        self, x: Tensor | None, any_mode: bool = False, direction: str | None = None
+    ) -> Pass | None:
         """The pass a penalty on ``x`` reads (removed, with the grad-mode passes before it),
         or ``None`` when there is none to read (the penalty then runs its own).
 
@@ -139,12 +183,17 @@ class PassBook:
         reads the only grad-mode pass there is (or, with gradients off, the latest no-grad
         one), after checking that ``x`` has its shape; with several, it cannot tell which
         and raises :class:`CaptureError`. ``any_mode``: a no-grad pass may be read with
-        gradients on (diagnostics).
+        gradients on (diagnostics). ``direction`` (``"data"`` or ``"sample"``): only passes
+        of that direction are read; ``None``: either.
         """
         no_grad_ok = any_mode or not torch.is_grad_enabled()
-        grad = [p for p in self.grad if p.records]
+
+        def wanted(p: Pass) -> bool:
+            return bool(p.records) and (direction is None or p.sampling == (direction == "sample"))
+
+        grad = [p for p in self.grad if wanted(p)]
         no_grad = self.latest_no_grad
-        if no_grad is not None and not no_grad.records:
+        if no_grad is not None and not wanted(no_grad):
             no_grad = None
         found: Pass | None = None
         if x is not None:
@@ -174,8 +223,11 @@ class PassBook:
         if found is no_grad:
             self.latest_no_grad = None
         else:
+            # Reading a pass drops it and the older ones of its direction.
             index = next(i for i, p in enumerate(self.grad) if p is found)
-            del self.grad[: index + 1]
+            self.grad = [
+                p for i, p in enumerate(self.grad) if i > index or p.sampling != found.sampling
+            ]
         if self.implicit is found:
             self.implicit = None
         return found

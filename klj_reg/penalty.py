@@ -113,23 +113,67 @@ def _no_gradient(model: Any, found: Pass) -> CaptureError:
     )
 
 
+SAMPLING_CALLS = (
+    "normflows' sample / reverse_kld, zuko's flow().rsample_and_log_prob(), nflows' "
+    "sample_and_log_prob, FrEIA's model(z, rev=True)"
+)
+
+
 def _captured(
-    model: Any, x: Tensor | None, context: Any, need_grad: bool = True
+    model: Any,
+    x: Tensor | None,
+    context: Any,
+    need_grad: bool = True,
+    direction: str | None = None,
 ) -> tuple[Pass, Capture]:
+    name = type(unwrap(model)).__name__
+    if direction not in (None, "data", "sample"):
+        raise ValueError(
+            f"direction must be None (the latest pass), 'data' or 'sample', got {direction!r}"
+        )
     capture = get_capture(model)
     first_use = capture is None
     if capture is None:
+        if direction == "sample":
+            raise CaptureError(
+                f"{name} is not attached for sampling passes: call klj_reg.attach(model, "
+                "direction='sample') (or 'both') before its first sampling pass "
+                f"({SAMPLING_CALLS})."
+            )
         capture = attach(model)
-    found = capture.take_pass(x, not need_grad)
+    book = capture.book
+    if direction is not None and not (book.sampling if direction == "sample" else book.data):
+        raise CaptureError(
+            f"penalty(..., direction={direction!r}) but {name} is attached with direction="
+            f"{capture.direction!r}, which records no {direction} pass: call "
+            f"klj_reg.detach(model), then klj_reg.attach(model, direction={direction!r}) (or "
+            "'both') before its first pass."
+        )
+    found = capture.take_pass(x, not need_grad, direction)
+    if found is None and (not book.data or direction == "sample"):
+        if need_grad and book.latest_no_grad is not None and book.latest_no_grad.records:
+            raise _no_gradient(model, book.latest_no_grad)
+        raise CaptureError(
+            f"no captured sampling pass of {name}"
+            + ("" if x is None else " to read for x")
+            + f": run the model's sampling pass ({SAMPLING_CALLS}) before "
+            "klj_reg.penalty(model) (the penalty cannot run a sampling pass itself)."
+        )
     if found is None:
         if x is None:
-            no_grad = capture.book.latest_no_grad
+            no_grad = book.latest_no_grad
             if need_grad and no_grad is not None and no_grad.records:
                 raise _no_gradient(model, no_grad)
+            hint = (
+                ""
+                if book.sampling
+                else " Sampling passes (reverse KL) are recorded only for a model attached with "
+                "klj_reg.attach(model, direction='sample')."
+            )
             raise CaptureError(
-                f"no captured forward pass of {type(unwrap(model)).__name__} and no x: run "
+                f"no captured forward pass of {name} and no x: run "
                 "the model's forward pass (e.g. its log_prob) before klj_reg.penalty(model), "
-                "or pass x so that the penalty runs one."
+                "or pass x so that the penalty runs one." + hint
             )
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise CaptureError(
@@ -147,10 +191,10 @@ def _captured(
                 stacklevel=3,
             )
         _flow_fn(model, context)(x)
-        found = capture.take_pass(x, not need_grad)
+        found = capture.take_pass(x, not need_grad, "data")
         if found is None or not found.records:
             raise CaptureError(
-                f"running {type(unwrap(model)).__name__} on x recorded no layer: the pass "
+                f"running {name} on x recorded no layer: the pass "
                 "did not go data-to-latent through any captured layer."
             )
     if need_grad and torch.is_grad_enabled() and (not found.grad or found.untracked):
@@ -172,8 +216,14 @@ def penalty(
     n_samples: int = 1,
     check_finite: bool | None = None,
     fused: bool = False,
+    direction: str | None = None,
 ) -> Tensor:
     r"""The KLJ penalty of ``model`` on the captured pass that ran on ``x``.
+
+    After a sampling pass of a model attached with ``klj_reg.attach(model,
+    direction="sample")`` (or ``"both"``), ``penalty(model)`` is the KLJ term of the sampling
+    map :math:`g = f^{-1}` that pass computed, per layer, with diagonal :math:`e = 1/d`:
+    :math:`e^2 - 1 - 2\log|e|` per entry, from the same tensors (no extra pass).
 
     Args:
         model: A FrEIA, nflows, normflows or zuko model (or any module with registered
@@ -205,6 +255,10 @@ def penalty(
         fused: Compute the divergence through ``torch.compile`` (one fused kernel forward
             and backward instead of a few per layer; compiled once per model, which takes
             seconds). Worth it when the penalty is a visible share of a step.
+        direction: Which pass to read: ``None`` (default) the pass on ``x`` or the latest,
+            of either direction the model is attached for; ``"data"`` a data-to-latent pass;
+            ``"sample"`` a sampling pass (the penalty cannot run one itself, so one must have
+            run).
 
     Returns:
         A scalar tensor (or ``(B,)`` with ``reduction="none"``) connected to the graph.
@@ -221,7 +275,7 @@ def penalty(
         value = _reduce(per_sample, reduction, x.shape[0]) * scale
         return value + tau * _weight_norm(model) if reduction != "none" and tau else value
 
-    found, capture = _captured(model, x, context)
+    found, capture = _captured(model, x, context, direction=direction)
     records = list(found.records.values())
     batch = _batch_of(records)
     _, dim = batch_and_dim(found)
@@ -244,7 +298,7 @@ def penalty(
         value = value * (alpha / _normaliser(normaliser, form, dim, len(records)))
         if value.device.type == "cuda" and capture.finite is None:
             capture.finite = FiniteWatch()
-        check(records, capture.sites, value, check_finite, capture.finite)
+        check(records, capture.sites, value, check_finite, capture.finite, found.sampling)
         for monitor in capture.monitors:
             monitor.observe_records(records)
     if tau and reduction != "none":

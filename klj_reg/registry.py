@@ -200,6 +200,10 @@ def register_adapter(
     """
 
     def install(module: nn.Module, site: Site) -> list[Handle]:
+        if site.sampling:
+            site.no_sampling(
+                "layers taught by klj_reg.register_adapter record data-to-latent calls only"
+            )
         if subnets is not None:
             site.add_subnets(*subnets(module))
 

@@ -9,6 +9,11 @@ clamping function, only for ``rev=False`` calls:
 - AllInOneBlock is :math:`P \cdot \mathrm{diag}(g) \cdot C`: the coupling factor and the
   global scale :math:`g` are separate factors, the permutation contributes zero.
 
+Attached with ``direction="sample"`` (or ``"both"``), ``rev=True`` calls record too: a
+coupling's scale is a function of its conditioning half, computed by the same subnetwork on
+both directions, so the sampling map's factors are the same tensors with
+:math:`\log e = -\log d`; FrEIA's ``rev=True`` log-det is already that map's.
+
 FrEIA 0.2 (PyPI) scales AllInOneBlock's subnet output in place (``a *= 0.1``) and clamps with
 ``clamp * tanh(a)``; later versions compute ``a = a * 0.1`` and, on master, ``clamp *
 tanh(a / clamp)``. Which one runs is found by probing each block's ``_affine`` once.
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kit import Door, Handle, Site, mismatch, module_entry, returned_log_det
+from ..kit import Door, Handle, Site, inverted, mismatch, module_entry, returned_log_det
 from ..records import Factor
 from ..registry import Registrar
 
@@ -54,8 +59,12 @@ def _install_stashing(
     is_rev = _rev_reader(block)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not is_rev(args, kwargs) and len(site.state) == len(subnets):
-            site.record(factors(), returned_log_det(output), args[0][0].shape[1:].numel())
+        if len(site.state) == len(subnets):
+            dim = args[0][0].shape[1:].numel()
+            if not is_rev(args, kwargs):
+                site.record(factors(), returned_log_det(output), dim)
+            elif site.sampling:
+                site.record(inverted(factors()), returned_log_det(output), dim, sampling=True)
         site.state.clear()
 
     site.add_subnets(*subnets.values())
@@ -227,9 +236,11 @@ def install_act_norm(block: Any, site: Site) -> list[Handle]:
     pixels = int(torch.Size(block.dims_in[1:]).numel())
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not is_rev(args, kwargs):
-            factor = Factor(source=block.scale, repeat=pixels)
-            site.record([factor], returned_log_det(output), args[0][0].shape[1:].numel())
+        rev = is_rev(args, kwargs)
+        if not rev or site.sampling:
+            factor = Factor(source=block.scale, repeat=pixels, scale=-1.0 if rev else 1.0)
+            dim = args[0][0].shape[1:].numel()
+            site.record([factor], returned_log_det(output), dim, sampling=rev)
 
     return [site.on_forward(block, hook)]
 
@@ -241,12 +252,13 @@ def install_uniform(block: Any, site: Site) -> list[Handle]:
     is_rev = _rev_reader(block)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not is_rev(args, kwargs):
+        rev = is_rev(args, kwargs)  # rev=True: the log-det is already the sampling map's
+        if not rev or site.sampling:
             x = args[0][0]
             dim = x.shape[1:].numel()
             log_det = torch.as_tensor(output[1], dtype=x.dtype, device=x.device)
             per_entry = (log_det / dim).reshape(-1, 1)
-            site.record([Factor(source=per_entry, repeat=dim)], log_det, dim)
+            site.record([Factor(source=per_entry, repeat=dim)], log_det, dim, sampling=rev)
 
     return [site.on_forward(block, hook)]
 
@@ -257,18 +269,21 @@ def install_orthogonal(block: Any, site: Site) -> list[Handle]:
     is_rev = _rev_reader(block)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if not is_rev(args, kwargs):
-            factor = Factor(source=block.scaling, log_abs=block._log_e)
-            site.record([factor], returned_log_det(output), args[0][0].shape[1:].numel())
+        rev = is_rev(args, kwargs)
+        if not rev or site.sampling:
+            factor = Factor(source=block.scaling, log_abs=block._log_e, scale=-1.0 if rev else 1.0)
+            dim = args[0][0].shape[1:].numel()
+            site.record([factor], returned_log_det(output), dim, sampling=rev)
 
     return [site.on_forward(block, hook)]
 
 
 @framework.entry("InvertibleModule")
 def entry(model: nn.Module, door: Door) -> list[Handle]:
-    """A FrEIA model's pass begins at its own call with ``rev=False``."""
+    """A FrEIA model's pass begins at its own call with ``rev=False``; its sampling pass (where
+    the door opens them), at a call with ``rev=True``."""
     is_rev = _rev_reader(model)
-    return module_entry(model, door, lambda args, kwargs: not is_rev(args, kwargs))
+    return module_entry(model, door, lambda args, kwargs: not is_rev(args, kwargs), is_rev)
 
 
 @framework.runner("InvertibleModule")

@@ -32,6 +32,14 @@ one kept. Permutations, ``SqueezeTransform``, ``HouseholderSequence`` and
 ``IdentityTransform`` contribute zero. ``NaiveLinear`` (dense, not triangular) and the
 elementwise nonlinearities (``Tanh``, ``Sigmoid``, ``Logit``, ``LeakyReLU``, ...) are not
 captured; attach warns about them.
+
+Sampling passes (``attach(flow, direction="sample")`` or ``"both"``): ``Flow.sample`` and
+``sample_and_log_prob`` run ``flow._transform.inverse(noise)``, which calls each layer's
+``inverse`` directly. Each captured layer's ``inverse`` is then watched too and records the
+pieces as run in the other direction (the same readers, ``inverse`` flipped: a coupling's
+``transform_net`` output is the same on both directions, an autoregressive inverse's last
+MADE output is on the sample, and the splines' own elementwise log-derivative is the inverse
+spline's), checked against the log-det nflows' ``inverse`` returns (the sampling map's).
 """
 
 from __future__ import annotations
@@ -56,11 +64,13 @@ from ..kit import (
     Door,
     Handle,
     Site,
+    begin_on_first_tensor,
     direction_sign,
     log_sigmoid_plus_2_eps,
     mismatch,
     module_entry,
     warn_left_out,
+    watch_method,
 )
 from ..records import Factor
 from ..registry import Registrar, is_neutral
@@ -408,7 +418,8 @@ def _call_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 
 
 def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
-    """Stash what ``piece`` computes, on its calls in the direction the pass runs it.
+    """Stash what ``piece`` computes, on its calls in the direction the pass runs it (and,
+    where the site records sampling passes, in the other one).
 
     ``direct``: the piece is the captured module itself, run forward, whose own forward hook
     stashes the call's input (so no hook of its own here)."""
@@ -443,6 +454,11 @@ def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
         handles.extend(site.watch_method(layer, "inverse", after=called))
     elif not direct:
         handles.append(site.on_forward(layer, called))
+    if site.sampling:  # the sampling pass runs the piece the other way
+        if piece.inverse:
+            handles.append(site.on_forward(layer, called))
+        else:
+            handles.extend(site.watch_method(layer, "inverse", after=called))
     return handles
 
 
@@ -503,14 +519,57 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     if not direct or elsewhere:
         handles.append(site.on_pre(module, before))
     handles.append(site.on_forward(module, after))
+    if site.sampling:
+        handles.extend(_install_sampling(module, site, pieces, keys, spline))
     return handles
+
+
+def _install_sampling(
+    module: nn.Module, site: Site, pieces: list[Piece], keys: list[str], spline: bool
+) -> list[Handle]:
+    """Record the sampling map's factors after ``module.inverse`` (a sampling pass calls it
+    directly): each piece read as run in the other direction."""
+    reads = [piece.kind.reader(piece.layer, not piece.inverse) for piece in pieces]
+    needs = [piece.kind.needs() for piece in pieces]
+    flipped = [Piece(p.layer, p.kind, not p.inverse, p.name) for p in pieces]
+
+    def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        site.state.clear()
+        if spline:
+            TAP.listen(True)
+
+    def after(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if spline:
+            TAP.listen(False)
+        found = [site.state.get(key) for key in keys]
+        site.state.clear()
+        factors: list[Factor] = []
+        for piece, need, read, stash in zip(flipped, needs, reads, found, strict=True):
+            if stash is None or any(stash.get(n) is None for n in need):
+                raise _mismatch(piece, need, stash)
+            factors.extend(read(stash))
+        x = _call_input(args, kwargs)
+        site.record(factors, output[1], x.shape[1:].numel(), sampling=True)
+
+    return site.watch_method(module, "inverse", before=before, after=after)
 
 
 @framework.entry("Flow")
 def entry(model: Any, door: Door) -> list[Handle]:
     """A ``Flow``'s pass is its ``_transform`` call (``log_prob``); sampling runs the
-    transform's ``inverse``, not a call."""
-    return module_entry(model._transform, door)
+    transform's ``inverse``, not a call, which opens a sampling pass where the door opens
+    them."""
+    handles = module_entry(model._transform, door)
+    if door.sampling:
+
+        def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            begin_on_first_tensor(door, args, kwargs, sampling=True)
+
+        def end(module: nn.Module) -> None:
+            door.end()
+
+        handles.extend(watch_method(model._transform, "inverse", before=begin, final=end))
+    return handles
 
 
 @framework.runner("Flow")

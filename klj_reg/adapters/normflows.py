@@ -39,6 +39,15 @@ The factors, as the diagonal :math:`d` of the data-to-latent map (the layer's ``
 - ``Reverse(layer)`` swaps directions: the affine layers above (not the splines or
   containers) are then recorded from their ``forward`` with the reciprocal diagonal.
 
+Sampling passes (``attach(model, direction="sample")`` or ``"both"``): the layers'
+``forward`` (latent to data: ``sample``, ``reverse_kld``, ``forward_and_log_det``) records
+the sampling map's factors, :math:`\log e = -\log d` from the same tensors (a coupling's
+``param_map`` output is the same on both directions; an autoregressive layer's last MADE output
+is the exact one either way); its log-det, which normflows' ``forward`` returns for the
+sampling map, is checked against them. Coupled splines read the inverse spline's elementwise
+derivative from ``_piecewise_cdf``, and the unconditional spline on their identity features
+(called as ``.inverse`` there) from the identity features it returns.
+
 Neutral (KLJ exactly 0): Permute, Split, Merge, Squeeze, PeriodicWrap, PeriodicShift, Shift,
 the LU layers' internal permutation, and the containers. ``transforms.Logit`` is left out (with
 the core's warning): it is a fixed, parameter-free preprocessing whose term is not zero but
@@ -68,6 +77,7 @@ from ..kit import (
     begin_on_first_tensor,
     direction_sign,
     framework_version,
+    inverted,
     log_sigmoid_plus_2_eps,
     returned_log_det,
     watch_method,
@@ -91,10 +101,19 @@ def _dim(z: Any) -> int:
     return z.shape[1:].numel()
 
 
-def _watch(layer: Any, site: Site, reverse: bool, build: Build, stashed: int = 0) -> list[Handle]:
-    """Record after the layer's data-to-latent method; clear the stash after the other one.
+def _watch(
+    layer: Any,
+    site: Site,
+    reverse: bool,
+    build: Build,
+    stashed: int = 0,
+    sample_build: Build | None = None,
+) -> list[Handle]:
+    r"""Record after the layer's data-to-latent method; clear the stash after the other one,
+    or (where the site records sampling passes) record the sampling map's factors from it:
+    ``sample_build``'s, or by default ``build``'s inverted (:math:`\log e = -\log d`).
 
-    ``stashed``: how many subnet outputs the data-to-latent call must have stashed.
+    ``stashed``: how many subnet outputs either call must have stashed.
     """
     to_latent, to_data = ("forward", "inverse") if reverse else ("inverse", "forward")
 
@@ -120,9 +139,32 @@ def _watch(layer: Any, site: Site, reverse: bool, build: Build, stashed: int = 0
     def on_data(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         site.state.clear()
 
+    def on_sample(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        try:
+            if len(site.state) < stashed:
+                if not site.recorded():
+                    raise CaptureError(
+                        f"{site.name or '<model>'} ({site.kind}) ran its sampling pass "
+                        "without calling its subnetwork through Module.__call__, so klj-reg "
+                        "did not see its scales. Call subnetworks as net(x), not "
+                        "net.forward(x)."
+                    )
+                return
+            z = args[0] if args else next(iter(kwargs.values()))
+            factors = (
+                inverted(build(args, kwargs, out))
+                if sample_build is None
+                else sample_build(args, kwargs, out)
+            )
+            site.record(factors, returned_log_det(out), _dim(z), sampling=True)
+        finally:
+            site.state.clear()
+
     return [
         *site.watch_method(layer, to_latent, after=on_latent),
-        *site.watch_method(layer, to_data, after=on_data),
+        *site.watch_method(layer, to_data, after=on_sample if site.sampling else on_data),
     ]
 
 
@@ -350,10 +392,25 @@ def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
             factors.append(Factor(source=site.state["identity"], log_abs=_cdf_log_abs(cdf)))
         return factors
 
+    def sample_build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        factors = [Factor(source=site.state["transformed"])]  # the inverse spline's own
+        if "identity" in site.state:  # the identity features x1 the inverse CDF returned
+            source = site.state["identity"]
+            factors.append(Factor(source=source, log_abs=_cdf_log_abs(cdf), scale=-1.0))
+        return factors
+
+    def identity_out(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        site.state["identity"] = out[0]
+
     handles = site.watch_method(coupling, "_piecewise_cdf", after=tap)
     if cdf is not None:
         handles.append(site.stash(cdf, "identity", inputs=True))
-    return [*handles, *_watch(layer, site, False, build, 1 if cdf is None else 2)]
+        if site.sampling:  # the sampling direction calls cdf.inverse directly
+            handles.extend(site.watch_method(cdf, "inverse", after=identity_out))
+    stashed = 1 if cdf is None else 2
+    return [*handles, *_watch(layer, site, False, build, stashed, sample_build)]
 
 
 def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
@@ -366,9 +423,11 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Tensor) -> None:
         site.state["params"] = (output, output._version)
 
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+    def build(
+        args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, x: Tensor | None = None
+    ) -> list[Factor]:
         params, version = site.state["params"]
-        x = args[0]
+        x = args[0] if x is None else x
         divided = params._version != version  # the layer scaled widths/heights in place
 
         def log_abs(p: Tensor) -> Tensor:
@@ -381,7 +440,11 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
 
         return [Factor(source=params, log_abs=_once(log_abs))]
 
-    return [site.on_forward(net, hook), *_watch(layer, site, False, build, 1)]
+    def sample_build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        # The last MADE pass ran on the sample x (the call's output): log e = -log d(x).
+        return inverted(build(args, kwargs, out, out[0]))
+
+    return [site.on_forward(net, hook), *_watch(layer, site, False, build, 1, sample_build)]
 
 
 # Reverse ----------------------------------------------------------------------------------
@@ -411,22 +474,34 @@ def install_reverse(layer: Any, site: Site) -> list[Handle]:
 DATA_TO_LATENT = ("forward_kld", "log_prob", "inverse", "inverse_and_log_det")
 """Model methods that run the data-to-latent pass (each calls its layers' ``inverse``)."""
 
+LATENT_TO_DATA = ("sample", "reverse_kld", "reverse_alpha_div", "forward", "forward_and_log_det")
+"""NormalizingFlow methods that run the sampling pass (each calls its layers' ``forward``)."""
+
 
 @framework.entry("NormalizingFlow", "MultiscaleFlow", "ClassCondFlow", "Flow")
 def entry(model: nn.Module, door: Door) -> list[Handle]:
     """A model's pass is a call of one of its data-to-latent methods (the outermost, as
     they call each other); a single layer's, its ``inverse`` (Reverse's too: it runs the
-    inner layer's ``forward``, which records)."""
+    inner layer's ``forward``, which records). Where the door opens sampling passes, a
+    NormalizingFlow's sampling methods (:data:`LATENT_TO_DATA`) and a single layer's
+    ``forward`` open one."""
     if isinstance(model, Flow):
         names: tuple[str, ...] = ("inverse",)
+        sampling: tuple[str, ...] = ("forward",)
     else:
         names = DATA_TO_LATENT + (("forward",) if isinstance(model, nf.MultiscaleFlow) else ())
+        sampling = LATENT_TO_DATA if isinstance(model, nf.NormalizingFlow) else ()
     depth = [0]
 
     def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         depth[0] += 1
         if depth[0] == 1:
             begin_on_first_tensor(door, args, kwargs)
+
+    def begin_sampling(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        depth[0] += 1
+        if depth[0] == 1:
+            begin_on_first_tensor(door, args, kwargs, sampling=True)
 
     def end(module: nn.Module) -> None:
         depth[0] -= 1
@@ -437,6 +512,9 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
     for name in names:
         if callable(getattr(model, name, None)):
             handles.extend(watch_method(model, name, before=begin, final=end))
+    for name in sampling if door.sampling else ():
+        if callable(getattr(model, name, None)):
+            handles.extend(watch_method(model, name, before=begin_sampling, final=end))
     return handles
 
 

@@ -23,7 +23,13 @@ per-call object, nothing global), so that its ``call_and_ladj`` records the laye
   out with a warning.
 
 Only ``call_and_ladj`` of the returned object records, so sampling (``flow(c).sample()``,
-which runs the inverse) records nothing, nor does ``rsample_and_log_prob``. A decorated method
+which runs the inverse) records nothing, nor does ``rsample_and_log_prob``, unless the flow is
+attached with ``direction="sample"`` (or ``"both"``). Then ``flow(c).rsample_and_log_prob()``
+opens a sampling pass (``rsample`` and ``sample`` compute no log-determinant, so they have
+nothing to record), and the inverse direction records: zuko computes an inverse's ladj as
+minus the forward transform's ``log_abs_det_jacobian(x, y)`` at the sample ``x``, whose
+tapped elementwise ladj gives :math:`\log e = -\log d` (a LazyInverse's sampling direction is its inner transform's
+``call_and_ladj``, read as in the data direction of a forward layer). A decorated method
 holds its object strongly only until its first call, then through a weak reference
 (:func:`_method`): otherwise each step's transforms, with the tensors they hold, would sit in
 reference cycles until Python's cyclic garbage collector ran, instead of being freed with the
@@ -153,9 +159,12 @@ def _tap(univariate: Any, method: str, cell: list[Tensor]) -> None:
     setattr(univariate, method, tapped)
 
 
-def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool) -> None:
+def _record_tapped(
+    site: Site, transform: Any, cell: list[Tensor], negate: bool, sampling: bool = False
+) -> None:
     """Decorate ``transform.call_and_ladj`` to record the ladj tapped during the call
-    (negated for an inverse), with the layer's own summed ladj."""
+    (negated for an inverse), with the layer's own summed ladj (``sampling``: into the
+    sampling pass)."""
     original = _method(transform, "call_and_ladj")
 
     def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,11 +175,84 @@ def _record_tapped(site: Site, transform: Any, cell: list[Tensor], negate: bool)
         features = x.shape[-1]
         log_abs = cell[-1]
         factor = Factor(source=_rows(log_abs, log_abs.shape[-1]), scale=-1.0 if negate else 1.0)
-        site.record([factor], _flat(ladj), features)
+        if sampling:
+            site.record([factor], _flat(ladj), features, sampling=True)
+        else:
+            site.record([factor], _flat(ladj), features)
         cell.clear()
         return y, ladj
 
     transform.call_and_ladj = call_and_ladj
+
+
+def _record_inverse_ladj(
+    site: Site,
+    transform: Any,
+    cell: list[Tensor] | None,
+    factors: Callable[[Tensor], Factor],
+    checked: bool = True,
+) -> None:
+    """Decorate ``transform.log_abs_det_jacobian(x, y)``, which the sampling direction (its
+    inverse's ``call_and_ladj``) calls at the sample ``x``, to record the sampling map's
+    factor into the sampling pass: ``factors`` of the elementwise ladj tapped into ``cell``
+    (or of the returned ladj, ``cell`` None), with the inverse's ladj, minus the returned
+    one, for the check (``checked``)."""
+    original = _method(transform, "log_abs_det_jacobian")
+
+    def log_abs_det_jacobian(x: Tensor, y: Tensor) -> Tensor:
+        if cell is not None:
+            cell.clear()
+        ladj = original(x, y)
+        if cell is not None and not cell:
+            raise _mismatch(site, "no elementwise log-determinant was computed on sampling")
+        elementwise = ladj if cell is None else cell[-1]
+        features = x.shape[-1] if x.dim() else 1
+        summed = -_flat(ladj) if checked else None
+        site.record([factors(elementwise)], summed, features, sampling=True)
+        if cell is not None:
+            cell.clear()
+        return ladj
+
+    transform.log_abs_det_jacobian = log_abs_det_jacobian
+
+
+def _negated_rows(ladj: Tensor) -> Factor:
+    """The factor of an inverse from its forward's elementwise ladj: log e = -log d."""
+    return Factor(source=_rows(ladj, ladj.shape[-1] if ladj.dim() else 1), scale=-1.0)
+
+
+def decorate_sampling(site: Site, transform: Any) -> None:
+    """Make the sampling direction of ``transform`` (its inverse's ``call_and_ladj``) record
+    ``site``'s factors into the sampling pass."""
+    inverse = isinstance(transform, _InverseTransform)
+    forward = transform.inv if inverse else transform
+    if isinstance(forward, ORTHOGONAL):
+        return
+    if isinstance(forward, META):
+        cell: list[Tensor] = []
+        if inverse:  # LazyInverse: sampling runs the forward transform's call_and_ladj
+            _tap_meta(forward, "call_and_ladj", cell)
+            _record_tapped(site, forward, cell, negate=False, sampling=True)
+        else:
+            _tap_meta(forward, "log_abs_det_jacobian", cell)
+            _record_inverse_ladj(site, forward, cell, _negated_rows)
+    elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
+        features = transform.base
+
+        def per_entry(ladj: Tensor) -> Factor:
+            return _negated_rows(ladj)
+
+        _record_inverse_ladj(site, features, None, per_entry, checked=False)
+    elif isinstance(forward, LULinearTransform) and not inverse:
+        lower = forward.L
+
+        def lu_factor(_: Tensor) -> Factor:
+            diag = torch.diagonal(lower, dim1=-2, dim2=-1)
+            return Factor(source=_rows(diag, diag.shape[-1]), log_abs=_neg_log_abs)
+
+        _record_inverse_ladj(site, forward, None, lu_factor)
+    elif transform.domain.event_dim == 0 and not inverse:
+        _record_inverse_ladj(site, transform, None, _negated_rows, checked=False)
 
 
 def _record_elementwise(site: Site, transform: Any) -> None:
@@ -204,6 +286,10 @@ def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
         return y, ladj
 
     transform.call_and_ladj = call_and_ladj
+
+
+def _neg_log_abs(diag: Tensor) -> Tensor:
+    return -diag.abs().log()
 
 
 def _left_out(site: Site, transform: Transform) -> None:
@@ -248,6 +334,8 @@ def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         decorate(site, output)
+        if site.sampling and isinstance(output, Transform):
+            decorate_sampling(site, output)
 
     return [site.on_forward(module, hook)]
 
@@ -276,12 +364,43 @@ def _open(door: Door, output: Any) -> None:
     transform.call_and_ladj = call_and_ladj
 
 
+def _open_sampling(door: Door, dist: Any) -> None:
+    """Make ``dist.rsample_and_log_prob`` of a flow's distribution a sampling pass
+    (``rsample`` and ``sample`` compute no log-determinant, so there is nothing to read)."""
+    for name in ("rsample_and_log_prob",):
+        func = getattr(type(dist), name, None)
+        if not callable(func):
+            continue
+        # ``dist`` held strongly until the first call (a temporary, as in
+        # ``flow().rsample()``, lives only through it), weakly from then on (no cycle).
+        held: list[Any] = [dist]
+
+        def sampled(
+            *args: Any, _func: Callable[..., Any] = func, _held: list[Any] = held, **kwargs: Any
+        ) -> Any:
+            target = _held[0]
+            if isinstance(target, weakref.ref):
+                target = target()
+            else:
+                _held[0] = weakref.ref(target)
+            door.begin(None, None, None, sampling=True)
+            try:
+                return _func(target, *args, **kwargs)
+            finally:
+                door.end()
+
+        setattr(dist, name, sampled)
+
+
 @framework.entry("Flow", "LazyTransform")
 def entry(model: nn.Module, door: Door) -> list[Handle]:
     """A Flow's pass is ``flow(c).log_prob(x)``'s ``transform.call_and_ladj(x)``; a
-    LazyTransform's, ``t(c).call_and_ladj(x)``."""
+    LazyTransform's, ``t(c).call_and_ladj(x)``. Where the door opens sampling passes, a
+    Flow's ``flow(c).rsample_and_log_prob()`` opens one."""
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if door.sampling and isinstance(model, Flow):
+            _open_sampling(door, output)
         _open(door, output.transform if isinstance(model, Flow) else output)
 
     return [on_forward(model, hook)]
