@@ -28,13 +28,13 @@ attached with ``direction="sample"`` (or ``"both"``). Then ``flow(c).rsample_and
 opens a sampling pass (``rsample`` and ``sample`` compute no log-determinant, so they have
 nothing to record), and the inverse direction records: zuko computes an inverse's ladj as
 minus the forward transform's ``log_abs_det_jacobian(x, y)`` at the sample ``x``, whose
-tapped elementwise ladj gives :math:`\log e = -\log d` (a LazyInverse's sampling direction is its inner transform's
-``call_and_ladj``, read as in the data direction of a forward layer). A decorated method
-holds its object strongly only until its first call, then through a weak reference
-(:func:`_method`): otherwise each step's transforms, with the tensors they hold, would sit in
-reference cycles until Python's cyclic garbage collector ran, instead of being freed with the
-pass. (A transform built and never called this way, e.g. only sampled from, is left to the
-collector.)
+tapped elementwise ladj gives :math:`\log e = -\log d` (a LazyInverse's sampling direction
+is its inner transform's ``call_and_ladj``, read as in the data direction of a forward
+layer). A decorated method holds its object strongly only until its first call, then
+through a weak reference (:func:`_method`): otherwise each step's transforms, with the
+tensors they hold, would sit in reference cycles until Python's cyclic garbage collector
+ran, instead of being freed with the pass. (A transform built and never called this way,
+e.g. only sampled from, is left to the collector.)
 """
 
 from __future__ import annotations
