@@ -24,6 +24,16 @@ hutchinson      NLL + ``penalty(model, x, estimator="hutchinson")`` (one probe)
 exact           NLL + ``penalty(model, x, estimator="exact")`` (tabular only: D backward passes)
 ==============  ===============================================================================
 
+``--models reverse-kl`` (not run by default) measures the reverse-KL step of variational
+inference instead, on the tabular flow: samples drawn through the flow's own sampling API
+(normflows ``sample``, zuko ``rsample_and_log_prob``, nflows ``sample_and_log_prob``, FrEIA
+``rev=True``), the loss ``mean(log q(x) - log p(x)) / D`` for a fixed banana-shaped target,
+with the variants ``plain``, ``plain-again``, ``hooks`` and ``capture`` (the model attached
+with ``direction="sample"``, ``penalty(model)`` read from the sampling pass: no extra pass)
+and ``second-pass`` (attached as by default, ``penalty(model, x)`` on the samples, which runs
+a data-to-latent pass of its own: what a reverse-KL loop paid before sampling passes were
+captured).
+
 Every variant trains its own copy of the same initial model with its own optimiser. Steps
 are interleaved: after a warm-up, each of ``--reps`` rounds (``--tabular-reps`` for the short,
 noisier tabular steps) times one step of every variant in
@@ -91,6 +101,10 @@ VARIANTS = (
     "exact",
 )
 MODELS = ("tabular", "image")
+"""Model kinds run by default."""
+ALL_MODELS = (*MODELS, "reverse-kl")
+REVERSE_VARIANTS = ("plain", "plain-again", "hooks", "capture", "second-pass")
+"""Variants of the reverse-KL step (``--models reverse-kl``)."""
 TARGET = 1.02
 """The capture path should cost at most this many plain steps."""
 REFERENCE = (
@@ -329,6 +343,70 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
     return step
 
 
+def banana_log_prob(x: Tensor) -> Tensor:
+    """Unnormalised log-density of the reverse-KL target: a banana in the first two
+    coordinates, a unit Gaussian in the others."""
+    bend = x[:, 1] - 0.5 * x[:, 0].square()
+    return -0.5 * (x[:, 0].square() / 4 + bend.square() / 0.25 + x[:, 2:].square().sum(1))
+
+
+def sample_and_log_q(flow: BackendFlow, n: int, dim: int) -> tuple[Tensor, Tensor]:
+    """``n`` samples of ``flow`` and their log-density, through the framework's own sampling
+    API (the latent-to-data pass)."""
+    model: Any = flow.model
+    if flow.backend == "zuko":
+        x, log_q = model().rsample_and_log_prob((n,))
+        return x, log_q
+    if flow.backend == "nflows":
+        x, log_q = model.sample_and_log_prob(n)
+        return x, log_q
+    if flow.backend == "normflows":
+        x, log_q = model.sample(n)
+        return x, log_q
+    like = next(model.parameters())
+    z = torch.randn(n, dim, dtype=like.dtype, device=like.device)
+    x, log_det = model(z, rev=True, jac=True)
+    log_base = -0.5 * z.square().sum(1) - 0.5 * dim * math.log(2 * math.pi)
+    return x, log_base - log_det
+
+
+def make_reverse_step(variant: str, flow: BackendFlow, settings: Settings) -> Step:
+    """One reverse-KL training step of ``variant`` on ``flow`` with its own Adam."""
+    if variant not in REVERSE_VARIANTS:
+        raise ValueError(f"{variant!r} has no reverse-KL step ({', '.join(REVERSE_VARIANTS)})")
+    model = flow.model
+    optimiser = torch.optim.Adam(flow.parameters(), lr=settings.lr)
+    if variant in ("hooks", "capture"):
+        klj_reg.attach(model, direction="sample")
+    elif variant == "second-pass":
+        klj_reg.attach(model)
+    dim, alpha = settings.dim, settings.alpha
+
+    def step(clock: PhaseClock | None = None) -> None:
+        mark = clock.mark if clock is not None else _no_mark
+        mark()
+        optimiser.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("nll"):
+            x, log_q = sample_and_log_q(flow, settings.batch, dim)
+            loss = (log_q - banana_log_prob(x)).mean() / dim
+        mark()
+        if variant == "hooks":
+            klj_reg.clear(model)
+        elif variant in ("capture", "second-pass"):
+            with torch.profiler.record_function("klj_penalty"):
+                loss = loss + klj_reg.penalty(
+                    model, x if variant == "second-pass" else None, alpha=alpha
+                )
+        mark()
+        loss.backward()
+        mark()
+        with torch.profiler.record_function("optimiser"):
+            optimiser.step()
+        mark()
+
+    return step
+
+
 def _no_mark() -> None:
     pass
 
@@ -374,9 +452,13 @@ class PhaseClock:
 
 
 def checks_pending(flow: BackendFlow) -> int:
-    """Captured layers still being checked against their own log-det."""
+    """Captured layers still being checked against their own log-det (on sampling passes,
+    for a model attached with ``direction="sample"``)."""
     capture = get_capture(flow.model)
-    return 0 if capture is None else sum(s.checks_left > 0 for s in capture.sites.values())
+    if capture is None:
+        return 0
+    left = "sample_checks_left" if capture.direction == "sample" else "checks_left"
+    return sum(getattr(s, left) > 0 for s in capture.sites.values())
 
 
 def _sync(device: torch.device) -> None:
@@ -491,9 +573,13 @@ def measure(
     """Every variant of one model and backend: times, ratios, memory, operator counts."""
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
-    original = (tabular if model_kind == "tabular" else image)(backend, settings).to(device)
-    x = batch_of(model_kind, backend, settings, device)
+    reverse = model_kind == "reverse-kl"
+    build = tabular if model_kind in ("tabular", "reverse-kl") else image
+    original = build(backend, settings).to(device)
+    x = batch_of("tabular" if reverse else model_kind, backend, settings, device)
     variants = [v for v in settings.variants if not (v == "exact" and model_kind == "image")]
+    if reverse:
+        variants = [v for v in variants if v in REVERSE_VARIANTS]
     if "plain" not in variants:
         variants.insert(0, "plain")
     result: dict[str, Any] = {
@@ -509,7 +595,11 @@ def measure(
     for variant in variants:
         flows[variant] = copy.deepcopy(original)
         try:
-            step = make_step(variant, flows[variant], x, settings)
+            step = (
+                make_reverse_step(variant, flows[variant], settings)
+                if reverse
+                else make_step(variant, flows[variant], x, settings)
+            )
             for _ in range(settings.warmup):
                 step()
             extra = 0  # until every layer's adapter is verified: the steady state
@@ -527,7 +617,7 @@ def measure(
             print(f"  {model_kind}/{backend}/{variant} failed: {type(error).__name__}: {error}")
     if "plain" not in steps:
         return result
-    reps = settings.tabular_reps if model_kind == "tabular" else settings.reps
+    reps = settings.reps if model_kind == "image" else settings.tabular_reps
     times, phases = time_steps(steps, reps, device, settings.seed)
     plain = statistics.median(times["plain"])
     for variant, step in steps.items():
@@ -704,9 +794,15 @@ def markdown(report: dict[str, Any]) -> str:
         if not rows:
             continue
         shown = [v for v in variants if any(v in r.get("variants", {}) for r in rows)]
+        lines += [f"## {model_kind}", ""]
+        if model_kind == "reverse-kl":
+            lines += [
+                "Reverse-KL steps on the tabular flow: samples through the flow's own sampling "
+                "API; capture reads the sampling pass (direction='sample'), second-pass runs a "
+                "data-to-latent pass on the samples. Ratios to the plain reverse-KL step.",
+                "",
+            ]
         lines += [
-            f"## {model_kind}",
-            "",
             "| backend | params | " + " | ".join(shown) + " |",
             "|---|---:|" + "---:|" * len(shown),
         ]
@@ -775,7 +871,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--image-batch", type=int, default=None, help="image batch (default 8 on CPU, 64 on CUDA)"
     )
-    parser.add_argument("--models", default=",".join(MODELS), help="tabular,image")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="tabular,image (or reverse-kl: see above)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help="tiny models, few reps (for tests)")
@@ -786,7 +884,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
-    for name, chosen, allowed in (("model", models, MODELS), ("variant", variants, VARIANTS)):
+    for name, chosen, allowed in (("model", models, ALL_MODELS), ("variant", variants, VARIANTS)):
         unknown = sorted(set(chosen) - set(allowed))
         if unknown:
             raise SystemExit(f"unknown {name}(s) {unknown}; choose from {', '.join(allowed)}")

@@ -186,6 +186,47 @@ def test_no_extra_forward_pass(backend: str, context: bool) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_extra_pass_on_the_sampling_pass(backend: str) -> None:
+    """Reverse KL: ``penalty(model)`` after the framework's own sampling pass (attached with
+    ``direction="sample"``) runs no module again, forward or in backward."""
+    pytest.importorskip({"freia": "FrEIA"}.get(backend, backend))
+    try:
+        from benchmarks.overhead import banana_log_prob, sample_and_log_q
+        from benchmarks.tabular import tabular_flow
+    except ImportError as error:
+        pytest.skip(f"benchmarks cannot be imported: {error}")
+    flow = tabular_flow(backend, TINY_DIM, layers=2, hidden=8)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model = flow.model
+
+    def loss() -> Tensor:
+        x, log_q = sample_and_log_q(flow, 16, TINY_DIM)
+        return (log_q - banana_log_prob(x)).mean()
+
+    with call_counts(model) as plain:
+        loss()
+    capture = klj_reg.attach(model, direction="sample")
+    subnets = [net for site in capture.sites.values() for net in site.subnets]
+    assert subnets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with call_counts(model) as penalised:
+            total = loss() + klj_reg.penalty(model)
+    weighted = {id(m) for m in model.modules() if any(True for _ in m.parameters())}
+    assert {k: v for k, v in penalised.items() if k in weighted} == {
+        k: v for k, v in plain.items() if k in weighted
+    }
+    for net in subnets:
+        assert penalised[id(net)] == plain[id(net)] >= 1
+    with call_counts(model) as backward:
+        total.backward()
+    assert not backward
+    klj_reg.detach(model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_penalty_releases_records(backend: str) -> None:
     model, loss_fn, dim, features = model_for(backend)
     x, c = inputs(dim, features)
@@ -486,6 +527,25 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
         assert all(ms >= 0 for ms in entry["phases_ms"].values())
     phase_row = r"\| freia \| " + r" \| ".join([r"[\d.]+ / [\d.]+ / [\d.]+ / [\d.]+"] * 6)
     assert re.search(phase_row, (tmp_path / "cpu-quick.md").read_text())
+
+
+def test_overhead_reverse_kl_variant_runs_no_extra_pass(tmp_path: Any) -> None:
+    """``--models reverse-kl``: the penalty read from the sampling pass adds its arithmetic
+    only; the second pass on the samples runs the model again."""
+    pytest.importorskip("zuko")
+    overhead = pytest.importorskip("benchmarks.overhead")
+    argv = ["--quick", "--device", "cpu", "--backend", "zuko", "--models", "reverse-kl"]
+    variants = "plain,capture,second-pass"
+    assert overhead.main([*argv, "--variants", variants, "--out", str(tmp_path)]) == 0
+    (result,) = json.loads((tmp_path / "cpu-quick.json").read_text())["results"]
+    entries = result["variants"]
+    assert result["model"] == "reverse-kl" and set(entries) == set(variants.split(","))
+    for entry in entries.values():
+        assert "error" not in entry and "profile_error" not in entry
+    capture, second = entries["capture"]["ops"], entries["second-pass"]["ops"]
+    assert 0 < capture["penalty"] < second["penalty"]  # second: the model ran again
+    assert capture["backward"] < second["backward"]
+    assert "## reverse-kl" in (tmp_path / "cpu-quick.md").read_text()
 
 
 def test_overhead_phases_split_each_timed_step(monkeypatch: pytest.MonkeyPatch) -> None:
