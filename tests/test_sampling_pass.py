@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 import klj_reg
 from klj_reg.divergence import log_det_of, record_divergence
+from klj_reg.kit import MAX_CHECKS
 
 B = 8
 
@@ -555,3 +556,43 @@ def test_no_grad_sample_is_kept_apart() -> None:
     assert torch.isfinite(value)
     with pytest.raises(klj_reg.CaptureError):
         klj_reg.penalty(flow)  # no grad-mode sampling pass to give a gradient
+
+
+# The self-check runs on the sampling pass -----------------------------------------------------
+
+
+def test_sampling_records_are_checked_against_the_layers_own_log_det() -> None:
+    inn = freia_model(4, ["AllInOneBlock", "RNVPCouplingBlock", "ActNorm"])
+    capture = attach(inn, "both")
+    inn(torch.randn(B, 4), rev=True, jac=True)
+    klj_reg.penalty(inn)
+    for site in capture.sites.values():
+        assert site.sample_checks_left < MAX_CHECKS  # checked on the sampling pass
+        assert site.checks_left == MAX_CHECKS  # the data-side count is its own
+
+
+def test_sampling_check_catches_a_wrong_direction(monkeypatch: pytest.MonkeyPatch) -> None:
+    inn = freia_model(4, ["AffineCouplingOneSided"])
+    freia = pytest.importorskip("klj_reg.adapters.freia")
+    monkeypatch.setattr(freia, "inverted", list)  # log e = +log d: the wrong map
+    attach(inn)
+    inn(torch.randn(B, 4), rev=True, jac=True)
+    with pytest.raises(klj_reg.AdapterMismatchError, match="module_list.0"):
+        klj_reg.penalty(inn)
+
+
+def test_normflows_conditional_sample_reads_its_dimension_from_the_layers() -> None:
+    """``sample(n, context)``'s only tensor is the context: the pass's dimension D (the
+    default normaliser) comes from the layers, not from it."""
+    nf = pytest.importorskip("normflows")
+    layers = [nf.flows.MaskedAffineAutoregressive(4, 16, context_features=3, num_blocks=1)]
+    model = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(4), layers)
+    noisy(model, 0.2)
+    attach(model)
+    context = torch.randn(B, 3)
+    values = []
+    for normaliser in ("dim", "none"):
+        torch.manual_seed(2)
+        model.sample(B, context=context)
+        values.append(klj_reg.penalty(model, alpha=1.0, normaliser=normaliser))
+    torch.testing.assert_close(4 * values[0], values[1])

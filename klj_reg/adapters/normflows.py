@@ -499,9 +499,17 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
             begin_on_first_tensor(door, args, kwargs)
 
     def begin_sampling(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # On its latent input where it has one (forward(z)); sample(n, context) and
+        # reverse_kld(n, context) draw theirs (a tensor argument is a context, not z).
         depth[0] += 1
         if depth[0] == 1:
-            begin_on_first_tensor(door, args, kwargs, sampling=True)
+            z = args[0] if args and isinstance(args[0], Tensor) else None
+            door.begin(
+                z,
+                None if z is None else z.shape[0],
+                None if z is None else z.shape[1:].numel(),
+                sampling=True,
+            )
 
     def end(module: nn.Module) -> None:
         depth[0] -= 1
