@@ -237,12 +237,8 @@ def decorate_sampling(site: Site, transform: Any) -> None:
             _tap_meta(forward, "log_abs_det_jacobian", cell)
             _record_inverse_ladj(site, forward, cell, _negated_rows)
     elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
-        features = transform.base
-
-        def per_entry(ladj: Tensor) -> Factor:
-            return _negated_rows(ladj)
-
-        _record_inverse_ladj(site, features, None, per_entry, checked=False)
+        # The inverse's univariate calls the forward univariate's log_abs_det_jacobian.
+        _record_inverse_ladj(site, transform.base, None, _negated_rows, checked=False)
     elif isinstance(forward, LULinearTransform) and not inverse:
         lower = forward.L
 
