@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import backends, presets, report
+from . import backends, curves, presets, report
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_OUT = pathlib.Path("benchmarks") / "runs"
@@ -692,6 +692,10 @@ def finish(
         (s.out / f"{stem}.md").write_text(markdown(runs))
         chart(runs, s.out / f"{stem}.png")
         print(f"wrote {s.out / stem}.md and {s.out / stem}.png")
+        if any(curves.has_curves(r) for r in runs):
+            (s.out / "curves.md").write_text(curves.markdown(runs))
+            curves.chart(runs, s.out / "curves.png")
+            print(f"wrote {s.out / 'curves'}.md and .png (learning curves)")
     if s.world > 1:
         import torch.distributed as dist
 

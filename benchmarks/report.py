@@ -26,7 +26,16 @@ OOD_TITLES = {
     "tinyimagenet": "TinyImageNet",
     "noisy": "Noisy",
 }
-ROW_ORDER = ("ib1", "ib1_klj", "ibinf", "ibinf_klj", "cnll", "cnll_klj")
+ROW_ORDER = (
+    "ib1",
+    "ib1_klj",
+    "ibinf",
+    "ibinf_klj",
+    "ibinf_klj_rc",
+    "ibinf_klj_val",
+    "cnll",
+    "cnll_klj",
+)
 
 # Paper Table 1 (CIFAR-10): OoD detection score (typicality AUROC, %) and ID accuracy.
 PAPER_TABLE1: dict[str, dict[str, float]] = {

@@ -459,3 +459,6 @@ def test_downsampled_run_with_curves_extra_rows_and_alpha_selection(tmp_path: pa
         assert val["config"]["alpha"] == selection["alpha"] and val["train_images"] == 260
         assert "chosen on validation" in table
     assert "IB γ→∞, α=" not in table  # the probes stay out of the table
+    curves = (tmp_path / "curves.md").read_text()
+    assert "| freia | IB γ→∞ + KLJ (released-code form) | 0 | 1 |" in curves
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

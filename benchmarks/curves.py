@@ -1,0 +1,106 @@
+"""Learning curves of the CIFAR-10 runs that recorded them (``--curves``, the ``converged``
+preset): per epoch, training accuracy (running, augmented batches), test accuracy and test
+``L_x`` (eval mode, before the final batch-norm refresh).
+
+A run counts as *plateaued* when its test accuracy moved by at most :data:`PLATEAU` points over
+the last third of its epochs (the epochs after the schedule's last learning-rate drop).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from . import report
+
+PLATEAU = 1.0
+"""Largest change of test accuracy (points) over the last third of the epochs."""
+
+
+def has_curves(run: dict[str, Any]) -> bool:
+    """Whether the run recorded a test accuracy after every epoch."""
+    history = run.get("history") or []
+    return bool(history) and all("test_accuracy" in e for e in history)
+
+
+def summary(run: dict[str, Any]) -> dict[str, float]:
+    """Final training and test accuracy, the best test accuracy, and the test accuracy's change
+    over the last third of the epochs (range, points)."""
+    history = run["history"]
+    tail = history[-max(2, len(history) // 3) :]
+    test = [e["test_accuracy"] for e in tail]
+    return {
+        "epochs": len(history),
+        "train_accuracy": history[-1]["accuracy"],
+        "test_accuracy": history[-1]["test_accuracy"],
+        "best_test_accuracy": max(e["test_accuracy"] for e in history),
+        "tail_range": max(test) - min(test),
+        "final_accuracy": run["metrics"]["accuracy"] if run.get("metrics") else float("nan"),
+    }
+
+
+def markdown(runs: Sequence[dict[str, Any]]) -> str:
+    """Per run: epochs, final training / test accuracy, best test accuracy, the test accuracy's
+    range over the last third of the epochs, and whether that is a plateau."""
+    runs = sorted((r for r in runs if has_curves(r)), key=_order)
+    lines = ["# Learning curves", "", *report._summary(runs)]
+    lines += [
+        f"- plateaued: test accuracy moved by at most {PLATEAU:g} points over the last third of "
+        "the epochs; test accuracy per epoch is measured before the batch-norm refresh, the "
+        "final one (Table 1's) after it",
+        "",
+        "| backend | method | seed | epochs | train acc | test acc (last epoch) | best | "
+        "range, last third | plateaued | final test acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        s = summary(r)
+        cfg = r["config"]
+        lines.append(
+            f"| {cfg['backend']} | {r['label']} | {cfg['seed']} | {s['epochs']} | "
+            f"{s['train_accuracy']:.1f} | {s['test_accuracy']:.1f} | "
+            f"{s['best_test_accuracy']:.1f} | {s['tail_range']:.1f} | "
+            f"{'yes' if s['tail_range'] <= PLATEAU else 'no'} | {s['final_accuracy']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
+    """Three panels: training accuracy, test accuracy and test ``L_x`` against epoch, one line
+    per run (colour: method; dashed: seeds after the first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted((r for r in runs if has_curves(r)), key=_order)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    colours: dict[str, Any] = {}
+    palette = plt.get_cmap("tab10")
+    for r in runs:
+        key = f"{r['config']['backend']} {r['label']}"
+        colour = colours.setdefault(key, palette(len(colours) % 10))
+        epochs = range(1, len(r["history"]) + 1)
+        style = "-" if r["config"]["seed"] == min(x["config"]["seed"] for x in runs) else "--"
+        for ax, name in zip(axes, ("accuracy", "test_accuracy", "test_l_x"), strict=True):
+            ax.plot(epochs, [e[name] for e in r["history"]], style, color=colour, lw=1.2,
+                    label=key if style == "-" else None)  # fmt: skip
+    titles = ("training accuracy % (augmented)", "test accuracy %", "test L_x (nats/dim)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    axes[2].set_yscale("symlog")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels) or 1), fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _order(run: dict[str, Any]) -> tuple[Any, ...]:
+    cfg = run["config"]
+    rows = report.ROW_ORDER
+    row = rows.index(cfg["row"]) if cfg["row"] in rows else len(rows)
+    return cfg["backend"], row, cfg["row"], cfg["seed"]
