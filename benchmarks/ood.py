@@ -684,11 +684,7 @@ def finish(
     """Write ``<stem>.md`` and ``<stem>.png`` from every finished run of ``command`` in the
     output folder (rank 0), end DDP; exit status 1 if a run failed."""
     if s.rank == 0:
-        runs = [
-            r for r in report.load_runs(s.out)
-            if r["config"].get("command") == command
-            and not r["config"].get("variant", {}).get("validation")  # alpha-selection runs
-        ]  # fmt: skip
+        runs = report.command_runs(s.out, command)
         (s.out / f"{stem}.md").write_text(markdown(runs))
         chart(runs, s.out / f"{stem}.png")
         print(f"wrote {s.out / stem}.md and {s.out / stem}.png")

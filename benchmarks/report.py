@@ -154,6 +154,16 @@ def load_runs(folder: pathlib.Path, pattern: str = "**/*.json") -> list[dict[str
     return runs
 
 
+def command_runs(folder: pathlib.Path, command: str) -> list[dict[str, Any]]:
+    """The runs of ``command`` under ``folder`` that belong in its tables: not the runs that
+    chose alpha on a validation split (``ood --select-alpha``)."""
+    return [
+        r for r in load_runs(folder)
+        if r["config"].get("command") == command
+        and not r["config"].get("variant", {}).get("validation")
+    ]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- aggregation
 
 

@@ -4,7 +4,8 @@ served from there (nothing is copied into ``docs/`` by hand).
 
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
 ``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
-brief), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``. Figures are linked as
+brief), ``curves`` (learning curves of ``ood`` runs), ``outliers``, ``trainsize``, ``sweep``,
+``overhead``, ``stability``. Figures are linked as
 ``figures/<path under benchmarks/results>``.
 """
 
@@ -33,7 +34,7 @@ def _importable() -> None:
 def _runs(folder: Path, command: str) -> list[dict[str, Any]]:
     from benchmarks import report
 
-    runs = [r for r in report.load_runs(folder) if r["config"].get("command") == command]
+    runs = report.command_runs(folder, command)
     if not runs:
         raise ValueError(f"no {command} runs under {folder}")
     return runs
@@ -109,6 +110,12 @@ def _stability(folder: Path) -> str:
     return stability.summary_md(json.loads((folder / "stability.json").read_text()))
 
 
+def _curves(folder: Path) -> str:
+    from benchmarks import curves
+
+    return curves.markdown(_runs(folder, "ood"))
+
+
 def _overhead(folder: Path) -> str:
     from benchmarks import overhead
 
@@ -120,6 +127,7 @@ RENDER: dict[str, Callable[[Path], str]] = {
     "demo": _demo,
     "ood": _ood,
     "ood-mean": _ood_mean,
+    "curves": _curves,
     "outliers": _outliers,
     "trainsize": _trainsize,
     "sweep": _sweep,
