@@ -605,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def selected_alpha_jobs(s: Setting, alphas: Sequence[float]) -> list[Job]:
     """Choose alpha for IB γ→∞ + KLJ on a validation split of the training images, per backend
-    (one run per alpha, the first seed; see ``--select-alpha``), write the choice to
+    (one run per alpha, the first seed, the preset's ``select_epochs``; see
+    ``--select-alpha``), write the choice to
     ``<out>/<backend>/validation/selection.json``, and return the jobs of the row
     ``ibinf_klj_val`` with it (every seed, the whole training set)."""
     variant = {"validation": SELECTION_SPLIT}
@@ -621,7 +622,10 @@ def selected_alpha_jobs(s: Setting, alphas: Sequence[float]) -> list[Job]:
         for a in alphas
     ]
     folder = lambda b: s.out / b / "validation"  # noqa: E731
-    first = replace(s, seeds=s.seeds[:1])
+    preset = s.preset
+    if preset.select_epochs:  # a shorter schedule of the same shape
+        preset = replace(preset, train=replace(preset.train, epochs=preset.select_epochs))
+    first = replace(s, seeds=s.seeds[:1], preset=preset)
     jobs = make_jobs(first, "ood", probe, folder, variant)
     if s.rank == 0 and jobs:
         print(f"ood: choosing alpha on a validation split: {len(jobs)} runs")
