@@ -618,3 +618,22 @@ def test_normflows_conditional_sample_reads_its_dimension_from_the_layers() -> N
         model.sample(B, context=context)
         values.append(klj_reg.penalty(model, alpha=1.0, normaliser=normaliser))
     torch.testing.assert_close(4 * values[0], values[1])
+
+
+def test_a_sampling_pass_on_z_is_found_by_z() -> None:
+    """``forward_and_log_det(z)`` (normflows) and ``model(z, rev=True)`` (FrEIA) begin their
+    pass on ``z``: ``penalty(model, z)`` reads it among several waiting passes."""
+    model = normflows_model(2, ["coupling", "maf"])
+    attach(model)
+    z1, z2 = torch.randn(B, 2), torch.randn(B, 2)
+    model.forward_and_log_det(z1)
+    model.forward_and_log_det(z2)
+    first = klj_reg.penalty(model, z1, reduction="none")
+    second = klj_reg.penalty(model, z2, reduction="none")
+    assert not torch.allclose(first, second)
+    inn = freia_model(3, ["AffineCouplingOneSided", "ActNorm"])
+    attach(inn)
+    inn(z1.new_ones(B, 3), rev=True)
+    inn(torch.randn(B, 3), rev=True)
+    value = klj_reg.penalty(inn, direction="sample")  # the latest
+    assert value.shape == ()
