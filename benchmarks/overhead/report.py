@@ -1,0 +1,238 @@
+"""The report: machine, versions, the JSON and the Markdown tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .clock import PHASES
+from .settings import REFERENCE, TARGET, VARIANTS, Settings
+
+
+def _git_commit() -> str:
+    """``git describe`` of the checkout, or ``$KLJ_COMMIT`` where there is no repository."""
+    if os.environ.get("KLJ_COMMIT"):
+        return os.environ["KLJ_COMMIT"]
+    try:
+        run = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return run.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions(names: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ["torch", "numpy", *names]:
+        package = {"freia": "FrEIA"}.get(name, name)
+        try:
+            found[name] = version(package)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
+    if "error" in entry:
+        return "error"
+    if "ratio" not in entry:
+        return "—"
+    if entry["ratio"] == 1.0 and entry["paired_q25"] == entry["paired_q75"] == 1.0:
+        return f"1 ({entry['median_ms']:.1f})"
+    return (
+        f"{entry['ratio']:.3f} [{entry['paired_q25']:.2f}-{entry['paired_q75']:.2f}] "
+        f"({entry['median_ms']:.1f})"
+    )
+
+
+def _references(entries: dict[str, Any]) -> str:
+    """``; hooks 1.021, floor 1.031, plain-again 1.004``: the reference variants a row has."""
+    shown = [
+        f"{v} {entries[v]['ratio']:.3f}"
+        for v in ("hooks", "floor", "plain-again")
+        if "ratio" in entries.get(v, {})
+    ]
+    return "; " + ", ".join(shown) if shown else ""
+
+
+def _variant_table(
+    caption: str,
+    rows: list[dict[str, Any]],
+    shown: list[str],
+    cell: Callable[[dict[str, Any] | None], str],
+) -> list[str]:
+    """Markdown lines: ``caption``, then a row per backend and a ``cell`` per variant."""
+    lines = [
+        "",
+        caption,
+        "",
+        "| backend | " + " | ".join(shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for r in rows:
+        if "error" not in r:
+            cells = [cell(r["variants"].get(v)) for v in shown]
+            lines.append(f"| {r['backend']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _phase_cell(entry: dict[str, Any] | None) -> str:
+    spans = None if entry is None else entry.get("phases_ms")
+    return "—" if spans is None else " / ".join(f"{spans[p]:.2f}" for p in PHASES)
+
+
+def _memory_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None or "peak_mb" not in entry:
+        return "—"
+    ops = entry["ops"]
+    fwd = ops.get("forward", 0) + ops.get("penalty", 0)
+    kernels = f", {entry['kernels']} kernels" if "kernels" in entry else ""
+    return (
+        f"{entry['peak_mb']:.1f} MiB, {fwd}/{ops.get('backward', 0)} ops{kernels}, "
+        f"{entry['syncs']} syncs"
+    )
+
+
+PHASE_CAPTION = (
+    "Median milliseconds per phase of a step: " + " / ".join(PHASES) + " (zero_grad and the "
+    "NLL's forward pass; the penalty and its sum with the NLL; loss.backward(); Adam's step):"
+)
+MEMORY_CAPTION = (
+    "Peak memory of a step above the memory held before it (MiB), and top-level aten "
+    "operators per step (forward + penalty / backward), reads of a tensor to the host "
+    "(syncs on an accelerator) outside the optimiser:"
+)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"# KLJ penalty overhead per training step ({report['device']})",
+        "",
+        f"{report['date']}, commit `{report['commit']}`, torch {report['versions']['torch']}, "
+        f"{report['machine'].get('gpu', report['machine']['processor'])}, "
+        f"{report['machine']['torch_threads']} torch threads; load average "
+        f"{report['load_before']} before, {report['load_after']} after.",
+        "",
+        f"Median of {s.get('tabular_reps', s['reps'])} (tabular) and {s['reps']} (image) "
+        f"interleaved rounds after {s['warmup']} warm-up steps (and until "
+        "every layer's self-check finished); each cell is the median over rounds of the ratio "
+        "to the round's plain NLL step [interquartile range], with the median step time in "
+        "ms. Tabular: D = "
+        f"{s['dim']}, {s['layers']} layers, hidden {s['hidden']}, batch {s['batch']}. Image: "
+        f"3x32x32, batch {s['image_batch']}. Adam, lr {s['lr']}, alpha {s['alpha']}.",
+        f"Target: capture <= {TARGET}x plain; {REFERENCE}.",
+        "",
+    ]
+    variants = [v for v in VARIANTS if v in s["variants"] or v == "plain"]
+    for model_kind in s["models"]:
+        rows = [r for r in report["results"] if r["model"] == model_kind]
+        if not rows:
+            continue
+        shown = [v for v in variants if any(v in r.get("variants", {}) for r in rows)]
+        lines += [f"## {model_kind}", ""]
+        if model_kind == "reverse-kl":
+            lines += [
+                "Reverse-KL steps on the tabular flow: samples through the flow's own sampling "
+                "API; capture reads the sampling pass (direction='sample'), second-pass runs a "
+                "data-to-latent pass on the samples. Ratios to the plain reverse-KL step.",
+                "",
+            ]
+        lines += [
+            "| backend | params | " + " | ".join(shown) + " |",
+            "|---|---:|" + "---:|" * len(shown),
+        ]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['backend']} | error: {r['error']} |")
+                continue
+            cells = [_cell(r["variants"].get(v)) for v in shown]
+            size = (
+                f"{r['parameters'] / 1e6:.2f}M"
+                if r["parameters"] >= 1e5
+                else f"{r['parameters'] / 1e3:.1f}k"
+            )
+            lines.append(f"| {r['backend']} | {size} | " + " | ".join(cells) + " |")
+        verdicts = [
+            f"{r['backend']} {'yes' if e['ratio'] <= TARGET else 'no'} ({e['ratio']:.3f}"
+            + _references(r["variants"])
+            + ")"
+            for r in rows
+            if "ratio" in (e := r.get("variants", {}).get("capture", {}))
+        ]
+        if verdicts:
+            lines += ["", f"capture <= {TARGET}x plain: " + ", ".join(verdicts) + "."]
+        if any("phases_ms" in e for r in rows for e in r.get("variants", {}).values()):
+            lines += _variant_table(PHASE_CAPTION, rows, shown, _phase_cell)
+        lines += _variant_table(MEMORY_CAPTION, rows, shown, _memory_cell)
+        lines.append("")
+    errors = [
+        f"- {r['model']}/{r['backend']}/{v}: {e['error']}"
+        for r in report["results"]
+        for v, e in r.get("variants", {}).items()
+        if "error" in e
+    ] + [f"- {r['model']}/{r['backend']}: {r['error']}" for r in report["results"] if "error" in r]
+    if errors:
+        lines += ["## Failures", "", *errors, ""]
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path,
+    settings: Settings,
+    device: torch.device,
+    commit: str,
+    load_before: list[float],
+    results: list[dict[str, Any]],
+) -> str:
+    """Write ``<device>.json`` and ``<device>.md`` under ``out``; returns the Markdown."""
+    report = {
+        "device": settings.device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": machine(device),
+        "versions": _versions(settings.backends),
+        "settings": asdict(settings),
+        "load_before": load_before,
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "target": TARGET,
+        "results": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = settings.device + ("-quick" if settings.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (out / f"{stem}.md").write_text(text + "\n")
+    return text

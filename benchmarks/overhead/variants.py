@@ -1,0 +1,163 @@
+"""One training step per variant (plain, hooks, floor, capture, ...) and the reverse-KL step."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+import klj_reg
+from klj_reg.kit import MAX_CHECKS
+
+from ..backends import BackendFlow
+from .clock import PhaseClock, _no_mark
+from .settings import REVERSE_VARIANTS, Settings
+
+
+def nll(flow: BackendFlow, x: Tensor) -> Tensor:
+    """Negative log-likelihood per dimension under a standard normal base."""
+    z, log_det = flow(x)
+    dim = z.shape[1]
+    return (0.5 * z.square().sum(1) - log_det).mean() / dim + 0.5 * math.log(2 * math.pi)
+
+
+def captured_log_abs_d(flow: BackendFlow, x: Tensor) -> Tensor:
+    r"""The captured :math:`\log|d|` of one pass of a copy of ``flow`` on ``x``, detached, as
+    ``(B, n)``: every per-sample factor's entries (factors shared by the batch left out)."""
+    twin = copy.deepcopy(flow)
+    capture = klj_reg.attach(twin.model)
+    with torch.no_grad():
+        twin(x)
+    rows = [
+        f.log_abs_d().reshape(x.shape[0], -1)
+        for r in capture.take()
+        for f in r.factors
+        if f.source.shape[0] == x.shape[0] and f.selected().stride(0) != 0
+    ]
+    klj_reg.detach(twin.model)
+    return torch.cat(rows, dim=1).detach()
+
+
+class Step(Protocol):
+    """One training step; marks its phase boundaries on the clock it is given, if any."""
+
+    def __call__(self, clock: PhaseClock | None = None) -> None: ...
+
+
+def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Step:
+    """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam."""
+    model = flow.model
+    floor = captured_log_abs_d(flow, x).requires_grad_() if variant == "floor" else None
+    optimiser = torch.optim.Adam(flow.parameters(), lr=settings.lr)
+    capture = (
+        klj_reg.attach(model)
+        if variant in ("hooks", "capture", "capture+check", "fused", "second-pass")
+        else None
+    )
+    alpha = settings.alpha
+
+    def penalty() -> Tensor:
+        with torch.profiler.record_function("klj_penalty"):
+            if variant in ("capture", "capture+check"):
+                return klj_reg.penalty(model, x, alpha=alpha)
+            if variant == "fused":
+                return klj_reg.penalty(model, x, alpha=alpha, fused=True)
+            if variant == "floor":
+                assert floor is not None
+                floor.grad = None
+                return klj_reg.klj_sum(floor) * (alpha / x[0].numel() / x.shape[0])
+            if variant == "second-pass":
+                klj_reg.clear(model)  # discard the user's pass: the penalty runs its own
+                return klj_reg.penalty(model, x, alpha=alpha)
+            return klj_reg.penalty(model, x, alpha=alpha, estimator=variant)
+
+    def step(clock: PhaseClock | None = None) -> None:
+        if variant == "capture+check":
+            assert capture is not None
+            for site in capture.sites.values():
+                site.checks_left = MAX_CHECKS
+        mark = clock.mark if clock is not None else _no_mark
+        mark()
+        optimiser.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("nll"):
+            loss = nll(flow, x)
+        mark()
+        if variant == "hooks":
+            klj_reg.clear(model)
+        elif variant not in ("plain", "plain-again"):
+            loss = loss + penalty()
+        mark()
+        loss.backward()
+        mark()
+        with torch.profiler.record_function("optimiser"):
+            optimiser.step()
+        mark()
+
+    return step
+
+
+def banana_log_prob(x: Tensor) -> Tensor:
+    """Unnormalised log-density of the reverse-KL target: a banana in the first two
+    coordinates, a unit Gaussian in the others."""
+    bend = x[:, 1] - 0.5 * x[:, 0].square()
+    return -0.5 * (x[:, 0].square() / 4 + bend.square() / 0.25 + x[:, 2:].square().sum(1))
+
+
+def sample_and_log_q(flow: BackendFlow, n: int, dim: int) -> tuple[Tensor, Tensor]:
+    """``n`` samples of ``flow`` and their log-density, through the framework's own sampling
+    API (the latent-to-data pass)."""
+    model: Any = flow.model
+    if flow.backend == "zuko":
+        x, log_q = model().rsample_and_log_prob((n,))
+        return x, log_q
+    if flow.backend == "nflows":
+        x, log_q = model.sample_and_log_prob(n)
+        return x, log_q
+    if flow.backend == "normflows":
+        x, log_q = model.sample(n)
+        return x, log_q
+    like = next(model.parameters())
+    z = torch.randn(n, dim, dtype=like.dtype, device=like.device)
+    x, log_det = model(z, rev=True, jac=True)
+    log_base = -0.5 * z.square().sum(1) - 0.5 * dim * math.log(2 * math.pi)
+    return x, log_base - log_det
+
+
+def make_reverse_step(variant: str, flow: BackendFlow, settings: Settings) -> Step:
+    """One reverse-KL training step of ``variant`` on ``flow`` with its own Adam."""
+    if variant not in REVERSE_VARIANTS:
+        raise ValueError(f"{variant!r} has no reverse-KL step ({', '.join(REVERSE_VARIANTS)})")
+    model = flow.model
+    optimiser = torch.optim.Adam(flow.parameters(), lr=settings.lr)
+    if variant in ("hooks", "capture"):
+        klj_reg.attach(model, direction="sample")
+    elif variant == "second-pass":
+        klj_reg.attach(model)
+    dim, alpha = settings.dim, settings.alpha
+
+    def step(clock: PhaseClock | None = None) -> None:
+        mark = clock.mark if clock is not None else _no_mark
+        mark()
+        optimiser.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("nll"):
+            x, log_q = sample_and_log_q(flow, settings.batch, dim)
+            loss = (log_q - banana_log_prob(x)).mean() / dim
+        mark()
+        if variant == "hooks":
+            klj_reg.clear(model)
+        elif variant in ("capture", "second-pass"):
+            with torch.profiler.record_function("klj_penalty"):
+                loss = loss + klj_reg.penalty(
+                    model, x if variant == "second-pass" else None, alpha=alpha
+                )
+        mark()
+        loss.backward()
+        mark()
+        with torch.profiler.record_function("optimiser"):
+            optimiser.step()
+        mark()
+
+    return step
