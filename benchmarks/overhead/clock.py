@@ -20,10 +20,12 @@ the penalty (and the loss's sum), ``loss.backward()``, ``optimiser.step()``."""
 class PhaseClock:
     """The durations of a step's :data:`PHASES`, from marks at their boundaries: host time
     on CPU; on CUDA, events recorded in the stream (no synchronisation inside the step; read
-    after the step's own synchronisation), so the phases are the device's time."""
+    after the step's own synchronisation), so the phases are the device's time. With
+    ``clock="cpu"``, the thread's CPU time (``time.thread_time``) instead."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
+        self.cuda = device.type == "cuda" and clock == "wall"
+        self.cpu = clock == "cpu"
         self.events = (
             [torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)]
             if self.cuda
@@ -36,7 +38,7 @@ class PhaseClock:
         if self.cuda:
             self.events[self.count].record()
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append(time.thread_time() if self.cpu else time.perf_counter())
         self.count += 1
 
     def durations(self) -> list[float]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .clock import PHASES
-from .settings import REFERENCE, TARGET, VARIANTS, Settings
+from .settings import REFERENCE, TARGET, VARIANTS, ZOO_TARGET, ZOO_VARIANTS, Settings
 
 
 def _git_commit() -> str:
@@ -138,6 +138,8 @@ MEMORY_CAPTION = (
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
+    if s["models"] == ["zoo"]:
+        return zoo_markdown(report)
     lines = [
         f"# KLJ penalty overhead per training step ({report['device']})",
         "",
@@ -227,12 +229,125 @@ def write_report(
         "settings": asdict(settings),
         "load_before": load_before,
         "load_after": [round(v, 2) for v in os.getloadavg()],
-        "target": TARGET,
+        "target": ZOO_TARGET if settings.models == ["zoo"] else TARGET,
         "results": results,
     }
     out.mkdir(parents=True, exist_ok=True)
-    stem = settings.device + ("-quick" if settings.quick else "")
+    stem = settings.device + ("-zoo" if settings.models == ["zoo"] else "")
+    stem += "-quick" if settings.quick else ""
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
     (out / f"{stem}.md").write_text(text + "\n")
     return text
+
+
+def _ratio(entry: dict[str, Any] | None) -> str:
+    return "—" if entry is None or "ratio" not in entry else f"{entry['ratio']:.3f}"
+
+
+def _excess_cell(found: dict[str, Any] | None) -> str:
+    if found is None:
+        return "—"
+    return f"{found['median']:+.3f} [{found['q25']:+.3f}, {found['q75']:+.3f}]"
+
+
+def _phase_excess(found: dict[str, Any] | None) -> str:
+    if found is None:
+        return "—"
+    return " / ".join(f"{found['phases'][p]:+.3f}" for p in PHASES)
+
+
+def _main_phase(found: dict[str, Any]) -> str:
+    """The phase where most of the capture's excess over the floor is."""
+    phases = found["phases"]
+    return max(PHASES, key=lambda p: phases[p])
+
+
+def zoo_markdown(report: dict[str, Any]) -> str:
+    """The zoo table: per model the reference variants' ratios to plain, (capture - floor)
+    with its interquartile range, and that excess split by phase."""
+    s = report["settings"]
+    target = report.get("target", ZOO_TARGET)
+    clock = (
+        "the timing thread's CPU time (`time.thread_time`, one torch thread)"
+        if s.get("clock") == "cpu"
+        else "wall time"
+    )
+    loads = [r["load"] for r in report["results"] if "load" in r]
+    load_range = (
+        f" (1-minute load {min(loads):.2f}-{max(loads):.2f} while models ran)" if loads else ""
+    )
+    rows = [r for r in report["results"] if r.get("model") == "zoo"]
+    lines = [
+        f"# KLJ capture overhead over the arithmetic floor: model zoo ({report['device']})",
+        "",
+        f"{report['date']}, commit `{report['commit']}`, torch {report['versions']['torch']}, "
+        f"{report['machine'].get('gpu', report['machine']['processor'])}, "
+        f"{report['machine']['torch_threads']} torch thread(s); clock: {clock}; load average "
+        f"{report['load_before']} before, {report['load_after']} after{load_range}.",
+        "",
+        f"Per model, up to {s.get('zoo_reps')} interleaved rounds (fewer where a round is long: "
+        f"about {s.get('zoo_seconds')} s of steps per model, at least 8 rounds) after "
+        f"{s['warmup']} warm-up steps and the layers' self-checks; batch {s['batch']} "
+        f"(images {s['image_batch']}), Adam lr {s['lr']}, alpha {s['alpha']}. Columns "
+        "plain-again / hooks / floor / capture: median over rounds of the step's ratio to the "
+        "round's plain step. **capture - floor**: median over rounds of (capture - floor) / "
+        "plain [interquartile range], the cost of the capture beyond the penalty's own "
+        f"arithmetic; target <= {target}. By phase: (capture - floor) of the median "
+        "forward / penalty / backward / optimiser times, over the plain step's median.",
+        "",
+        "| model | params | plain ms | plain-again | hooks | floor | capture | "
+        "capture - floor [IQR] | by phase (fwd / pen / bwd / opt) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} |")
+            continue
+        v = r["variants"]
+        params = r["parameters"]
+        size = f"{params / 1e6:.2f}M" if params >= 1e5 else f"{params / 1e3:.1f}k"
+        plain_ms = v.get("plain", {}).get("median_ms")
+        found = r.get("capture_minus_floor")
+        cells = [
+            r["name"],
+            size,
+            "—" if plain_ms is None else f"{plain_ms:.2f}",
+            *(_ratio(v.get(name)) for name in ZOO_VARIANTS[1:]),
+            _excess_cell(found),
+            _phase_excess(found),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    measured = [r for r in rows if "capture_minus_floor" in r]
+    within = [r for r in measured if r["capture_minus_floor"]["median"] <= target]
+    lines += ["", f"Within {target}: {len(within)} of {len(measured)} models."]
+    over = [r for r in measured if r["capture_minus_floor"]["median"] > target]
+    if over:
+        lines += ["", f"Over {target}, where the excess is (largest phase):", ""]
+        for r in over:
+            found = r["capture_minus_floor"]
+            lines.append(
+                f"- {r['name']}: {found['median']:+.3f}, mostly {_main_phase(found)} "
+                f"({_phase_excess(found)}); hooks alone {r.get('hooks_minus_plain', 0):+.3f}"
+            )
+    families: dict[str, list[float]] = {}
+    for r in measured:
+        families.setdefault(r["family"], []).append(r["capture_minus_floor"]["median"])
+    if families:
+        lines += [
+            "",
+            "Per family, the largest (capture - floor) of its models:",
+            "",
+            "| family | models | largest capture - floor |",
+            "|---|---:|---:|",
+            *(f"| {f} | {len(e)} | {max(e):+.3f} |" for f, e in families.items()),
+        ]
+    errors = [
+        f"- {r['name']}/{name}: {e['error']}"
+        for r in rows
+        for name, e in r.get("variants", {}).items()
+        if "error" in e
+    ]
+    if errors:
+        lines += ["", "## Failures", "", *errors]
+    return "\n".join(lines) + "\n"

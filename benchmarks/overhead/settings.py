@@ -19,7 +19,15 @@ VARIANTS = (
 )
 MODELS = ("tabular", "image")
 """Model kinds run by default."""
-ALL_MODELS = (*MODELS, "reverse-kl")
+ALL_MODELS = (*MODELS, "reverse-kl", "zoo")
+ZOO_VARIANTS = ("plain", "plain-again", "hooks", "floor", "capture")
+"""Variants of ``--models zoo``: the capture and the references beside it."""
+ZOO_TARGET = 0.02
+"""The capture's excess over the floor, (capture - floor) / plain in the same rounds."""
+CLOCKS = ("wall", "cpu")
+"""``wall``: ``time.perf_counter`` (CUDA events for the phases on a GPU); ``cpu``: the timing
+thread's CPU time, ``time.thread_time`` (with one torch thread), much less sensitive to other
+processes on a loaded machine."""
 REVERSE_VARIANTS = ("plain", "plain-again", "hooks", "capture", "second-pass")
 """Variants of the reverse-KL step (``--models reverse-kl``)."""
 TARGET = 1.02
@@ -52,3 +60,10 @@ class Settings:
     backends: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: list(MODELS))
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    clock: str = "wall"
+    zoo: list[str] = field(default_factory=list)
+    """Substrings of the zoo models to run (all where empty)."""
+    zoo_reps: int = 40
+    """Timed rounds of each zoo model, fewer where a round would exceed ``zoo_seconds``."""
+    zoo_seconds: float = 20.0
+    """Budget of timed seconds per zoo model (long steps: down to 8 rounds)."""

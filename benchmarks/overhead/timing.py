@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import statistics
 import time
@@ -16,10 +17,12 @@ from klj_reg.capture import get_capture
 from klj_reg.kit import MAX_CHECKS
 
 from ..backends import BackendFlow
+from . import zoo
 from .clock import PHASES, PhaseClock, _sync
 from .models import batch_of, image, parameter_count, tabular
-from .settings import REVERSE_VARIANTS, Settings
+from .settings import REVERSE_VARIANTS, ZOO_VARIANTS, Settings
 from .variants import Step, make_reverse_step, make_step
+from .zoo import ZooModel
 
 
 def checks_pending(flow: BackendFlow) -> int:
@@ -33,24 +36,25 @@ def checks_pending(flow: BackendFlow) -> int:
 
 
 def time_steps(
-    steps: dict[str, Step], reps: int, device: torch.device, seed: int
+    steps: dict[str, Step], reps: int, device: torch.device, seed: int, clock: str = "wall"
 ) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
     """Seconds per step of each variant, ``reps`` interleaved rounds in shuffled order, and
-    the seconds of each step's :data:`PHASES`."""
+    the seconds of each step's :data:`PHASES`; ``clock="cpu"``: the thread's CPU time."""
     order = list(steps)
     rng = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in steps}
     phases: dict[str, list[list[float]]] = {name: [] for name in steps}
-    clock = PhaseClock(device)
+    marks = PhaseClock(device, clock)
+    now = time.thread_time if clock == "cpu" else time.perf_counter
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
             _sync(device)
-            start = time.perf_counter()
-            steps[name](clock)
+            start = now()
+            steps[name](marks)
             _sync(device)
-            times[name].append(time.perf_counter() - start)
-            phases[name].append(clock.durations())
+            times[name].append(now() - start)
+            phases[name].append(marks.durations())
     return times, phases
 
 
@@ -143,18 +147,84 @@ def measure(
     variants = [v for v in settings.variants if not (v == "exact" and model_kind == "image")]
     if reverse:
         variants = [v for v in variants if v in REVERSE_VARIANTS]
-    if "plain" not in variants:
-        variants.insert(0, "plain")
+    reps = settings.reps if model_kind == "image" else settings.tabular_reps
+    result: dict[str, Any] = {"model": model_kind, "backend": backend}
+    return measure_flow(result, original, x, variants, reps, settings, device, reverse=reverse)
+
+
+def measure_zoo(entry: ZooModel, settings: Settings, device: torch.device) -> dict[str, Any]:
+    """The zoo model ``entry``: its variants (:data:`ZOO_VARIANTS` of ``settings.variants``),
+    timed in ``settings.zoo_reps`` rounds or as many as ``settings.zoo_seconds`` allow, and
+    the capture's excess over the floor."""
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    original = zoo.build(entry, settings).to(device)
+    x = zoo.batch(entry, original, settings).to(device)
+    variants = [v for v in settings.variants if v in ZOO_VARIANTS]
     result: dict[str, Any] = {
-        "model": model_kind,
-        "backend": backend,
-        "parameters": parameter_count(original),
-        "batch": int(x.shape[0]),
-        "dim": int(x[0].numel()),
-        "variants": {},
+        "model": "zoo",
+        "name": entry.name,
+        "family": entry.family,
+        "backend": entry.backend,
+        "size": entry.size,
     }
+    result = measure_flow(result, original, x, variants, settings.zoo_reps, settings, device)
+    result.update(excess(result))
+    result["load"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def excess(result: dict[str, Any]) -> dict[str, Any]:
+    """(capture - floor) / plain per round (median, interquartile range), and per phase the
+    difference of the capture's and the floor's median phase times over the plain step's
+    median time; the same for hooks - plain (forward) where both were measured."""
+    entries = result.get("variants", {})
+    found: dict[str, Any] = {}
+    if not all("paired" in entries.get(v, {}) for v in ("capture", "floor")):
+        return found
+    rounds = [
+        c - f for c, f in zip(entries["capture"]["paired"], entries["floor"]["paired"], strict=True)
+    ]
+    plain_ms = entries["plain"]["median_ms"]
+    found["capture_minus_floor"] = {
+        "median": statistics.median(rounds),
+        "q25": _quantile(rounds, 0.25),
+        "q75": _quantile(rounds, 0.75),
+        "phases": {
+            p: (entries["capture"]["phases_ms"][p] - entries["floor"]["phases_ms"][p]) / plain_ms
+            for p in PHASES
+        },
+    }
+    for variant in ("floor", "hooks", "plain-again"):
+        if "paired" in entries.get(variant, {}):
+            paired = entries[variant]["paired"]
+            found[f"{variant}_minus_plain"] = statistics.median(paired) - 1
+    return found
+
+
+def measure_flow(
+    result: dict[str, Any],
+    original: BackendFlow,
+    x: torch.Tensor,
+    variants: list[str],
+    reps: int,
+    settings: Settings,
+    device: torch.device,
+    reverse: bool = False,
+) -> dict[str, Any]:
+    """Every variant of ``original`` on ``x``, each on its own copy, into ``result``."""
+    original = original.to(device)
+    if "plain" not in variants:
+        variants = ["plain", *variants]
+    result.update(
+        parameters=parameter_count(original),
+        batch=int(x.shape[0]),
+        dim=int(x[0].numel()),
+        variants={},
+    )
     steps: dict[str, Step] = {}
     flows: dict[str, BackendFlow] = {}
+    warm_times: list[float] = []
     for variant in variants:
         flows[variant] = copy.deepcopy(original)
         try:
@@ -173,15 +243,24 @@ def measure(
             ):
                 step()
                 extra += 1
+            start = time.perf_counter()
+            step()
+            warm_times.append(time.perf_counter() - start)
             steps[variant] = step
             result["variants"][variant] = {"extra_warmup": extra}
         except Exception as error:  # report and go on with the other variants
             result["variants"][variant] = {"error": f"{type(error).__name__}: {error}"}
-            print(f"  {model_kind}/{backend}/{variant} failed: {type(error).__name__}: {error}")
+            print(
+                f"  {result.get('name', result['model'])}/{variant} failed: "
+                f"{type(error).__name__}: {error}"
+            )
     if "plain" not in steps:
         return result
-    reps = settings.reps if model_kind == "image" else settings.tabular_reps
-    times, phases = time_steps(steps, reps, device, settings.seed)
+    if result["model"] == "zoo" and warm_times:
+        # a budget of timed seconds per model: long steps get fewer rounds (at least 8)
+        affordable = int(settings.zoo_seconds / max(sum(warm_times), 1e-9))
+        reps = max(min(reps, affordable), min(reps, 8))
+    times, phases = time_steps(steps, reps, device, settings.seed, settings.clock)
     plain = statistics.median(times["plain"])
     for variant, step in steps.items():
         t = times[variant]
@@ -195,6 +274,7 @@ def measure(
             ratio_of_medians=statistics.median(t) / plain,
             paired_q25=_quantile(paired, 0.25),
             paired_q75=_quantile(paired, 0.75),
+            paired=paired,
             times_ms=[1e3 * s for s in t],
             phases_ms={
                 phase: 1e3 * statistics.median(spans)

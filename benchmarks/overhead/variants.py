@@ -24,21 +24,29 @@ def nll(flow: BackendFlow, x: Tensor) -> Tensor:
     return (0.5 * z.square().sum(1) - log_det).mean() / dim + 0.5 * math.log(2 * math.pi)
 
 
-def captured_log_abs_d(flow: BackendFlow, x: Tensor) -> Tensor:
-    r"""The captured :math:`\log|d|` of one pass of a copy of ``flow`` on ``x``, detached, as
-    ``(B, n)``: every per-sample factor's entries (factors shared by the batch left out)."""
+def captured_log_abs_d(flow: BackendFlow, x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The captured :math:`\log|d|` of one pass of a copy of ``flow`` on ``x``, detached:
+    every per-sample factor's entries as ``(B, n)``, and the entries of the factors shared by
+    the batch (ActNorm, LU diagonals, global scales) as ``(1, m)`` (``m`` may be 0)."""
     twin = copy.deepcopy(flow)
     capture = klj_reg.attach(twin.model)
     with torch.no_grad():
         twin(x)
-    rows = [
-        f.log_abs_d().reshape(x.shape[0], -1)
-        for r in capture.take()
-        for f in r.factors
-        if f.source.shape[0] == x.shape[0] and f.selected().stride(0) != 0
-    ]
+    rows, shared = [], []
+    batch = x.shape[0]
+    for record in capture.take():
+        for f in record.factors:
+            t = f.log_abs_d()
+            if f.source.shape[0] == batch and f.selected().stride(0) != 0:
+                rows.append(t.reshape(batch, -1))
+            else:
+                if t.dim() > 0 and t.shape[0] == batch and t.stride(0) == 0:
+                    t = t[:1]
+                shared.append(t.reshape(1, -1))
     klj_reg.detach(twin.model)
-    return torch.cat(rows, dim=1).detach()
+    empty = x.new_zeros(batch, 0), x.new_zeros(1, 0)
+    per_sample = torch.cat(rows, dim=1) if rows else empty[0]
+    return per_sample.detach(), (torch.cat(shared, dim=1) if shared else empty[1]).detach()
 
 
 class Step(Protocol):
@@ -50,7 +58,11 @@ class Step(Protocol):
 def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Step:
     """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam."""
     model = flow.model
-    floor = captured_log_abs_d(flow, x).requires_grad_() if variant == "floor" else None
+    floor = (
+        tuple(t.requires_grad_() for t in captured_log_abs_d(flow, x))
+        if variant == "floor"
+        else None
+    )
     optimiser = torch.optim.Adam(flow.parameters(), lr=settings.lr)
     capture = (
         klj_reg.attach(model)
@@ -67,8 +79,13 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
                 return klj_reg.penalty(model, x, alpha=alpha, fused=True)
             if variant == "floor":
                 assert floor is not None
-                floor.grad = None
-                return klj_reg.klj_sum(floor) * (alpha / x[0].numel() / x.shape[0])
+                per_sample, shared = floor
+                per_sample.grad = shared.grad = None
+                scale = alpha / x[0].numel()
+                total = klj_reg.klj_sum(per_sample) * (scale / x.shape[0])
+                if shared.numel():  # the batch mean of a shared term is itself
+                    total = total + klj_reg.klj_sum(shared) * scale
+                return total
             if variant == "second-pass":
                 klj_reg.clear(model)  # discard the user's pass: the penalty runs its own
                 return klj_reg.penalty(model, x, alpha=alpha)
