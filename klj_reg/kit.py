@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hooks
@@ -293,6 +294,23 @@ def log_sigmoid_plus_2_eps(u: Tensor) -> Tensor:
 
 log_sigmoid_plus_2_eps.klj_range = (math.log(1e-3), math.log1p(1e-3))  # type: ignore[attr-defined]
 """Its output range (bounded: the penalty needs no overflow continuation for it)."""
+
+_LOG_SOFTPLUS: dict[float, Callable[[Tensor], Tensor]] = {}
+
+
+def log_softplus_plus(eps: float) -> Callable[[Tensor], Tensor]:
+    """``u -> log(softplus(u) + eps)``: nflows' autoregressive scale and the ``LULinear``
+    diagonal of nflows and normflows. One function object per ``eps``, so that every layer's
+    factor joins one expression (one activation over all of them, not one per layer)."""
+    eps = float(eps)
+    found = _LOG_SOFTPLUS.get(eps)
+    if found is None:
+
+        def log_softplus(u: Tensor) -> Tensor:
+            return torch.log(F.softplus(u) + eps)
+
+        found = _LOG_SOFTPLUS[eps] = log_softplus
+    return found
 
 
 Installer = Callable[[nn.Module, Site], Iterable[Handle]]

@@ -599,3 +599,171 @@ def test_prepared_gpu_check_runs_without_a_gpu(tmp_path: Any) -> None:
     (result,) = report["results"]
     assert set(result["variants"]) == {"plain", "capture"}
     assert "capture" in (tmp_path / "overhead.log").read_text()
+
+
+# ------------------------------------------------------------------------ the model zoo
+
+
+def _zoo() -> Any:
+    try:
+        from benchmarks.overhead import zoo
+    except ImportError as error:
+        pytest.skip(f"benchmarks cannot be imported: {error}")
+    return zoo
+
+
+def _zoo_names() -> list[str]:
+    """Every zoo model of the small and image sizes (the tabular ones are the same layers
+    at D = 64): one per layer family and framework."""
+    try:
+        from benchmarks.overhead import zoo
+    except ImportError:
+        return []
+    return [m.name for m in zoo.zoo() if m.size != "tabular"]
+
+
+ZOO_NAMES = _zoo_names()
+
+
+def zoo_model(name: str, layers: int | None = None) -> tuple[nn.Module, Loss, Tensor]:
+    """The zoo model ``name`` at ``--quick`` size (D = 4, 2 layers, hidden 8; tiny image
+    flows), or with ``layers`` layers, its NLL loss and a batch of 16."""
+    zoo = _zoo()
+    from benchmarks.overhead import Settings, nll
+
+    (entry,) = [m for m in zoo.zoo() if m.name == name]
+    pytest.importorskip({"freia": "FrEIA"}.get(entry.backend, entry.backend))
+    torch.manual_seed(0)
+    settings = Settings(device="cpu", quick=True, batch=16, image_batch=2)
+    if layers is None:
+        flow = zoo.build(entry, settings)
+    else:
+        flow = entry.build(8, layers, 8)
+        with torch.no_grad():
+            for p in flow.parameters():
+                if p.dtype.is_floating_point:
+                    p.add_(0.3 * torch.randn_like(p))
+    x = zoo.batch(entry, flow, settings)
+    if layers is not None:
+        x = torch.randn(16, 8)
+
+    def loss(x: Tensor, c: Tensor | None) -> Tensor:
+        return nll(flow, x)
+
+    return flow.model, loss, x
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_no_extra_forward_pass(name: str) -> None:
+    """Every zoo family: the penalty runs no module with parameters again, forward or in
+    backward, and reads every captured layer's scales from the user's pass."""
+    model, loss_fn, x = zoo_model(name)
+    with call_counts(model) as plain:
+        loss_fn(x, None)
+    capture = klj_reg.attach(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "penalty ran its own pass"
+        warnings.filterwarnings("ignore", message=".*softmax.*")  # nflows' spline init note
+        with call_counts(model) as penalised:
+            loss = loss_fn(x, None) + klj_reg.penalty(model, x)
+    assert capture.sites, "no layer was captured"
+    weighted = {id(m) for m in model.modules() if any(True for _ in m.parameters())}
+    assert {k: v for k, v in penalised.items() if k in weighted} == {
+        k: v for k, v in plain.items() if k in weighted
+    }
+    with call_counts(model) as backward:
+        loss.backward()
+    assert not backward
+    assert not capture.records
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_capture_makes_no_reference_cycles(name: str) -> None:
+    """Every zoo family: a captured step leaves no more cyclic garbage than the plain one."""
+    model, loss_fn, x = zoo_model(name)
+
+    def cyclic_garbage(attach: bool) -> int:
+        if attach:
+            klj_reg.attach(model)
+        loss_fn(x, None).backward()
+        klj_reg.clear(model)
+        gc.collect()
+        gc.disable()
+        try:
+            loss = loss_fn(x, None)
+            if attach:
+                loss = loss + klj_reg.penalty(model, x)
+            loss.backward()
+            del loss
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = cyclic_garbage(False)
+        assert cyclic_garbage(True) <= plain
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO_NAMES if not n.startswith("glow/")])
+def test_zoo_penalty_operators_do_not_grow_with_the_number_of_layers(name: str) -> None:
+    """Every tabular zoo family: after the self-checks, the penalty of a 6-layer flow runs as
+    many operators as that of a 2-layer one."""
+    counts = []
+    for layers in (2, 6):
+        model, loss_fn, x = zoo_model(name, layers=layers)
+        capture = klj_reg.attach(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss_fn(x, None)
+            klj_reg.penalty(model, x)
+            for site in capture.sites.values():
+                site.checks_left = 0
+            loss_fn(x, None)
+            with ComputeOps() as ops:
+                value = klj_reg.penalty(model, x)
+        assert value.item() > 0
+        counts.append(ops.count)
+    assert counts[0] == counts[1], f"{name}: {counts[0]} operators (2 layers), {counts[1]} (6)"
+
+
+def test_overhead_zoo_runs_quick(tmp_path: Any) -> None:
+    """``--models zoo --quick`` on one small model per family (and a tiny Glow): every
+    reference variant and the capture are measured on the thread CPU clock, (capture -
+    floor) is reported with its interquartile range, the load is recorded, and the floor
+    runs the model's own forward only."""
+    pytest.importorskip("FrEIA")
+    pytest.importorskip("zuko")
+    pytest.importorskip("nflows")
+    overhead = pytest.importorskip("benchmarks.overhead")
+    picks = [
+        "affine-coupling/zuko/small",
+        "maf/zuko/small",
+        "rqs-coupling/zuko/small",
+        "rqs-autoregressive/nflows/small",
+        "actnorm-lu/freia/small",
+        "glow/freia/image",
+    ]
+    argv = ["--quick", "--device", "cpu", "--models", "zoo", "--zoo", ",".join(picks)]
+    threads = torch.get_num_threads()
+    try:
+        assert overhead.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "cpu-zoo-quick.json").read_text())
+    assert report["settings"]["clock"] == "cpu" and len(report["load_before"]) == 3
+    results = {r["name"]: r for r in report["results"]}
+    assert set(results) == set(picks)
+    for r in results.values():
+        assert set(r["variants"]) == set(overhead.ZOO_VARIANTS)
+        for entry in r["variants"].values():
+            assert "error" not in entry and "profile_error" not in entry
+        found = r["capture_minus_floor"]
+        assert found["q25"] <= found["median"] <= found["q75"]
+        assert list(found["phases"]) == list(overhead.PHASES)
+        v = r["variants"]
+        assert v["floor"]["ops"]["forward"] == v["plain"]["ops"]["forward"]
+        assert v["hooks"]["ops"]["forward"] == v["capture"]["ops"]["forward"]
+    text = (tmp_path / "cpu-zoo-quick.md").read_text()
+    assert text.startswith("# KLJ capture overhead over the arithmetic floor")
+    assert "thread_time" in text and "| actnorm-lu/freia/small |" in text

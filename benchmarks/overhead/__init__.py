@@ -78,6 +78,8 @@ from .settings import (
     REVERSE_VARIANTS,
     TARGET,
     VARIANTS,
+    ZOO_TARGET,
+    ZOO_VARIANTS,
     Settings,
 )
 from .timing import checks_pending, count_ops, measure, peak_memory, time_steps
@@ -102,6 +104,8 @@ __all__ = [
     "REVERSE_VARIANTS",
     "TARGET",
     "VARIANTS",
+    "ZOO_TARGET",
+    "ZOO_VARIANTS",
     "PhaseClock",
     "Settings",
     "Step",

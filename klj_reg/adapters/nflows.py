@@ -57,7 +57,6 @@ import nflows.transforms.coupling as nflows_coupling
 import nflows.transforms.splines as nflows_splines
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..errors import AdapterMismatchError
 from ..kit import (
@@ -67,6 +66,7 @@ from ..kit import (
     begin_on_first_tensor,
     direction_sign,
     log_sigmoid_plus_2_eps,
+    log_softplus_plus,
     mismatch,
     module_entry,
     warn_left_out,
@@ -258,13 +258,20 @@ def _affine_autoregressive(layer: Any, inverse: bool) -> Read:
     sign = direction_sign(inverse)
 
     def unconstrained(p: Tensor) -> Tensor:
-        return layer._unconstrained_scale_and_shift(p)[0]
+        return layer._unconstrained_scale_and_shift(p)[0]  # a view of the MADE output
 
-    def log_abs(p: Tensor) -> Tensor:
-        return torch.log(F.softplus(unconstrained(p)) + layer._epsilon)
+    activation = log_softplus_plus(layer._epsilon)  # shared by the layers: one expression
 
     def read(stash: Stash) -> list[Factor]:
-        return [Factor(source=stash["net"], log_abs=log_abs, raw=unconstrained, scale=sign)]
+        return [
+            Factor(
+                source=stash["net"],
+                log_abs=unconstrained,
+                raw=unconstrained,
+                activation=activation,
+                scale=sign,
+            )
+        ]
 
     return read
 
@@ -344,6 +351,20 @@ def _linear(diagonal: str, log_diagonal: Callable[[Any], Tensor]) -> Reader:
     return reader
 
 
+def _lu_linear(layer: Any, inverse: bool) -> Read:
+    """``LULinear``: :math:`U`'s diagonal ``softplus(u) + eps``, through one activation
+    shared by every ``LULinear`` (no operators per layer before it)."""
+    activation = log_softplus_plus(layer.eps)
+    sign = direction_sign(inverse)
+
+    def read(stash: Stash) -> list[Factor]:
+        source = layer.unconstrained_upper_diag.unsqueeze(0)
+        repeat = _per_channel(stash, layer.features)
+        return [Factor(source=source, repeat=repeat, activation=activation, scale=sign)]
+
+    return read
+
+
 def _find(name: str) -> type | None:
     found = framework.classes(name)
     return found[0] if found else None
@@ -360,9 +381,7 @@ def _spec() -> dict[str, Kind]:
         "ActNorm": Kind(_act_norm),
         "BatchNorm": Kind(_batch_norm),
         "PointwiseAffineTransform": Kind(_pointwise_affine),
-        "LULinear": Kind(
-            _linear("unconstrained_upper_diag", lambda layer: torch.log(layer.upper_diag))
-        ),
+        "LULinear": Kind(_lu_linear),
         "QRLinear": Kind(_linear("log_upper_diag", lambda layer: layer.log_upper_diag)),
         "SVDLinear": Kind(_linear("unconstrained_diagonal", lambda layer: layer.log_diagonal)),
     }

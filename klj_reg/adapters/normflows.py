@@ -30,12 +30,15 @@ The factors, as the diagonal :math:`d` of the data-to-latent map (the layer's ``
 - CoupledRationalQuadraticSpline (and Circular...): the wrapped nflows-style coupling's
   forward is the data-to-latent map. Its ``_piecewise_cdf`` returns the elementwise
   :math:`\log|dy/dx|` of the transformed features (tapped); the unconditional elementwise
-  spline on the identity features returns only a sum, so its elementwise derivative is
-  evaluated lazily (in the penalty) from its own parameters and the input it received.
+  spline on the identity features returns only a sum, so its elementwise derivative is read
+  from the spline function's own result (:class:`SplineTap`, which wraps
+  ``normflows.utils.splines``' functions while a spline layer is captured; where it saw no
+  call, evaluated again lazily from the spline's parameters and the input it received).
   Identity features first, the layer is triangular with diagonal [g', h'].
-- AutoregressiveRationalQuadraticSpline (and Circular...): one MADE pass (stashed); the
-  elementwise spline derivative is evaluated lazily from those parameters (the layer may
-  divide them in place first, which the tensor's version counter tells).
+- AutoregressiveRationalQuadraticSpline (and Circular...): the elementwise spline derivative
+  of its data-to-latent call, read from the spline function's own result (:class:`SplineTap`);
+  on sampling passes, evaluated lazily from the last MADE pass's parameters (stashed; the
+  layer may divide them in place first, which the tensor's version counter tells).
 - ``Reverse(layer)`` swaps directions: the affine layers above (not the splines or
   containers) are then recorded from their ``forward`` with the reciprocal diagonal.
 
@@ -56,7 +59,9 @@ has no gradient.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +84,8 @@ from ..kit import (
     framework_version,
     inverted,
     log_sigmoid_plus_2_eps,
+    log_softplus_plus,
+    mismatch,
     returned_log_det,
     watch_method,
 )
@@ -108,10 +115,12 @@ def _watch(
     build: Build,
     stashed: int = 0,
     sample_build: Build | None = None,
+    before: Callable[..., Any] | None = None,
 ) -> list[Handle]:
-    r"""Record after the layer's data-to-latent method; clear the stash after the other one,
-    or (where the site records sampling passes) record the sampling map's factors from it:
-    ``sample_build``'s, or by default ``build``'s inverted (:math:`\log e = -\log d`).
+    r"""Record after the layer's data-to-latent method (``before``: called before it); clear
+    the stash after the other one, or (where the site records sampling passes) record the
+    sampling map's factors from it: ``sample_build``'s, or by default ``build``'s inverted
+    (:math:`\log e = -\log d`).
 
     ``stashed``: how many subnet outputs either call must have stashed.
     """
@@ -163,7 +172,7 @@ def _watch(
             site.state.clear()
 
     return [
-        *site.watch_method(layer, to_latent, after=on_latent),
+        *site.watch_method(layer, to_latent, before=before, after=on_latent),
         *site.watch_method(layer, to_data, after=on_sample if site.sampling else on_data),
     ]
 
@@ -327,17 +336,92 @@ def install_lu_linear_permute(layer: Any, site: Site, reverse: bool = False) -> 
     ``softplus(u) + eps`` (the layer's own ``upper_diag``)."""
     linear = layer.linear
     sign = direction_sign(reverse)
-
-    def log_abs(u: Tensor) -> Tensor:
-        return sign * torch.log(linear.upper_diag).unsqueeze(0)
+    activation = log_softplus_plus(linear.eps)  # shared by the layers: one expression
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(source=linear.unconstrained_upper_diag.unsqueeze(0), log_abs=log_abs)]
+        source = linear.unconstrained_upper_diag.unsqueeze(0)
+        return [Factor(source=source, activation=activation, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 
 
 # Splines ----------------------------------------------------------------------------------
+
+
+class SplineTap:
+    r"""Keeps the elementwise :math:`\log|dy/dx|` of the latest normflows spline call, so that
+    a spline layer's factor is the tensor the layer itself computed (and summed into its
+    log-determinant), not a second evaluation of the spline.
+
+    While some captured spline layer needs it, ``normflows.utils.splines``' functions are
+    wrapped (normflows' layers look them up there at each call, and so does the unconstrained
+    spline's call of the constrained one); the wrapper keeps the result's log-derivative only
+    in the thread of a captured layer's data-to-latent call (``listen``), and ``take`` hands
+    it over once.
+    """
+
+    NAMES = ("rational_quadratic_spline", "unconstrained_rational_quadratic_spline")
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.originals: dict[str, Any] = {}
+        self.users = 0
+
+    def listen(self, on: bool) -> None:
+        self.local.on = on
+        self.local.latest = None
+
+    def take(self) -> Tensor | None:
+        """The log-derivative of the latest spline call since ``listen(True)``, forgotten."""
+        latest: Tensor | None = getattr(self.local, "latest", None)
+        self.local.latest = None
+        return latest
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def spline(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if getattr(self.local, "on", False):
+                self.local.latest = out[1]
+            return out
+
+        spline._klj_spline = True  # type: ignore[attr-defined]
+        return spline
+
+    def acquire(self) -> Handle:
+        """Wrap the spline functions (first user); the handle unwraps them (last user)."""
+        if self.users == 0:
+            for name in self.NAMES:
+                fn = getattr(splines, name)
+                if not getattr(fn, "_klj_spline", False):
+                    self.originals[name] = fn
+                    setattr(splines, name, self._wrap(fn))
+        self.users += 1
+        return _Release(self)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for name, fn in self.originals.items():
+                setattr(splines, name, fn)
+            self.originals.clear()
+
+
+class _Release:
+    def __init__(self, tap: SplineTap) -> None:
+        self.tap: SplineTap | None = tap
+
+    def remove(self) -> None:
+        if self.tap is not None:
+            self.tap.release()
+            self.tap = None
+
+
+TAP = SplineTap()
+
+
+def _listen(*args: Any, **kwargs: Any) -> None:
+    TAP.listen(True)
 
 
 def _spline_log_abs(
@@ -387,9 +471,13 @@ def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
         site.state["transformed"] = out[1]
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        TAP.listen(False)
         factors = [Factor(source=site.state["transformed"])]
-        if "identity" in site.state:
-            factors.append(Factor(source=site.state["identity"], log_abs=_cdf_log_abs(cdf)))
+        if "identity" in site.state:  # the unconditional spline's own log-derivative
+            factors.append(Factor(source=site.state["identity"]))
+        elif "identity input" in site.state:  # not seen (a call outside a listened pass)
+            source = site.state["identity input"]
+            factors.append(Factor(source=source, log_abs=_cdf_log_abs(cdf)))
         return factors
 
     def sample_build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
@@ -404,13 +492,22 @@ def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
     ) -> None:
         site.state["identity"] = out[0]
 
+    def identity_lad(module: nn.Module, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
+        lad = TAP.take()
+        if lad is not None and lad.shape == out[0].shape:
+            site.state["identity"] = lad
+        else:  # evaluated again, lazily, from the call's input
+            site.state["identity input"] = args[0]
+
     handles = site.watch_method(coupling, "_piecewise_cdf", after=tap)
     if cdf is not None:
-        handles.append(site.stash(cdf, "identity", inputs=True))
+        handles.append(TAP.acquire())
+        handles.append(site.on_forward(cdf, identity_lad))
         if site.sampling:  # the sampling direction calls cdf.inverse directly
             handles.extend(site.watch_method(cdf, "inverse", after=identity_out))
     stashed = 1 if cdf is None else 2
-    return [*handles, *_watch(layer, site, False, build, stashed, sample_build)]
+    listen = _listen if cdf is not None else None
+    return [*handles, *_watch(layer, site, False, build, stashed, sample_build, listen)]
 
 
 def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
@@ -423,7 +520,19 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Tensor) -> None:
         site.state["params"] = (output, output._version)
 
-    def build(
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
+        lad = TAP.take()
+        TAP.listen(False)
+        x = args[0]
+        if lad is None or lad.shape != x.shape:
+            raise mismatch(
+                "normflows",
+                f"{type(layer).__name__} did not compute its elementwise log-derivative "
+                "through normflows.utils.splines, where klj-reg reads it",
+            )
+        return [Factor(source=lad)]  # the layer's own: no second spline evaluation
+
+    def lazy_build(
         args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, x: Tensor | None = None
     ) -> list[Factor]:
         params, version = site.state["params"]
@@ -442,9 +551,13 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
 
     def sample_build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         # The last MADE pass ran on the sample x (the call's output): log e = -log d(x).
-        return inverted(build(args, kwargs, out, out[0]))
+        return inverted(lazy_build(args, kwargs, out, out[0]))
 
-    return [site.on_forward(net, hook), *_watch(layer, site, False, build, 1, sample_build)]
+    return [
+        TAP.acquire(),
+        site.on_forward(net, hook),
+        *_watch(layer, site, False, build, 1, sample_build, _listen),
+    ]
 
 
 # Reverse ----------------------------------------------------------------------------------
