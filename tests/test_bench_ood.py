@@ -461,4 +461,20 @@ def test_downsampled_run_with_curves_extra_rows_and_alpha_selection(tmp_path: pa
     assert "IB γ→∞, α=" not in table  # the probes stay out of the table
     curves = (tmp_path / "curves.md").read_text()
     assert "| freia | IB γ→∞ + KLJ (released-code form) | 0 | 1 |" in curves
+    assert "least-squares trend" in curves
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_plateau_reads_the_training_accuracy_trend() -> None:
+    from benchmarks import curves
+
+    def run(train: list[float]) -> dict[str, object]:
+        history = [{"accuracy": a, "test_accuracy": 50.0, "test_l_x": 1.0} for a in train]
+        config = {"backend": "freia", "row": "ibinf", "seed": 0, "preset": "x", "train": {}}
+        return {"history": history, "config": config, "label": "IB", "metrics": {"accuracy": 50}}
+
+    rising = curves.summary(run([40, 50, 60, 61, 62, 63, 64, 65, 66]))
+    assert rising["train_trend"] == pytest.approx(2.0)  # 64, 65, 66: +1 per epoch over 2 epochs
+    flat = curves.summary(run([40, 50, 60, 61, 60, 61, 60.5, 60.2, 60.8, 60.4]))
+    assert abs(flat["train_trend"]) < 0.5
+    assert curves._trend([3.0, 3.0, 3.0]) == 0.0
