@@ -96,7 +96,6 @@ def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-    axes[2].set_yscale("symlog")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels) or 1), fontsize=7)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
