@@ -8,7 +8,7 @@ STAMP = $(VENV)/.installed
 
 FRAMEWORKS ?= FrEIA==0.2 nflows==0.14 normflows==1.7.3 zuko==1.6.0
 
-.PHONY: demo test docs lint venv clean gpu-site
+.PHONY: demo test docs lint venv clean gpu-site compat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(STAMP)
 # (--klj-baseline: the suites without klj-reg, for comparison).
 peer-tests: $(STAMP)
 	PYTEST=$(BIN)/pytest tests/peer/run $(PEER_ARGS)
+
+# Tested version bounds: the adapter tests against the oldest versions pyproject.toml allows
+# and against FrEIA master (../shared/frameworks), each row in its own environment under
+# .compat/ (docs/compat.md). COMPAT_ROWS picks rows; COMPAT_FRESH=1 makes them again.
+compat:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" tests/compat/run
 
 # The documentation site (MkDocs + Material + mkdocstrings), strict: a warning fails the build.
 docs: $(STAMP)

@@ -192,6 +192,8 @@ Group = tuple[int, int, torch.dtype, object, float]
 
 def _key(activation: Map | None) -> object:
     """Equal (hashable) activations share a group; an unhashable one is its own."""
+    if activation is None:  # torch.compile before torch 2.13 cannot trace hash(None)
+        return None
     try:
         hash(activation)
     except TypeError:
