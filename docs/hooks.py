@@ -4,9 +4,9 @@ served from there (nothing is copied into ``docs/`` by hand).
 
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
 ``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
-brief), ``curves`` (learning curves of ``ood`` runs), ``outliers``, ``trainsize``, ``sweep``,
-``overhead``, ``stability``. Figures are linked as
-``figures/<path under benchmarks/results>``.
+brief), ``curves`` (learning curves of ``ood`` runs), ``selection`` (alpha chosen on a
+validation split), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``. Figures
+are linked as ``figures/<path under benchmarks/results>``.
 """
 
 from __future__ import annotations
@@ -116,6 +116,26 @@ def _curves(folder: Path) -> str:
     return curves.markdown(_runs(folder, "ood"))
 
 
+def _selection(folder: Path) -> str:
+    """The alpha chosen on a validation split (``ood --select-alpha``), per backend."""
+    lines = [
+        "| backend | alpha | held-out accuracy % | held-out L_x | chosen |",
+        "|---|---|---|---|---|",
+    ]
+    for path in sorted(folder.glob("*/validation/selection.json")):
+        choice = json.loads(path.read_text())
+        for c in choice["candidates"]:
+            mark = "yes" if c["alpha"] == choice["alpha"] else ""
+            lines.append(
+                f"| {path.parent.parent.name} | {c['alpha']:g} | {c['accuracy']:.1f} | "
+                f"{c['l_x']:.3f} | {mark} |"
+            )
+        lines.append(f"\nRule: {choice['rule']}.")
+    if len(lines) == 2:
+        raise ValueError(f"no selection.json under {folder}/*/validation")
+    return "\n".join(lines) + "\n"
+
+
 def _overhead(folder: Path) -> str:
     from benchmarks import overhead
 
@@ -128,6 +148,7 @@ RENDER: dict[str, Callable[[Path], str]] = {
     "ood": _ood,
     "ood-mean": _ood_mean,
     "curves": _curves,
+    "selection": _selection,
     "outliers": _outliers,
     "trainsize": _trainsize,
     "sweep": _sweep,
