@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable
 from dataclasses import asdict
@@ -330,18 +331,35 @@ def zoo_markdown(report: dict[str, Any]) -> str:
                 f"- {r['name']}: {found['median']:+.3f}, mostly {_main_phase(found)} "
                 f"({_phase_excess(found)}); hooks alone {r.get('hooks_minus_plain', 0):+.3f}"
             )
-    families: dict[str, list[float]] = {}
+    families: dict[str, list[dict[str, Any]]] = {}
     for r in measured:
-        families.setdefault(r["family"], []).append(r["capture_minus_floor"]["median"])
+        families.setdefault(r["family"], []).append(r)
     if families:
         lines += [
             "",
-            "Per family, the largest (capture - floor) of its models:",
+            "Per family: the largest (capture - floor) of its models; the median over its "
+            "models of that excess by phase and of hooks alone (hooks - plain); and the "
+            "excess in microseconds of host time per step (median over its models):",
             "",
-            "| family | models | largest capture - floor |",
-            "|---|---:|---:|",
-            *(f"| {f} | {len(e)} | {max(e):+.3f} |" for f, e in families.items()),
+            "| family | models | largest capture - floor | by phase (fwd / pen / bwd / opt) "
+            "| hooks alone | µs per step |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
+        for family, found in families.items():
+            excess = [r["capture_minus_floor"] for r in found]
+            phases = " / ".join(
+                f"{statistics.median(e['phases'][p] for e in excess):+.3f}" for p in PHASES
+            )
+            hooks = statistics.median(r.get("hooks_minus_plain", 0.0) for r in found)
+            micro = statistics.median(
+                1e3 * r["capture_minus_floor"]["median"] * r["variants"]["plain"]["median_ms"]
+                for r in found
+            )
+            largest = max(e["median"] for e in excess)
+            lines.append(
+                f"| {family} | {len(found)} | {largest:+.3f} | {phases} | {hooks:+.3f} "
+                f"| {micro:.0f} |"
+            )
     errors = [
         f"- {r['name']}/{name}: {e['error']}"
         for r in rows
