@@ -471,9 +471,9 @@ def test_fused_penalty_compiles_every_model_structure_of_a_process() -> None:
 
 
 def test_fused_penalty_compiles_once_beside_per_call_maps() -> None:
-    """normflows' spline factors are maps holding one call's state (the layer's input, a
-    cached result): ``fused=True`` computes those layers eagerly and compiles the rest once,
-    instead of compiling a new function every step; the value is the eager one."""
+    """normflows' spline layers beside affine ones (their factors are the spline's own
+    log-derivatives, or on sampling passes maps holding one call's state): ``fused=True``
+    compiles once instead of a new function every step; the value is the eager one."""
     nf = pytest.importorskip("normflows")
     torch.manual_seed(0)
     flows = [

@@ -47,7 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--image-batch", type=int, default=None, help="image batch (default 8 on CPU, 64 on CUDA)"
     )
     parser.add_argument(
-        "--models", default=",".join(MODELS), help="tabular,image (or reverse-kl: see above)"
+        "--models",
+        default=",".join(MODELS),
+        help="tabular,image (or reverse-kl, or zoo: see benchmarks/README.md)",
     )
     parser.add_argument(
         "--variants",
