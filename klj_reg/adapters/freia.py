@@ -231,14 +231,19 @@ def install_all_in_one(block: Any, site: Site) -> list[Handle]:
 
 @framework.layers("ActNorm")
 def install_act_norm(block: Any, site: Site) -> list[Handle]:
-    """ActNorm: per-channel factor ``exp(scale)``, shared by every pixel and sample."""
+    """ActNorm: per-channel factor, shared by every pixel and sample: ``exp(scale)`` in FrEIA
+    0.2 (``x * exp(scale) + bias``), ``exp(-log_scale)`` on master (``(x - loc) / scale``, where
+    ``scale`` is ``exp(log_scale)``)."""
     is_rev = _rev_reader(block)
-    pixels = int(torch.Size(block.dims_in[1:]).numel())
+    log_scale = getattr(block, "log_scale", None)
+    source, sign = (log_scale, -1.0) if isinstance(log_scale, nn.Parameter) else (block.scale, 1.0)
+    dims = block.dims_in[0] if isinstance(block.dims_in, list) else block.dims_in  # master: [dims]
+    pixels = int(torch.Size(dims[1:]).numel())
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         rev = is_rev(args, kwargs)
         if not rev or site.sampling:
-            factor = Factor(source=block.scale, repeat=pixels, scale=-1.0 if rev else 1.0)
+            factor = Factor(source=source, repeat=pixels, scale=-sign if rev else sign)
             dim = args[0][0].shape[1:].numel()
             site.record([factor], returned_log_det(output), dim, sampling=rev)
 
