@@ -389,6 +389,28 @@ def test_autoregressive_rational_quadratic_spline(
     nontrivial(rec)
 
 
+@pytest.mark.parametrize("kind", ["coupled", "autoregressive"])
+def test_a_spline_layer_attached_on_its_own_and_in_a_flow_records_for_both(kind: str) -> None:
+    """Both sites read the spline's own log-derivative of the same call (found by the peer
+    harness: the second site raised AdapterMismatchError)."""
+    make = (
+        nf.flows.CoupledRationalQuadraticSpline
+        if kind == "coupled"
+        else nf.flows.AutoregressiveRationalQuadraticSpline
+    )
+    layers = [noisy(make(DIM, 1, 16), 0.3) for _ in range(2)]
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM), layers)
+    for layer in layers:
+        attach(layer)
+    attach(model)
+    x = 2.5 * torch.rand(4, DIM) * 2 - 2.5
+    model.log_prob(x)
+    each = [klj_reg.penalty(layer, reduction="none", normaliser=1.0) for layer in layers]
+    whole = klj_reg.penalty(model, x, reduction="none", normaliser=1.0)
+    assert all((p > 0).all() for p in each)
+    torch.testing.assert_close(whole, each[0] + each[1])  # the same calls' own tensors
+
+
 # Reverse ----------------------------------------------------------------------------------
 
 

@@ -356,8 +356,10 @@ class SplineTap:
     While some captured spline layer needs it, ``normflows.utils.splines``' functions are
     wrapped (normflows' layers look them up there at each call, and so does the unconstrained
     spline's call of the constrained one); the wrapper keeps the result's log-derivative only
-    in the thread of a captured layer's data-to-latent call (``listen``), and ``take`` hands
-    it over once.
+    in the thread of a captured layer's data-to-latent call (``listen``), and ``take`` reads
+    it. Reading does not forget it: a layer attached to two models (on its own and inside a
+    flow) has one site per model, and each reads the same call's tensor; the next layer's
+    ``listen(True)`` forgets it.
     """
 
     NAMES = ("rational_quadratic_spline", "unconstrained_rational_quadratic_spline")
@@ -368,21 +370,24 @@ class SplineTap:
         self.users = 0
 
     def listen(self, on: bool) -> None:
+        """Keep (``True``: a captured layer's call begins; the previous one is forgotten) or
+        stop keeping spline results in this thread."""
         self.local.on = on
-        self.local.latest = None
+        if on:
+            self.local.latest = None
 
-    def take(self) -> Tensor | None:
-        """The log-derivative of the latest spline call since ``listen(True)``, forgotten."""
-        latest: Tensor | None = getattr(self.local, "latest", None)
-        self.local.latest = None
-        return latest
+    def take(self, inputs: Tensor) -> Tensor | None:
+        """The log-derivative of the latest spline call since ``listen(True)``, if that call
+        was on ``inputs`` (the same tensor object)."""
+        latest: tuple[Tensor, Tensor] | None = getattr(self.local, "latest", None)
+        return latest[1] if latest is not None and latest[0] is inputs else None
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def spline(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
             if getattr(self.local, "on", False):
-                self.local.latest = out[1]
+                self.local.latest = (kwargs["inputs"] if "inputs" in kwargs else args[0], out[1])
             return out
 
         spline._klj_spline = True  # type: ignore[attr-defined]
@@ -493,7 +498,7 @@ def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
         site.state["identity"] = out[0]
 
     def identity_lad(module: nn.Module, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
-        lad = TAP.take()
+        lad = TAP.take(args[0])
         if lad is not None and lad.shape == out[0].shape:
             site.state["identity"] = lad
         else:  # evaluated again, lazily, from the call's input
@@ -521,9 +526,9 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
         site.state["params"] = (output, output._version)
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        lad = TAP.take()
-        TAP.listen(False)
         x = args[0]
+        lad = TAP.take(x)
+        TAP.listen(False)
         if lad is None or lad.shape != x.shape:
             raise mismatch(
                 "normflows",
