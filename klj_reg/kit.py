@@ -16,10 +16,12 @@ This module imports no framework and nothing else of klj-reg's but its leaves.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from types import ModuleType
@@ -378,3 +380,83 @@ def module_entry(
         door.end()
 
     return [on_pre(model, begin), on_end(model, end)]
+
+
+class FunctionTap:
+    r"""Keeps the elementwise :math:`\log|dy/dx|` a framework's spline function returned on its
+    latest call, so that a layer's factor is the tensor the layer itself computed (and summed
+    into its log-determinant), not a second evaluation of the spline.
+
+    While some captured layer needs it (:meth:`acquire`), the functions ``targets()`` names
+    (``(namespace, name)`` pairs: where the framework's layers look them up at each call) are
+    wrapped; a wrapper keeps ``(inputs, out[1])`` only in the thread of a captured layer's call
+    (:meth:`listen`). Reading does not forget it: a layer attached to two models (on its own
+    and inside a flow) has one site per model, and each reads the same call's tensor; the next
+    ``listen(True)`` forgets it.
+    """
+
+    def __init__(self, framework: str, targets: Callable[[], Iterable[tuple[Any, str]]]) -> None:
+        self.framework = framework
+        self.targets = targets
+        self.local = threading.local()
+        self.originals: dict[tuple[Any, str], Any] = {}
+        self.users = 0
+
+    def listen(self, on: bool) -> None:
+        """Keep spline results from now on (``True``, forgetting the latest) or stop."""
+        self.local.on = on
+        if on:
+            self.local.latest = None
+
+    def latest(self, inputs: Tensor | None = None) -> Tensor | None:
+        """The log-derivative of the latest call since ``listen(True)``; with ``inputs``, only
+        if that call was on this very tensor."""
+        latest: tuple[Any, Tensor] | None = getattr(self.local, "latest", None)
+        if latest is None or (inputs is not None and latest[0] is not inputs):
+            return None
+        return latest[1]
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def tapped(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if getattr(self.local, "on", False):
+                self.local.latest = (kwargs["inputs"] if "inputs" in kwargs else args[0], out[1])
+            return out
+
+        tapped._klj_tap = True  # type: ignore[attr-defined]
+        return tapped
+
+    def acquire(self) -> Handle:
+        """Wrap the functions (first user); the handle unwraps them (last user)."""
+        if self.users == 0:
+            for namespace, name in self.targets():
+                fn = getattr(namespace, name, None)
+                if callable(fn) and not getattr(fn, "_klj_tap", False):
+                    self.originals[(namespace, name)] = fn
+                    setattr(namespace, name, self._wrap(fn))
+            if not self.originals:
+                raise mismatch(
+                    self.framework,
+                    "none of the spline functions klj-reg reads are where its layers call them, "
+                    "so its spline layers cannot be captured",
+                )
+        self.users += 1
+        return _TapRelease(self)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            for (namespace, name), fn in self.originals.items():
+                setattr(namespace, name, fn)
+            self.originals.clear()
+
+
+class _TapRelease:
+    def __init__(self, tap: FunctionTap) -> None:
+        self.tap: FunctionTap | None = tap
+
+    def remove(self) -> None:
+        if self.tap is not None:
+            self.tap.release()
+            self.tap = None

@@ -18,7 +18,7 @@ tensors the layer computes anyway:
   :math:`u` from the layer's ``_unconstrained_scale_and_shift`` on its MADE output.
 - Spline couplings: the elementwise :math:`\log|dy/dx|` returned by ``_piecewise_cdf``.
   Autoregressive splines and spline CDFs sum it before returning, so the spline functions are
-  wrapped where these layers look them up (:class:`SplineTap`) while such a layer is attached.
+  wrapped where these layers look them up (``kit.FunctionTap``) while such a layer is attached.
 - ``ActNorm`` (per channel, shared by pixels), ``BatchNorm`` (per feature, with the batch
   variance in training as nflows' own log-det), ``PointwiseAffineTransform``.
 - ``LULinear`` / ``OneByOneConvolution``: :math:`W = LU`, :math:`L` unit-diagonal, so
@@ -44,8 +44,6 @@ spline's), checked against the log-det nflows' ``inverse`` returns (the sampling
 
 from __future__ import annotations
 
-import functools
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +59,7 @@ from torch import Tensor, nn
 from ..errors import AdapterMismatchError
 from ..kit import (
     Door,
+    FunctionTap,
     Handle,
     Site,
     begin_on_first_tensor,
@@ -97,81 +96,11 @@ SUBNETS = ("transform_net", "autoregressive_net")
 """Attributes holding a layer's coupling/MADE network (for ``tau``)."""
 
 
-class SplineTap:
-    """Keeps the elementwise :math:`\\log|dy/dx|` of the latest nflows spline call.
-
-    While some captured layer needs it, every spline function is wrapped in the namespaces
-    nflows' layers call it from; the wrapper keeps a reference to the result's log-derivative,
-    only in the thread of a captured layer's data-to-noise call (``listen``). The call inside
-    ``unconstrained_*`` splines resolves in the spline's own module and is not seen.
-    """
-
-    def __init__(self) -> None:
-        self.local = threading.local()
-        self.originals: dict[tuple[Any, str], Any] = {}
-        self.users = 0
-
-    def listen(self, on: bool) -> None:
-        """Keep spline results from now on (``True``, forgetting the latest) or stop."""
-        self.local.on = on
-        if on:
-            self.local.latest = None
-
-    def latest(self) -> Tensor | None:
-        """The log-derivative of the latest spline call since ``listen(True)`` (every site
-        of a layer shared by several models reads it)."""
-        latest: Tensor | None = getattr(self.local, "latest", None)
-        return latest
-
-    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def spline(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
-            if getattr(self.local, "on", False):
-                self.local.latest = out[1]
-            return out
-
-        spline._klj_spline = True  # type: ignore[attr-defined]
-        return spline
-
-    def acquire(self) -> Handle:
-        """Wrap the spline functions (first user); the handle unwraps them (last user)."""
-        if self.users == 0:
-            for namespace in SPLINE_NAMESPACES:
-                for name in SPLINE_FUNCTIONS:
-                    fn = getattr(namespace, name, None)
-                    if callable(fn) and not getattr(fn, "_klj_spline", False):
-                        self.originals[(namespace, name)] = fn
-                        setattr(namespace, name, self._wrap(fn))
-        if not self.originals:
-            raise mismatch(
-                "nflows",
-                f"nflows has none of the spline functions klj-reg reads "
-                f"({', '.join(SPLINE_FUNCTIONS)}) in nflows.transforms.splines, so its spline "
-                "layers cannot be captured",
-            )
-        self.users += 1
-        return _Release(self)
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            for (namespace, name), fn in self.originals.items():
-                setattr(namespace, name, fn)
-            self.originals.clear()
-
-
-class _Release:
-    def __init__(self, tap: SplineTap) -> None:
-        self.tap: SplineTap | None = tap
-
-    def remove(self) -> None:
-        if self.tap is not None:
-            self.tap.release()
-            self.tap = None
-
-
-TAP = SplineTap()
+TAP = FunctionTap(
+    "nflows", lambda: [(ns, name) for ns in SPLINE_NAMESPACES for name in SPLINE_FUNCTIONS]
+)
+"""The spline functions' own log-derivatives (the call inside ``unconstrained_*`` splines
+resolves in the spline's own module and is not seen)."""
 
 Read = Callable[[Stash], list[Factor]]
 """The factors of one call of a piece, from what it stashed."""

@@ -31,12 +31,12 @@ The factors, as the diagonal :math:`d` of the data-to-latent map (the layer's ``
   forward is the data-to-latent map. Its ``_piecewise_cdf`` returns the elementwise
   :math:`\log|dy/dx|` of the transformed features (tapped); the unconditional elementwise
   spline on the identity features returns only a sum, so its elementwise derivative is read
-  from the spline function's own result (:class:`SplineTap`, which wraps
+  from the spline function's own result (:class:`~klj_reg.kit.FunctionTap`, which wraps
   ``normflows.utils.splines``' functions while a spline layer is captured; where it saw no
   call, evaluated again lazily from the spline's parameters and the input it received).
   Identity features first, the layer is triangular with diagonal [g', h'].
 - AutoregressiveRationalQuadraticSpline (and Circular...): the elementwise spline derivative
-  of its data-to-latent call, read from the spline function's own result (:class:`SplineTap`);
+  of its data-to-latent call, read from the spline function's own result (``kit.FunctionTap``);
   on sampling passes, evaluated lazily from the last MADE pass's parameters (stashed; the
   layer may divide them in place first, which the tensor's version counter tells).
 - ``Reverse(layer)`` swaps directions: the affine layers above (not the splines or
@@ -59,9 +59,7 @@ has no gradient.
 
 from __future__ import annotations
 
-import functools
 import math
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +75,7 @@ from torch import Tensor, nn
 from ..errors import CaptureError, UnsupportedModelError
 from ..kit import (
     Door,
+    FunctionTap,
     Handle,
     Site,
     begin_on_first_tensor,
@@ -348,81 +347,16 @@ def install_lu_linear_permute(layer: Any, site: Site, reverse: bool = False) -> 
 # Splines ----------------------------------------------------------------------------------
 
 
-class SplineTap:
-    r"""Keeps the elementwise :math:`\log|dy/dx|` of the latest normflows spline call, so that
-    a spline layer's factor is the tensor the layer itself computed (and summed into its
-    log-determinant), not a second evaluation of the spline.
-
-    While some captured spline layer needs it, ``normflows.utils.splines``' functions are
-    wrapped (normflows' layers look them up there at each call, and so does the unconstrained
-    spline's call of the constrained one); the wrapper keeps the result's log-derivative only
-    in the thread of a captured layer's data-to-latent call (``listen``), and ``take`` reads
-    it. Reading does not forget it: a layer attached to two models (on its own and inside a
-    flow) has one site per model, and each reads the same call's tensor; the next layer's
-    ``listen(True)`` forgets it.
-    """
-
-    NAMES = ("rational_quadratic_spline", "unconstrained_rational_quadratic_spline")
-
-    def __init__(self) -> None:
-        self.local = threading.local()
-        self.originals: dict[str, Any] = {}
-        self.users = 0
-
-    def listen(self, on: bool) -> None:
-        """Keep (``True``: a captured layer's call begins; the previous one is forgotten) or
-        stop keeping spline results in this thread."""
-        self.local.on = on
-        if on:
-            self.local.latest = None
-
-    def take(self, inputs: Tensor) -> Tensor | None:
-        """The log-derivative of the latest spline call since ``listen(True)``, if that call
-        was on ``inputs`` (the same tensor object)."""
-        latest: tuple[Tensor, Tensor] | None = getattr(self.local, "latest", None)
-        return latest[1] if latest is not None and latest[0] is inputs else None
-
-    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def spline(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
-            if getattr(self.local, "on", False):
-                self.local.latest = (kwargs["inputs"] if "inputs" in kwargs else args[0], out[1])
-            return out
-
-        spline._klj_spline = True  # type: ignore[attr-defined]
-        return spline
-
-    def acquire(self) -> Handle:
-        """Wrap the spline functions (first user); the handle unwraps them (last user)."""
-        if self.users == 0:
-            for name in self.NAMES:
-                fn = getattr(splines, name)
-                if not getattr(fn, "_klj_spline", False):
-                    self.originals[name] = fn
-                    setattr(splines, name, self._wrap(fn))
-        self.users += 1
-        return _Release(self)
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
-            for name, fn in self.originals.items():
-                setattr(splines, name, fn)
-            self.originals.clear()
-
-
-class _Release:
-    def __init__(self, tap: SplineTap) -> None:
-        self.tap: SplineTap | None = tap
-
-    def remove(self) -> None:
-        if self.tap is not None:
-            self.tap.release()
-            self.tap = None
-
-
-TAP = SplineTap()
+TAP = FunctionTap(
+    "normflows",
+    lambda: [
+        (splines, "rational_quadratic_spline"),
+        (splines, "unconstrained_rational_quadratic_spline"),
+    ],
+)
+"""The spline functions' own log-derivatives: normflows' layers look them up in
+``normflows.utils.splines`` at each call, and so does the unconstrained spline's call of the
+constrained one."""
 
 
 def _listen(*args: Any, **kwargs: Any) -> None:
@@ -498,7 +432,7 @@ def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
         site.state["identity"] = out[0]
 
     def identity_lad(module: nn.Module, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
-        lad = TAP.take(args[0])
+        lad = TAP.latest(args[0])
         if lad is not None and lad.shape == out[0].shape:
             site.state["identity"] = lad
         else:  # evaluated again, lazily, from the call's input
@@ -527,7 +461,7 @@ def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
         x = args[0]
-        lad = TAP.take(x)
+        lad = TAP.latest(x)
         TAP.listen(False)
         if lad is None or lad.shape != x.shape:
             raise mismatch(
