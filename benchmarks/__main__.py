@@ -6,12 +6,21 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("benchmarks.demo", "digits, with and without KLJ, every installed backend (~2 min)"),
-    "linear": ("benchmarks.linear", "the linear-flow figure (paper Fig. 2) and Theorem 3"),
-    "ood": ("benchmarks.ood", "CIFAR-10 out-of-distribution table (paper Table 1) per backend"),
-    "outliers": ("benchmarks.outliers", "CIFAR-10 with corrupted training images (Table 2)"),
-    "trainsize": ("benchmarks.trainsize", "CIFAR-10 with a fraction of the training set (Fig. 6)"),
-    "sweep": ("benchmarks.sweep", "alpha x IB beta sweep (Fig. 4)"),
+    "demo": (
+        "benchmarks.toy.demo",
+        "digits, with and without KLJ, every installed backend (~2 min)",
+    ),
+    "linear": ("benchmarks.toy.linear", "the linear-flow figure (paper Fig. 2) and Theorem 3"),
+    "ood": (
+        "benchmarks.cifar.ood",
+        "CIFAR-10 out-of-distribution table (paper Table 1) per backend",
+    ),
+    "outliers": ("benchmarks.cifar.outliers", "CIFAR-10 with corrupted training images (Table 2)"),
+    "trainsize": (
+        "benchmarks.cifar.trainsize",
+        "CIFAR-10 with a fraction of the training set (Fig. 6)",
+    ),
+    "sweep": ("benchmarks.cifar.sweep", "alpha x IB beta sweep (Fig. 4)"),
     "overhead": ("benchmarks.overhead", "cost of the penalty per training step, per backend"),
     "stability": ("benchmarks.stability", "training-failure gallery: KLJ vs the usual fixes"),
 }

@@ -32,7 +32,7 @@ def _importable() -> None:
 
 
 def _runs(folder: Path, command: str) -> list[dict[str, Any]]:
-    from benchmarks import report
+    from benchmarks.cifar import report
 
     runs = report.command_runs(folder, command)
     if not runs:
@@ -41,13 +41,13 @@ def _runs(folder: Path, command: str) -> list[dict[str, Any]]:
 
 
 def _demo(folder: Path) -> str:
-    from benchmarks import demo
+    from benchmarks.toy import demo
 
     return demo.summary_md(json.loads((folder / "demo.json").read_text()))
 
 
 def _ood(folder: Path) -> str:
-    from benchmarks import report
+    from benchmarks.cifar import report
 
     return report.table1_markdown(_runs(folder, "ood"))
 
@@ -55,7 +55,7 @@ def _ood(folder: Path) -> str:
 def _ood_mean(folder: Path) -> str:
     """Table 1 in brief: per method and backend, the typicality AUROC % averaged over the four
     OoD sets (mean ± std over seeds) with the accuracy % in brackets, beside the paper's."""
-    from benchmarks import report
+    from benchmarks.cifar import report
 
     runs = _runs(folder, "ood")
     backends = sorted({r["config"]["backend"] for r in runs})
@@ -87,19 +87,19 @@ def _ood_mean(folder: Path) -> str:
 
 
 def _outliers(folder: Path) -> str:
-    from benchmarks import outliers
+    from benchmarks.cifar import outliers
 
     return outliers.markdown(_runs(folder, "outliers"))
 
 
 def _trainsize(folder: Path) -> str:
-    from benchmarks import trainsize
+    from benchmarks.cifar import trainsize
 
     return trainsize.markdown(_runs(folder, "trainsize"))
 
 
 def _sweep(folder: Path) -> str:
-    from benchmarks import sweep
+    from benchmarks.cifar import sweep
 
     return sweep.markdown(_runs(folder, "sweep"))
 
@@ -111,7 +111,7 @@ def _stability(folder: Path) -> str:
 
 
 def _curves(folder: Path) -> str:
-    from benchmarks import curves
+    from benchmarks.cifar import curves
 
     return curves.markdown(_runs(folder, "ood"))
 

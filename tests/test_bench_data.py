@@ -1,4 +1,4 @@
-"""benchmarks.data, benchmarks.oodsets and benchmarks.augment.
+"""benchmarks.cifar.data, benchmarks.cifar.oodsets and benchmarks.cifar.augment.
 
 Cases that need the offline data (../shared/data, or $KLJ_DATA) skip when it is absent.
 """
@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import data as bdata
-from benchmarks import oodsets
-from benchmarks.augment import Augment, colour_jitter, dequantise, pad_rotate_crop, to_float
-from benchmarks.data import CLASSES, Images, corrupt, default_data_root, load_cifar10, subset
-from benchmarks.oodsets import OOD_NAMES, make_ood_sets, rgb_rotation, rotate_rgb
+from benchmarks.cifar import data as bdata
+from benchmarks.cifar import oodsets
+from benchmarks.cifar.augment import Augment, colour_jitter, dequantise, pad_rotate_crop, to_float
+from benchmarks.cifar.data import CLASSES, Images, corrupt, default_data_root, load_cifar10, subset
+from benchmarks.cifar.oodsets import OOD_NAMES, make_ood_sets, rgb_rotation, rotate_rgb
 
 ROOT = default_data_root()
 
@@ -172,7 +172,7 @@ def test_download_without_torchvision(
 def test_download_option_fetches_once_into_the_cache(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from benchmarks import ood
+    from benchmarks.cifar import ood
 
     calls: list[pathlib.Path] = []
     rng = np.random.default_rng(0)
@@ -520,7 +520,7 @@ def test_dequantise_and_to_float() -> None:
 
 
 def test_downsample_is_the_block_mean() -> None:
-    from benchmarks.data import downsample, downsample_images
+    from benchmarks.cifar.data import downsample, downsample_images
 
     x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     small = downsample(x, 16)
@@ -539,7 +539,7 @@ def test_downsample_is_the_block_mean() -> None:
 
 
 def test_validation_split_is_balanced_disjoint_and_complete() -> None:
-    from benchmarks.data import split
+    from benchmarks.cifar.data import split
 
     y = torch.arange(200) % 10
     x = torch.zeros(200, 3, 4, 4, dtype=torch.uint8)

@@ -1,4 +1,4 @@
-"""benchmarks.metrics against hand-computed cases and brute-force pair counting."""
+"""benchmarks.cifar.metrics against hand-computed cases and brute-force pair counting."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from benchmarks.metrics import (  # noqa: E402
+from benchmarks.cifar.metrics import (  # noqa: E402
     accuracy,
     entropy,
     entropy_ratio,

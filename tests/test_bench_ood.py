@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import klj_reg
-from benchmarks import backends, objectives
-from benchmarks.classifier import GenerativeClassifier, initial_means
-from benchmarks.image_flows import build
+from benchmarks.cifar import objectives
+from benchmarks.cifar.classifier import GenerativeClassifier, initial_means
+from benchmarks.common import backends
+from benchmarks.common.image_flows import build
 
 F64 = torch.float64
 INSTALLED = backends.available()
@@ -171,7 +172,7 @@ def test_classifier_l_x_is_minus_log_density_per_dim() -> None:
 
 def _data_root() -> pathlib.Path | None:
     try:
-        from benchmarks.data import default_data_root, load_cifar10
+        from benchmarks.cifar.data import default_data_root, load_cifar10
 
         load_cifar10("test", default_data_root())
     except (FileNotFoundError, ImportError):
@@ -183,7 +184,7 @@ def _data_root() -> pathlib.Path | None:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     if _data_root() is None:
         pytest.skip("CIFAR-10 not found (set $KLJ_DATA)")
-    from benchmarks import ood
+    from benchmarks.cifar import ood
 
     out = tmp_path_factory.mktemp("ood")
     code = ood.main(
@@ -195,7 +196,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 def test_smoke_preset_writes_complete_results(smoke_run: pathlib.Path) -> None:
-    from benchmarks.ood import table_rows
+    from benchmarks.cifar.ood import table_rows
 
     rows = [r.key for r in table_rows()]
     for backend in INSTALLED:
@@ -226,7 +227,7 @@ def test_smoke_preset_writes_complete_results(smoke_run: pathlib.Path) -> None:
 
 
 def test_rerun_skips_finished_runs(smoke_run: pathlib.Path) -> None:
-    from benchmarks import ood
+    from benchmarks.cifar import ood
 
     files = sorted(smoke_run.glob("*/*.json"))
     before = {p: p.stat().st_mtime_ns for p in files}
@@ -245,7 +246,7 @@ def test_rerun_skips_finished_runs(smoke_run: pathlib.Path) -> None:
 
 
 def test_table_header_names_the_klj_form_and_orders_sources_by_value() -> None:
-    from benchmarks import report
+    from benchmarks.cifar import report
 
     def run(alpha: float, form: str, outliers: int) -> dict[str, object]:
         config = {"preset": "cpu", "train": {}, "seed": 0, "alpha": alpha, "form": form}
@@ -265,7 +266,7 @@ def test_table_header_names_the_klj_form_and_orders_sources_by_value() -> None:
 def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
     import torch.distributed as dist
 
-    from benchmarks.train import Objective, step_terms
+    from benchmarks.cifar.train import Objective, step_terms
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -307,7 +308,7 @@ def test_ddp_two_processes_match_one_process(tmp_path: pathlib.Path) -> None:
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    from benchmarks.train import Objective, step_terms
+    from benchmarks.cifar.train import Objective, step_terms
 
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
@@ -350,7 +351,7 @@ def test_training_set_variants_have_the_requested_content() -> None:
     root = _data_root()
     if root is None:
         pytest.skip("CIFAR-10 not found (set $KLJ_DATA)")
-    from benchmarks.ood import load_training_set
+    from benchmarks.cifar.ood import load_training_set
 
     clean, _ = load_training_set(_variant_config({}), root, None)
     assert len(clean.y) == 1000 and torch.bincount(clean.y).tolist() == [100] * 10
@@ -383,11 +384,10 @@ def test_ablation_commands_write_results(
 ) -> None:
     if _data_root() is None:
         pytest.skip("CIFAR-10 not found (set $KLJ_DATA)")
-    import importlib
+    from benchmarks.__main__ import main
 
-    module = importlib.import_module(f"benchmarks.{command}")
     args = ["--preset", "smoke", "--backend", "freia", "--out", str(tmp_path)]
-    assert module.main([*args, "--device", "cpu", "--no-progress", *extra]) == 0
+    assert main([command, *args, "--device", "cpu", "--no-progress", *extra]) == 0
     records = [json.loads(p.read_text()) for p in tmp_path.glob("**/freia/*.json")]
     assert records and all(r["status"] == "ok" for r in records)
     assert all(r["config"]["command"] == command for r in records)
@@ -413,7 +413,7 @@ def _probe(alpha: float, accuracy: float, l_x: float) -> dict[str, object]:
 
 
 def test_choose_alpha_prefers_held_out_density_within_an_accuracy_point() -> None:
-    from benchmarks.ood import choose_alpha
+    from benchmarks.cifar.ood import choose_alpha
 
     runs = [_probe(0.0, 60.0, 3.0), _probe(0.01, 59.5, 2.0), _probe(1.0, 55.0, 1.0)]
     choice = choose_alpha(runs)
@@ -426,7 +426,7 @@ def test_choose_alpha_prefers_held_out_density_within_an_accuracy_point() -> Non
 def test_downsampled_run_with_curves_extra_rows_and_alpha_selection(tmp_path: pathlib.Path) -> None:
     if _data_root() is None:
         pytest.skip("CIFAR-10 not found (set $KLJ_DATA)")
-    from benchmarks import ood
+    from benchmarks.cifar import ood
 
     code = ood.main(
         ["--preset", "smoke", "--backend", "freia", "--out", str(tmp_path), "--device", "cpu",
@@ -466,7 +466,7 @@ def test_downsampled_run_with_curves_extra_rows_and_alpha_selection(tmp_path: pa
 
 
 def test_curves_plateau_reads_the_training_accuracy_trend() -> None:
-    from benchmarks import curves
+    from benchmarks.cifar import curves
 
     def run(train: list[float]) -> dict[str, object]:
         history = [{"accuracy": a, "test_accuracy": 50.0, "test_l_x": 1.0} for a in train]

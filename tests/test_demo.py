@@ -16,8 +16,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from benchmarks import demo  # noqa: E402
-from benchmarks.backends import available  # noqa: E402
+from benchmarks.common.backends import available  # noqa: E402
+from benchmarks.toy import demo  # noqa: E402
 
 BACKENDS = available()
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no flow framework installed")
@@ -141,7 +141,7 @@ def test_tabular_flows_log_det_and_penalty(backend: str, kind: str) -> None:
     """Each backend's tabular flow: log-det equal to the exact Jacobian's, same parameter count
     as the other backends, and klj_reg captures it during the flow's own forward pass."""
     import klj_reg
-    from benchmarks.tabular import parameter_count, tabular_flow
+    from benchmarks.common.tabular import parameter_count, tabular_flow
 
     if backend == "freia" and kind == "maf":
         with pytest.raises(ValueError, match="no autoregressive"):

@@ -11,8 +11,8 @@
 Models: a small FrEIA ``SequenceINN`` of ``AllInOneBlock`` and the ``training_model(context)``
 of tests/test_nflows.py, tests/test_normflows.py and tests/test_zuko.py (each returns the model
 and its usual training loss ``(x, c) -> Tensor``; splines, MAF, ActNorm, couplings). The long
-loop and the compiler tests use the tiny flows of ``benchmarks.tabular`` (D = 4, two layers of
-ActNorm-like scaling + affine coupling, or MAF), to keep the file fast.
+loop and the compiler tests use the tiny flows of ``benchmarks.common.tabular`` (D = 4, two
+layers of ActNorm-like scaling + affine coupling, or MAF), to keep the file fast.
 """
 
 from __future__ import annotations
@@ -91,14 +91,14 @@ def model_for(backend: str, context: bool = False) -> tuple[nn.Module, Loss, int
 
 
 def tiny(backend: str, kind: str = "realnvp") -> tuple[nn.Module, Loss, int, int]:
-    """``benchmarks.tabular``'s flow of ``backend`` on D = 4 with two layers, hidden 8."""
+    """``benchmarks.common.tabular``'s flow of ``backend`` on D = 4 with two layers, hidden 8."""
     pytest.importorskip({"freia": "FrEIA"}.get(backend, backend))
     if backend == "freia" and kind == "maf":
         pytest.skip("FrEIA has no autoregressive layer")
     try:
-        from benchmarks.tabular import tabular_flow
+        from benchmarks.common.tabular import tabular_flow
     except ImportError as error:
-        pytest.skip(f"benchmarks/tabular.py cannot be imported: {error}")
+        pytest.skip(f"benchmarks/common/tabular.py cannot be imported: {error}")
     flow = tabular_flow(backend, TINY_DIM, layers=2, hidden=8, kind=kind)
     with torch.no_grad():  # away from the identity it starts at, so that the penalty is > 0
         for p in flow.parameters():
@@ -191,8 +191,8 @@ def test_no_extra_pass_on_the_sampling_pass(backend: str) -> None:
     ``direction="sample"``) runs no module again, forward or in backward."""
     pytest.importorskip({"freia": "FrEIA"}.get(backend, backend))
     try:
+        from benchmarks.common.tabular import tabular_flow
         from benchmarks.overhead import banana_log_prob, sample_and_log_q
-        from benchmarks.tabular import tabular_flow
     except ImportError as error:
         pytest.skip(f"benchmarks cannot be imported: {error}")
     flow = tabular_flow(backend, TINY_DIM, layers=2, hidden=8)
@@ -406,7 +406,7 @@ def test_penalty_operators_do_not_grow_with_the_number_of_layers(backend: str) -
     self-checks are done, the penalty of a 6-layer flow computes with as many operators as
     that of a 2-layer one (shared activations, signs and clamps folded in)."""
     pytest.importorskip({"freia": "FrEIA"}.get(backend, backend))
-    from benchmarks.tabular import tabular_flow
+    from benchmarks.common.tabular import tabular_flow
 
     counts = []
     for layers in (2, 6):
@@ -450,7 +450,7 @@ def test_fused_penalty_compiles_every_model_structure_of_a_process() -> None:
     pytest.importorskip("FrEIA")
     from torch._dynamo.utils import counters
 
-    from benchmarks.tabular import tabular_flow
+    from benchmarks.common.tabular import tabular_flow
 
     name = (
         "recompile_limit"

@@ -1,6 +1,6 @@
 """``python -m benchmarks overhead``: what the KLJ penalty costs per training step.
 
-For each backend, a tabular flow (D = 64, 8 layers, :func:`benchmarks.tabular.tabular_flow`)
+For each backend, a tabular flow (D = 64, 8 layers, :func:`benchmarks.common.tabular.tabular_flow`)
 and a Glow-like image flow (3x32x32, a few million parameters), the median wall time of a full
 training step (``zero_grad``, forward, loss, backward, Adam step) for each variant:
 

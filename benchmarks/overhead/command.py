@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import backends
+from ..common import backends
 from . import zoo
 from .report import _git_commit, write_report
 from .settings import ALL_MODELS, CLOCKS, DEFAULT_OUT, MODELS, VARIANTS, ZOO_VARIANTS, Settings

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..backends import BackendFlow
+from ..common.backends import BackendFlow
 from .settings import IMAGE_SHAPE, Settings
 
 
 def tabular(backend: str, settings: Settings) -> BackendFlow:
-    """The tabular flow of ``benchmarks.tabular`` (RealNVP-style, ``layers`` layers)."""
-    from ..tabular import tabular_flow
+    """The tabular flow of ``benchmarks.common.tabular`` (RealNVP-style, ``layers`` layers)."""
+    from ..common.tabular import tabular_flow
 
     return tabular_flow(backend, settings.dim, layers=settings.layers, hidden=settings.hidden)
 
@@ -23,7 +23,7 @@ def tabular(backend: str, settings: Settings) -> BackendFlow:
 def _freia_image() -> BackendFlow:
     """IB-INN-style FrEIA flow (AllInOneBlock conv stages, learned downsampling, DCT, one
     fully connected GLOW coupling), ~2.5M parameters."""
-    from ..image_flows import freia_ibinn
+    from ..common.image_flows import freia_ibinn
 
     inn = freia_ibinn(IMAGE_SHAPE, blocks=(2, 4, 4), widths=(32, 64, 128), fc_width=256)
     return BackendFlow("freia", inn, lambda model, x: model(x))
@@ -106,7 +106,7 @@ IMAGE_BUILDERS: dict[str, Callable[[], BackendFlow]] = {
 def image(backend: str, settings: Settings) -> BackendFlow:
     """The Glow-like image flow of ``backend`` (``--quick``: ``image_flows``' tiny one)."""
     if settings.quick:
-        from ..image_flows import build
+        from ..common.image_flows import build
 
         return build(backend, "tiny", IMAGE_SHAPE, seed=settings.seed)
     return IMAGE_BUILDERS[backend]()

@@ -16,7 +16,7 @@ import torch
 from klj_reg.capture import get_capture
 from klj_reg.kit import MAX_CHECKS
 
-from ..backends import BackendFlow
+from ..common.backends import BackendFlow
 from . import zoo
 from .clock import PHASES, PhaseClock, _sync
 from .models import batch_of, image, parameter_count, tabular

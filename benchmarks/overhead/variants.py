@@ -12,7 +12,7 @@ from torch import Tensor
 import klj_reg
 from klj_reg.kit import MAX_CHECKS
 
-from ..backends import BackendFlow
+from ..common.backends import BackendFlow
 from .clock import PhaseClock, _no_mark
 from .settings import REVERSE_VARIANTS, Settings
 

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..backends import BackendFlow
-from ..tabular import _zero, mlp, tabular_flow
+from ..common.backends import BackendFlow
+from ..common.tabular import _zero, mlp, tabular_flow
 from .models import image
 from .settings import Settings
 

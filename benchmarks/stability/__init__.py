@@ -53,7 +53,7 @@ __all__ = ["main"]
 
 
 def _cifar_available() -> bool:
-    from ..data import default_data_root
+    from ..cifar.data import default_data_root
 
     root = default_data_root()
     return root is not None and any(
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs.append(
             {**cfg.settings(), "doc": cfg.doc, "threshold": sum(thresholds) / len(thresholds)}
         )
-    from ..report import commit
+    from ..cifar.report import commit
 
     payload = {
         "command": " ".join(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..backends import BackendFlow
+from ..common.backends import BackendFlow
 
 CIFAR_SIDE = 8  # the image configuration's images are 3 x 8 x 8 (4 x 4 average-pooled CIFAR-10)
 
@@ -218,8 +218,8 @@ def zuko_nsf(dim: int, transforms: int, hidden: int) -> BackendFlow:
 
 def nflows_realnvp(dim: int, layers: int, hidden: int) -> BackendFlow:
     """nflows ``ActNorm`` (identity start), ``AffineCouplingTransform`` (alternating masks)
-    and ``RandomPermutation``, ``layers`` times: :func:`benchmarks.tabular.tabular_flow`."""
-    from ..tabular import tabular_flow
+    and ``RandomPermutation``, ``layers`` times: :func:`benchmarks.common.tabular.tabular_flow`."""
+    from ..common.tabular import tabular_flow
 
     return tabular_flow("nflows", dim, layers, hidden, "realnvp")
 
@@ -287,7 +287,7 @@ def _cifar_pooled(split: str) -> np.ndarray:
     """CIFAR-10 ``split`` (``../shared/data`` or ``$KLJ_DATA``), 4 x 4 average-pooled to
     3 x 8 x 8 and requantised to 256 levels (uint8); cached per process."""
     if split not in _CIFAR:
-        from ..data import load_cifar10
+        from ..cifar.data import load_cifar10
 
         x = load_cifar10(split).x.float()
         pooled = torch.nn.functional.avg_pool2d(x, 32 // CIFAR_SIDE).round().to(torch.uint8)

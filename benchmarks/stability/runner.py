@@ -38,7 +38,7 @@ from torch import Tensor
 
 import klj_reg
 
-from ..backends import BackendFlow
+from ..common.backends import BackendFlow
 from . import configs
 
 DEFAULT_ALPHA = 1e-2  # klj_reg.penalty's default

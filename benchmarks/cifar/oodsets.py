@@ -29,7 +29,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from benchmarks.data import Images, cached, default_cache_dir, default_data_root, fingerprint
+from .data import Images, cached, default_cache_dir, default_data_root, fingerprint
 
 OOD_NAMES = ("rot_rgb", "quickdraw", "tinyimagenet", "noisy")  # Table 1 column order
 
@@ -144,11 +144,11 @@ def make_ood_sets(
     Args:
         test: the in-distribution test images (uint8) that Rot-RGB and Noisy are made from.
         data_root: where the QuickDraw / Tiny-ImageNet files are; default
-            :func:`benchmarks.data.default_data_root`. A set whose file is missing is left
+            :func:`benchmarks.cifar.data.default_data_root`. A set whose file is missing is left
             out with a warning.
         seed: seeds the random parts (QuickDraw shuffle and colours, Noisy's noise).
         cache_dir: where decoded QuickDraw / Tiny-ImageNet arrays are cached; default
-            :func:`benchmarks.data.default_cache_dir`.
+            :func:`benchmarks.cifar.data.default_cache_dir`.
         limit: keep only the first ``limit`` images of each set (smoke runs). Without a cache
             entry, only those Tiny-ImageNet images are decoded (and nothing is cached).
         cache: False decodes the files every time.

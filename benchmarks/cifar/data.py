@@ -1,7 +1,7 @@
 """CIFAR-10 for the benchmarks: loading from offline copies, outliers (Table 2), subsets (Fig. 6).
 
 Images are kept as uint8 ``(N, 3, 32, 32)`` tensors, the lossless form; the training loop turns
-them into floats (:func:`benchmarks.augment.dequantise`). Sources, in the order ``"auto"``
+them into floats (:func:`benchmarks.cifar.augment.dequantise`). Sources, in the order ``"auto"``
 tries them under the data root:
 
 1. ``cifar-10-batches-py/`` -- torchvision's download of the original pickle batches
@@ -84,7 +84,7 @@ def default_data_root() -> pathlib.Path | None:
     env = os.environ.get("KLJ_DATA")
     if env:
         return pathlib.Path(env).expanduser()
-    beside = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    beside = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
     return beside if beside.is_dir() else None
 
 

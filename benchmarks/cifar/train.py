@@ -1,7 +1,7 @@
 """Training loop, batch-norm refresh and scoring of the generative classifier.
 
 One step: augment and dequantise the batch on the training device, one forward pass, the
-objective (:mod:`benchmarks.objectives`) plus ``klj_reg.penalty`` computed from the records of
+objective (:mod:`benchmarks.cifar.objectives`) plus ``klj_reg.penalty`` computed from the records of
 that *same* pass, backward, gradient-norm clip, optimiser step. Under ``torch.distributed``
 (``torchrun``) the classifier is wrapped in ``DistributedDataParallel``: every rank takes its
 slice of the same global batch and the penalty is computed per rank like the loss, so the

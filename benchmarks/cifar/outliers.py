@@ -1,8 +1,8 @@
 """``python -m benchmarks outliers``: the paper's Table 2, training with outliers.
 
 A fraction ``r`` in {0.05, 0.1, 0.15} of the training images (of the preset's training set)
-gets Gaussian noise ``sigma = 1`` (pixel units, :func:`benchmarks.data.corrupt`); the six rows
-of Table 1 are trained on it and evaluated as in :mod:`benchmarks.ood` (typicality AUROC per
+gets Gaussian noise ``sigma = 1`` (pixel units, :func:`benchmarks.cifar.data.corrupt`); the six rows
+of Table 1 are trained on it and evaluated as in :mod:`benchmarks.cifar.ood` (typicality AUROC per
 OoD set and ID accuracy). Default ``alpha = 0.01`` (the Table 2 caption).
 """
 

@@ -1,6 +1,6 @@
 """Image flows ``(B, 3, H, W) -> (B, 3HW)`` built with each framework's own layers.
 
-Each builder returns a :class:`~benchmarks.backends.BackendFlow` whose forward is the call a
+Each builder returns a :class:`~benchmarks.common.backends.BackendFlow` whose forward is the call a
 user of that framework makes (so klj-reg's capture sees it as in user code):
 
 - ``freia``: the IB-INN architecture (Ardizzone et al. 2020) the paper used, scaled by

@@ -5,7 +5,7 @@ data. A fixed stratified split (1,437 train / 360 test). Pixels are dequantised,
 :math:`u = (v + \\mathcal U[0, 1)) / 17 \\in [0, 1)` (fresh noise every training batch), and
 mapped to the flow's input by one fixed scalar affine map (the clean training split's pixel
 mean and standard deviation). For each backend a RealNVP-style flow
-(:func:`benchmarks.tabular.tabular_flow`) is trained on ``mean NLL / D`` with and without
+(:func:`benchmarks.common.tabular.tabular_flow`) is trained on ``mean NLL / D`` with and without
 ``klj_reg.penalty(model, x, alpha=alpha)``, under
 
 (a) outliers: a fraction ``r`` of the training images (exactly ``round(r n)``) plus fixed
@@ -49,8 +49,8 @@ from torch import Tensor
 
 import klj_reg
 
-from .backends import BackendFlow, parse
-from .tabular import parameter_count, tabular_flow
+from ..common.backends import BackendFlow, parse
+from ..common.tabular import parameter_count, tabular_flow
 
 RATIOS = (0.0, 0.05, 0.1, 0.15)
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)

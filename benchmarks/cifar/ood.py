@@ -1,7 +1,7 @@
 """``python -m benchmarks ood``: the paper's Table 1 (CIFAR-10 OoD detection), per backend.
 
 For each backend, six rows: IB γ=1, IB γ=1 + KLJ, IB γ→∞, IB γ→∞ + KLJ, cNLL, cNLL + KLJ; each
-trains a generative classifier (:mod:`benchmarks.classifier`) and scores the ID test images
+trains a generative classifier (:mod:`benchmarks.cifar.classifier`) and scores the ID test images
 and the four OoD sets by per-sample ``L_x``. Writes one JSON per run (finished runs with the
 same config are skipped on rerun), a Markdown table beside the paper's numbers, and a PNG.
 
@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import backends, curves, presets, report
+from ..common import backends
+from . import curves, presets, report
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_OUT = pathlib.Path("benchmarks") / "runs"
@@ -253,9 +254,9 @@ def run_one(job: Job) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
     }
     try:
+        from ..common.image_flows import build, parameter_count
         from .classifier import GenerativeClassifier
         from .data import downsample, downsample_images, load_cifar10, split
-        from .image_flows import build, parameter_count
         from .oodsets import make_ood_sets
 
         device = torch.device(job.device)

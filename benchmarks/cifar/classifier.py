@@ -16,9 +16,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..common.backends import BackendFlow
+from ..common.image_flows import CIFAR_MEAN, CIFAR_STD
 from . import objectives
-from .backends import BackendFlow
-from .image_flows import CIFAR_MEAN, CIFAR_STD
 
 
 class Output(NamedTuple):

@@ -1,7 +1,7 @@
 """``python -m benchmarks trainsize``: the paper's Fig. 6, training on a fraction of CIFAR-10.
 
 Each run trains on a class-balanced random fraction ``p`` in {0.2, 0.4, 0.6, 0.8} of the
-preset's training set (:func:`benchmarks.data.subset`, drawn per seed) with the IB rows
+preset's training set (:func:`benchmarks.cifar.data.subset`, drawn per seed) with the IB rows
 (γ = 1 and γ → ∞, each without and with KLJ), and reports the typicality AUROC on Rot-RGB and
 Noisy CIFAR-10 (Fig. 6's two panels) besides the other OoD sets and the accuracy. The paper
 gives Fig. 6 only as a plot, so there are no paper numbers to print beside ours.

@@ -1,7 +1,7 @@
 """Flows for flat D-dimensional data, one per backend, built from each framework's own layers.
 
 ``tabular_flow(backend, dim, layers, hidden, kind)`` returns a
-:class:`benchmarks.backends.BackendFlow`. Every flow has ``layers`` layers, each
+:class:`benchmarks.common.backends.BackendFlow`. Every flow has ``layers`` layers, each
 
 - ``kind="realnvp"``: a learnable elementwise affine map, an affine coupling layer (half of the
   features transformed, conditioned on the other half by an MLP ``dim/2 -> hidden -> hidden ->
