@@ -64,8 +64,8 @@ def _ood_mean(folder: Path) -> str:
         "| method | " + " | ".join(backends) + " | paper |",
         "|---" * (len(backends) + 2) + "|",
     ]
-    for key in report._ordered(rows):
-        cells = [report._label(rows[(key,)])]
+    for key in report.ordered_rows(rows):
+        cells = [report.row_label(rows[(key,)])]
         for backend in backends:
             group = [r for r in rows[(key,)] if r["config"]["backend"] == backend]
             means = []

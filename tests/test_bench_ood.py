@@ -254,7 +254,7 @@ def test_table_header_names_the_klj_form_and_orders_sources_by_value() -> None:
         return {"config": config, "status": "ok", "data_source": source}
 
     runs = [run(0.0, "jacobian", 1000), run(0.01, "released-code", 500)]
-    lines = report._summary(runs)
+    lines = report.summary_lines(runs)
     assert "- KLJ: alpha [0.01], form `released-code`" in lines  # not the baseline's form
     data = [line for line in lines if line.startswith("- data:")]
     assert data == ["- data: train: subset, 500 outliers", "- data: train: subset, 1000 outliers"]
@@ -477,4 +477,4 @@ def test_curves_plateau_reads_the_training_accuracy_trend() -> None:
     assert rising["train_trend"] == pytest.approx(2.0)  # 64, 65, 66: +1 per epoch over 2 epochs
     flat = curves.summary(run([40, 50, 60, 61, 60, 61, 60.5, 60.2, 60.8, 60.4]))
     assert abs(flat["train_trend"]) < 0.5
-    assert curves._trend([3.0, 3.0, 3.0]) == 0.0
+    assert curves.trend([3.0, 3.0, 3.0]) == 0.0

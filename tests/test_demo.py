@@ -85,7 +85,8 @@ def test_bits_per_dim_of_an_identity_flow() -> None:
 
 def test_quick_demo_outputs(quick: tuple[dict[str, Any], Path]) -> None:
     payload, out = quick
-    assert {"command", "config", "machine", "wall_seconds", "runs", "cells"} <= payload.keys()
+    keys = {"command", "config", "commit", "machine", "versions", "wall_seconds", "runs", "cells"}
+    assert keys <= payload.keys()
     assert payload["config"]["backends"] == BACKENDS
     settings = len(demo.RATIOS) + len(demo.FRACTIONS) - 1  # r = 0 and p = 1 is one run
     assert len(payload["runs"]) == len(BACKENDS) * settings * 2
@@ -141,7 +142,8 @@ def test_tabular_flows_log_det_and_penalty(backend: str, kind: str) -> None:
     """Each backend's tabular flow: log-det equal to the exact Jacobian's, same parameter count
     as the other backends, and klj_reg captures it during the flow's own forward pass."""
     import klj_reg
-    from benchmarks.common.tabular import parameter_count, tabular_flow
+    from benchmarks.common.records import parameter_count
+    from benchmarks.common.tabular import tabular_flow
 
     if backend == "freia" and kind == "maf":
         with pytest.raises(ValueError, match="no autoregressive"):

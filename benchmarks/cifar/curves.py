@@ -39,7 +39,7 @@ def summary(run: dict[str, Any]) -> dict[str, float]:
         "train_accuracy": history[-1]["accuracy"],
         "test_accuracy": history[-1]["test_accuracy"],
         "best_test_accuracy": max(e["test_accuracy"] for e in history),
-        "train_trend": _trend(train),
+        "train_trend": trend(train),
         "test_range": max(test) - min(test),
         "final_accuracy": run["metrics"]["accuracy"] if run.get("metrics") else float("nan"),
     }
@@ -50,7 +50,7 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
     accuracy's trend and the test accuracy's range over the last third of the epochs, and
     whether training plateaued."""
     runs = sorted((r for r in runs if has_curves(r)), key=_order)
-    lines = ["# Learning curves", "", *report._summary(runs)]
+    lines = ["# Learning curves", "", *report.summary_lines(runs)]
     lines += [
         f"- plateaued: the training accuracy's least-squares trend over the last third of the "
         f"epochs is at most {PLATEAU:g} point; test accuracy per epoch is measured before the "
@@ -104,7 +104,7 @@ def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _trend(values: Sequence[float]) -> float:
+def trend(values: Sequence[float]) -> float:
     """Least-squares slope of ``values`` against their index, times the span."""
     n = len(values)
     mean_i, mean_v = (n - 1) / 2, sum(values) / n

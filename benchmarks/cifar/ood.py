@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..common import backends
+from ..common.records import parameter_count, run_metadata
 from . import curves, presets, report
 
 DEFAULT_ALPHA = 0.01
@@ -249,12 +250,11 @@ def run_one(job: Job) -> dict[str, Any]:
         "label": job.label,
         "seed": cfg["seed"],
         "status": "failed",
-        "commit": report.commit(),
-        "machine": report.machine(job.device),
+        **run_metadata(job.device, [cfg["backend"]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
     }
     try:
-        from ..common.image_flows import build, parameter_count
+        from ..common.image_flows import build
         from .classifier import GenerativeClassifier
         from .data import downsample, downsample_images, load_cifar10, split
         from .oodsets import make_ood_sets
@@ -414,7 +414,7 @@ def _note(bar: Any, record: dict[str, Any]) -> None:
     if record["status"] != "ok":
         bar.write(
             f"FAILED {cfg['backend']} {record['label']} seed {cfg['seed']}: "
-            f"{report._one_line(record.get('error', ''))}"
+            f"{report.one_line(record.get('error', ''))}"
         )
     else:
         m = record["metrics"]

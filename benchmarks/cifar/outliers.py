@@ -85,7 +85,7 @@ def _fraction(run: dict[str, Any]) -> float:
 
 def markdown(runs: Sequence[dict[str, Any]]) -> str:
     """Per backend and outlier ratio: Table 2's rows, ours (paper)."""
-    lines = ["# CIFAR-10 with outliers (Table 2)", "", *report._summary(runs)]
+    lines = ["# CIFAR-10 with outliers (Table 2)", "", *report.summary_lines(runs)]
     lines.append("- outliers: Gaussian noise, sigma in pixel units ([0, 1] images)")
     head = ["method", "Rot", "QuickDraw", "TinyImageNet", "Noisy", "Acc"]
     for (backend,), backend_runs in sorted(report.group(runs, "backend").items()):
@@ -95,10 +95,10 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
             lines += ["", f"### r = {r:g} (typicality AUROC %, accuracy %)", ""]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             rows = report.group(rr, "row")
-            for key in report._ordered(rows):
+            for key in report.ordered_rows(rows):
                 group = rows[(key,)]
                 paper = PAPER_TABLE2.get(r, {}).get(key, {})
-                cells = [report._label(group)]
+                cells = [report.row_label(group)]
                 for o in _COLS[:4]:
                     stats = report.mean_std(report.value(x, "auroc_typical", o) for x in group)
                     cells.append(report.cell(stats, paper.get(o)))
@@ -141,7 +141,7 @@ def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
                     stats = report.mean_std(report.value(x, metric, ood_set) for x in sel)
                     ys.append(stats[0] if stats else np.nan)
                 colour = colours.get(base, "grey")
-                ax.plot(rs, ys, style, marker="o", color=colour, label=report._label(group))
+                ax.plot(rs, ys, style, marker="o", color=colour, label=report.row_label(group))
                 paper = [PAPER_TABLE2.get(r, {}).get(key, {}).get(col, np.nan) for r in rs]
                 ax.scatter(rs, paper, marker="x", color=colour, alpha=0.6)
             ax.set_title(f"{backend}: {title}", fontsize=9)

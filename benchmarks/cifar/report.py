@@ -10,14 +10,14 @@ import json
 import math
 import os
 import pathlib
-import platform
 import re
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from ..common.records import parameters_text
 
 OOD_SETS = ("rot_rgb", "quickdraw", "tinyimagenet", "noisy")
 OOD_TITLES = {
@@ -58,53 +58,6 @@ PAPER_ENTROPY: dict[str, dict[str, float]] = {
 
 
 # ------------------------------------------------------------------------------ run records
-
-
-def commit() -> dict[str, Any]:
-    """``git rev-parse HEAD`` of the repository and whether the tree has changes."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head or None, "dirty": bool(status)}
-
-
-def machine(device: str) -> dict[str, Any]:
-    """Platform, Python and torch versions, the device's name, CPU count and threads."""
-    import torch
-
-    name = _cpu_name()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(torch.device(device))
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-        "device_name": name,
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_json(path: pathlib.Path, record: dict[str, Any]) -> None:
@@ -210,7 +163,7 @@ def cell(stats: tuple[float, float, int] | None, paper: float | None, digits: in
 def table1_markdown(runs: Sequence[dict[str, Any]], title: str = "CIFAR-10 OoD (Table 1)") -> str:
     """Markdown: per backend, Table 1's rows with our mean ± std over seeds and (paper)."""
     lines = [f"# {title}", ""]
-    lines += _summary(runs)
+    lines += summary_lines(runs)
     by_backend = group(runs, "backend")
     sections = [
         ("OoD detection score: typicality AUROC % (the paper's metric)", "auroc_typical", True, 1),
@@ -220,7 +173,10 @@ def table1_markdown(runs: Sequence[dict[str, Any]], title: str = "CIFAR-10 OoD (
     for (backend,), backend_runs in sorted(by_backend.items()):
         rows = group(backend_runs, "row")
         params = sorted({int(r["parameters"]) for r in backend_runs if r.get("parameters")})
-        lines += ["", f"## {backend}" + (f" ({_fmt_params(params)} parameters)" if params else "")]
+        lines += [
+            "",
+            f"## {backend}" + (f" ({parameters_text(params)} parameters)" if params else ""),
+        ]
         for heading, metric, with_paper, digits in sections:
             paper_table = PAPER_TABLE1 if metric != "entropy_ratio" else PAPER_ENTROPY
             header = ["method", *(OOD_TITLES[o] for o in OOD_SETS)]
@@ -228,10 +184,10 @@ def table1_markdown(runs: Sequence[dict[str, Any]], title: str = "CIFAR-10 OoD (
                 header.append("Acc")
             lines += ["", f"### {heading}", "", "| " + " | ".join(header) + " |"]
             lines.append("|" + "---|" * len(header))
-            for key in _ordered(rows):
+            for key in ordered_rows(rows):
                 rr = rows[(key,)]
                 paper = paper_table.get(key, {}) if with_paper else {}
-                cells = [_label(rr)]
+                cells = [row_label(rr)]
                 for ood in OOD_SETS:
                     stats = mean_std(value(r, metric, ood) for r in rr)
                     cells.append(cell(stats, paper.get(ood), digits))
@@ -245,7 +201,7 @@ def table1_markdown(runs: Sequence[dict[str, Any]], title: str = "CIFAR-10 OoD (
             for r in failed:
                 lines.append(
                     f"- {r['config'].get('row')} seed {r['config'].get('seed')}: "
-                    f"{_one_line(r.get('error', 'unknown error'))}"
+                    f"{one_line(r.get('error', 'unknown error'))}"
                 )
     lines += ["", "Numbers in brackets: the paper's Table 1 (IB-INN architecture, 450 epochs)."]
     return "\n".join(lines) + "\n"
@@ -257,16 +213,14 @@ def _source(src: Any) -> str:
     return str(src)
 
 
-def _fmt_params(params: list[int]) -> str:
-    return "/".join(f"{p / 1e6:.2f}M" if p >= 1e5 else f"{p / 1e3:.0f}k" for p in params)
-
-
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """The last non-empty line of ``text`` (an error's message), at most 300 characters."""
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
 
-def _ordered(rows: dict[tuple[Any, ...], Any]) -> list[Any]:
+def ordered_rows(rows: dict[tuple[Any, ...], Any]) -> list[Any]:
+    """The row keys of :func:`group`'s ``rows``: Table 1's order first, then the others."""
     keys = [k[0] for k in rows]
     known = [k for k in ROW_ORDER if k in keys]
     return known + sorted(k for k in keys if k not in ROW_ORDER)
@@ -278,7 +232,8 @@ def metric_cell(runs: Sequence[dict[str, Any]], metric: str) -> str:
     return cell(mean_std(value(x, name, where) for x in runs), None)
 
 
-def _label(runs: Sequence[dict[str, Any]]) -> str:
+def row_label(runs: Sequence[dict[str, Any]]) -> str:
+    """The label of a row's runs (its key where they have none)."""
     return str(runs[0].get("label") or runs[0]["config"].get("row"))
 
 
@@ -287,7 +242,7 @@ def _natural(text: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def _summary(runs: Sequence[dict[str, Any]]) -> list[str]:
+def summary_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
     """Settings shared by the runs, as a bullet list."""
     if not runs:
         return ["No runs."]

@@ -44,7 +44,7 @@ def _beta(run: dict[str, Any]) -> float:
 
 def markdown(runs: Sequence[dict[str, Any]]) -> str:
     """Per backend and OoD set: alpha (rows) x beta (columns), typicality AUROC %."""
-    lines = ["# KLJ alpha x IB beta sweep (Fig. 4)", "", *report._summary(runs)]
+    lines = ["# KLJ alpha x IB beta sweep (Fig. 4)", "", *report.summary_lines(runs)]
     lines.append("- the paper gives Fig. 4 as a plot only: no paper numbers beside ours")
     metrics = [(o, f"{report.OOD_TITLES[o]}: typicality AUROC %") for o in report.OOD_SETS]
     metrics.append(("accuracy", "Accuracy %"))

@@ -47,7 +47,11 @@ def _fraction(run: dict[str, Any]) -> float:
 def markdown(runs: Sequence[dict[str, Any]]) -> str:
     """Per backend: one table per OoD set, rows x fractions p (typicality AUROC %), and
     accuracy."""
-    lines = ["# CIFAR-10 with a fraction of the training set (Fig. 6)", "", *report._summary(runs)]
+    lines = [
+        "# CIFAR-10 with a fraction of the training set (Fig. 6)",
+        "",
+        *report.summary_lines(runs),
+    ]
     lines.append("- the paper gives Fig. 6 as a plot only: no paper numbers beside ours")
     metrics = [(o, f"{report.OOD_TITLES[o]}: typicality AUROC %") for o in report.OOD_SETS]
     metrics.append(("accuracy", "Accuracy %"))
@@ -60,9 +64,9 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
             head = ["method", *(f"p = {f:g} ({sizes[f]})" for f in fractions)]
             lines += ["", f"### {title}", "", "| " + " | ".join(head) + " |"]
             lines.append("|" + "---|" * len(head))
-            for key in report._ordered(rows):
+            for key in report.ordered_rows(rows):
                 group = rows[(key,)]
-                cells = [report._label(group)]
+                cells = [report.row_label(group)]
                 for f in fractions:
                     sel = [x for x in group if _fraction(x) == f]
                     cells.append(report.metric_cell(sel, metric))
@@ -93,7 +97,7 @@ def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
         rows = report.group(backend_runs, "row")
         for j, (ood_set, title) in enumerate(PANELS):
             ax = axes[i][j]
-            for key in report._ordered(rows):
+            for key in report.ordered_rows(rows):
                 group = rows[(key,)]
                 ps = sorted({_fraction(x) for x in group})
                 ys = []
@@ -103,7 +107,7 @@ def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
                     ys.append(stats[0] if stats else np.nan)
                 style = "-" if key.endswith("_klj") else "--"
                 colour = colours.get(key.removesuffix("_klj"), "grey")
-                ax.plot(ps, ys, style, marker="o", color=colour, label=report._label(group))
+                ax.plot(ps, ys, style, marker="o", color=colour, label=report.row_label(group))
             ax.set_title(f"{backend}: {title}", fontsize=9)
             ax.set_xlabel("fraction p of the training set", fontsize=8)
             ax.set_ylabel("typicality AUROC %", fontsize=8)

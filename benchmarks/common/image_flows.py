@@ -17,7 +17,8 @@ user of that framework makes (so klj-reg's capture sees it as in user code):
   no convolutional layers.
 
 Sizes (``tiny``, ``small``, ``medium``, ``paper``) keep the four backends at comparable
-parameter counts (see :func:`parameter_count`); ``paper`` exists for FrEIA only.
+parameter counts (:func:`benchmarks.common.records.parameter_count`); ``paper`` exists for
+FrEIA only.
 """
 
 from __future__ import annotations
@@ -60,11 +61,6 @@ ZUKO_SIZES: dict[str, dict[str, int]] = {
     "small": dict(transforms=4, hidden=20),
     "medium": dict(transforms=6, hidden=32),
 }
-
-
-def parameter_count(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def build(

@@ -52,11 +52,12 @@ def mlp(c_in: int, c_out: int, hidden: int = 64) -> MLP:
         nn.Linear(c_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
         nn.Linear(hidden, c_out),
     )  # fmt: skip
-    _zero(net[-1])
+    zero_init(net[-1])
     return net
 
 
-def _zero(layer: nn.Module) -> None:
+def zero_init(layer: nn.Module) -> None:
+    """Every parameter of ``layer`` to zero (a flow's layer then starts at the identity)."""
     for p in layer.parameters():
         nn.init.zeros_(p)
 
@@ -92,7 +93,7 @@ def _nflows(dim: int, layers: int, hidden: int, kind: str) -> BackendFlow:
             made = transforms.MaskedAffineAutoregressiveTransform(
                 dim, hidden, num_blocks=1, use_residual_blocks=False
             )
-            _zero(made.autoregressive_net.final_layer)
+            zero_init(made.autoregressive_net.final_layer)
             steps.append(made)
         else:
             norm = transforms.ActNorm(dim)
@@ -122,7 +123,7 @@ def _normflows(dim: int, layers: int, hidden: int, kind: str) -> BackendFlow:
             made = nf.flows.MaskedAffineAutoregressive(
                 dim, hidden, num_blocks=1, use_residual_blocks=False
             )
-            _zero(made.autoregressive_net.final_layer)
+            zero_init(made.autoregressive_net.final_layer)
             steps.append(made)
         else:
             steps.append(nf.flows.AffineConstFlow((dim,)))
@@ -147,16 +148,16 @@ def _zuko(dim: int, layers: int, hidden: int, kind: str) -> BackendFlow:
         if kind == "maf":
             order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
             made = MaskedAutoregressiveTransform(dim, order=order, hidden_features=(hidden, hidden))
-            _zero(made.hyper[-1])
+            zero_init(made.hyper[-1])
             steps.append(made)
         else:
             affine = ElementWiseTransform(dim)
-            _zero(affine)  # shift 0, log-scale 0
+            zero_init(affine)  # shift 0, log-scale 0
             steps.append(affine)
             coupling = GeneralCouplingTransform(
                 dim, mask=torch.arange(dim) % 2 == i % 2, hidden_features=(hidden, hidden)
             )
-            _zero(coupling.hyper[-1])
+            zero_init(coupling.hyper[-1])
             steps.append(coupling)
     base = zuko.flows.UnconditionalDistribution(
         zuko.distributions.DiagNormal, torch.zeros(dim), torch.ones(dim), buffer=True
@@ -186,8 +187,3 @@ def tabular_flow(
     if dim < 2 or layers < 1 or hidden < 1:
         raise ValueError(f"need dim >= 2, layers >= 1, hidden >= 1; got {dim}, {layers}, {hidden}")
     return _BUILDERS[backend](dim, layers, hidden, kind)
-
-
-def parameter_count(flow: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in flow.parameters() if p.requires_grad)

@@ -65,10 +65,11 @@ from __future__ import annotations
 
 import time
 
+from ..common.records import parameter_count
 from .clock import PHASES, PhaseClock
 from .command import main, parse_args, settings_from
-from .models import IMAGE_BUILDERS, batch_of, image, parameter_count, tabular
-from .report import machine, markdown, write_report
+from .models import IMAGE_BUILDERS, batch_of, image, tabular
+from .report import markdown, write_report
 from .settings import (
     ALL_MODELS,
     DEFAULT_OUT,
@@ -115,7 +116,6 @@ __all__ = [
     "checks_pending",
     "count_ops",
     "image",
-    "machine",
     "main",
     "make_reverse_step",
     "make_step",

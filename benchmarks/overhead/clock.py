@@ -8,8 +8,8 @@ import time
 import torch
 
 
-def _no_mark() -> None:
-    pass
+def no_mark() -> None:
+    """The mark of a step timed without a clock."""
 
 
 PHASES = ("forward", "penalty", "backward", "optimiser")
@@ -54,6 +54,7 @@ class PhaseClock:
         return spans
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

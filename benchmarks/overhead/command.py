@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from ..common import backends
+from ..common.records import run_metadata
 from . import zoo
-from .report import _git_commit, write_report
+from .report import write_report
 from .settings import ALL_MODELS, CLOCKS, DEFAULT_OUT, MODELS, VARIANTS, ZOO_VARIANTS, Settings
 from .timing import measure, measure_zoo
 
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     load_before = [round(v, 2) for v in os.getloadavg()]
-    commit = _git_commit()  # before the report files make the checkout dirty
+    metadata = run_metadata(device, settings.backends)  # before the report files dirty the tree
     results: list[dict[str, Any]] = []
     warnings.filterwarnings("ignore", message=".*ran its own.*")
     text = ""
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> int:
                 )
                 print(f"  failed: {message}")
             print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-            text = write_report(args.out, settings, device, commit, load_before, results)
+            text = write_report(args.out, settings, metadata, load_before, results)
     for model_kind in [m for m in settings.models if m != "zoo"]:
         for backend in settings.backends:
             print(f"{model_kind}/{backend} ...", flush=True)
@@ -165,6 +166,6 @@ def main(argv: list[str]) -> int:
                 print(f"  failed: {type(error).__name__}: {error}")
             print(f"  {time.perf_counter() - start:.0f} s", flush=True)
             # written after every model/backend, so that a run cut short keeps what it measured
-            text = write_report(args.out, settings, device, commit, load_before, results)
+            text = write_report(args.out, settings, metadata, load_before, results)
     print(text)
     return 0

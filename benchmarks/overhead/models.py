@@ -125,7 +125,3 @@ def batch_of(model_kind: str, backend: str, settings: Settings, device: torch.de
         if backend == "zuko":
             x = x.flatten(1)
     return x.to(device)
-
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

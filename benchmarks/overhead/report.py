@@ -5,62 +5,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..common.records import commit_text, machine_text
 from .clock import PHASES
 from .settings import REFERENCE, TARGET, VARIANTS, ZOO_TARGET, ZOO_VARIANTS, Settings
-
-
-def _git_commit() -> str:
-    """``git describe`` of the checkout, or ``$KLJ_COMMIT`` where there is no repository."""
-    if os.environ.get("KLJ_COMMIT"):
-        return os.environ["KLJ_COMMIT"]
-    try:
-        run = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        )
-        return run.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions(names: list[str]) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ["torch", "numpy", *names]:
-        package = {"freia": "FrEIA"}.get(name, name)
-        try:
-            found[name] = version(package)
-        except PackageNotFoundError:
-            found[name] = "missing"
-    return found
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
@@ -144,9 +97,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# KLJ penalty overhead per training step ({report['device']})",
         "",
-        f"{report['date']}, commit `{report['commit']}`, torch {report['versions']['torch']}, "
-        f"{report['machine'].get('gpu', report['machine']['processor'])}, "
-        f"{report['machine']['torch_threads']} torch threads; load average "
+        f"{report['date']}, commit `{commit_text(report['commit'])}`, torch "
+        f"{report['versions']['torch']}, {machine_text(report['machine'], False)}; load average "
         f"{report['load_before']} before, {report['load_after']} after.",
         "",
         f"Median of {s.get('tabular_reps', s['reps'])} (tabular) and {s['reps']} (image) "
@@ -215,18 +167,16 @@ def markdown(report: dict[str, Any]) -> str:
 def write_report(
     out: Path,
     settings: Settings,
-    device: torch.device,
-    commit: str,
+    metadata: dict[str, Any],
     load_before: list[float],
     results: list[dict[str, Any]],
 ) -> str:
-    """Write ``<device>.json`` and ``<device>.md`` under ``out``; returns the Markdown."""
+    """Write ``<device>.json`` and ``<device>.md`` under ``out``; returns the Markdown.
+    ``metadata``: :func:`~benchmarks.common.records.run_metadata`'s, taken before the run."""
     report = {
         "device": settings.device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": machine(device),
-        "versions": _versions(settings.backends),
+        **metadata,
         "settings": asdict(settings),
         "load_before": load_before,
         "load_after": [round(v, 2) for v in os.getloadavg()],
@@ -282,9 +232,9 @@ def zoo_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# KLJ capture overhead over the arithmetic floor: model zoo ({report['device']})",
         "",
-        f"{report['date']}, commit `{report['commit']}`, torch {report['versions']['torch']}, "
-        f"{report['machine'].get('gpu', report['machine']['processor'])}, "
-        f"{report['machine']['torch_threads']} torch thread(s); clock: {clock}; load average "
+        f"{report['date']}, commit `{commit_text(report['commit'])}`, torch "
+        f"{report['versions']['torch']}, {machine_text(report['machine'], False)}; clock: {clock}; "
+        "load average "
         f"{report['load_before']} before, {report['load_after']} after{load_range}.",
         "",
         f"Per model, up to {s.get('zoo_reps')} interleaved rounds (fewer where a round is long: "

@@ -17,9 +17,10 @@ from klj_reg.capture import get_capture
 from klj_reg.kit import MAX_CHECKS
 
 from ..common.backends import BackendFlow
+from ..common.records import parameter_count
 from . import zoo
-from .clock import PHASES, PhaseClock, _sync
-from .models import batch_of, image, parameter_count, tabular
+from .clock import PHASES, PhaseClock, sync
+from .models import batch_of, image, tabular
 from .settings import REVERSE_VARIANTS, ZOO_VARIANTS, Settings
 from .variants import Step, make_reverse_step, make_step
 from .zoo import ZooModel
@@ -49,10 +50,10 @@ def time_steps(
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
-            _sync(device)
+            sync(device)
             start = now()
             steps[name](marks)
-            _sync(device)
+            sync(device)
             times[name].append(now() - start)
             phases[name].append(marks.durations())
     return times, phases
@@ -61,11 +62,11 @@ def time_steps(
 def peak_memory(step: Step, device: torch.device) -> float:
     """Peak bytes allocated during one step above what was allocated before it."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        _sync(device)
+        sync(device)
         return float(torch.cuda.max_memory_allocated(device) - before)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
@@ -105,7 +106,7 @@ def count_ops(step: Step, device: torch.device) -> dict[str, Any]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         step()
-        _sync(device)
+        sync(device)
     phases: Counter[str] = Counter()
     names: Counter[str] = Counter()
     syncs = kernels = 0

@@ -13,7 +13,7 @@ import klj_reg
 from klj_reg.kit import MAX_CHECKS
 
 from ..common.backends import BackendFlow
-from .clock import PhaseClock, _no_mark
+from .clock import PhaseClock, no_mark
 from .settings import REVERSE_VARIANTS, Settings
 
 
@@ -96,7 +96,7 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
             assert capture is not None
             for site in capture.sites.values():
                 site.checks_left = MAX_CHECKS
-        mark = clock.mark if clock is not None else _no_mark
+        mark = clock.mark if clock is not None else no_mark
         mark()
         optimiser.zero_grad(set_to_none=True)
         with torch.profiler.record_function("nll"):
@@ -156,7 +156,7 @@ def make_reverse_step(variant: str, flow: BackendFlow, settings: Settings) -> St
     dim, alpha = settings.dim, settings.alpha
 
     def step(clock: PhaseClock | None = None) -> None:
-        mark = clock.mark if clock is not None else _no_mark
+        mark = clock.mark if clock is not None else no_mark
         mark()
         optimiser.zero_grad(set_to_none=True)
         with torch.profiler.record_function("nll"):

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..common.backends import BackendFlow
-from ..common.tabular import _zero, mlp, tabular_flow
+from ..common.tabular import mlp, tabular_flow, zero_init
 from .models import image
 from .settings import Settings
 
@@ -136,7 +136,7 @@ def _coupling_zuko(dim: int, layers: int, hidden: int) -> BackendFlow:
         coupling = GeneralCouplingTransform(
             dim, mask=torch.arange(dim) % 2 == i % 2, hidden_features=(hidden, hidden)
         )
-        _zero(coupling.hyper[-1])
+        zero_init(coupling.hyper[-1])
         steps.append(coupling)
     return _zuko_flow(zuko.flows.Flow(steps, _zuko_base(dim)))
 
@@ -357,8 +357,3 @@ def batch(entry: ZooModel, flow: BackendFlow, settings: Settings) -> Tensor:
     dim = 4 if settings.quick else SIZES[entry.size]
     scales = torch.rand(dim, generator=g) * 2 + 0.5
     return torch.randn(settings.batch, dim, generator=g) * scales
-
-
-def describe(module: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

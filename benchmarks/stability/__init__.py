@@ -38,15 +38,14 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..common.backends import BACKENDS
+from ..common.records import commit_text, machine_text, run_metadata
 from . import configs, report, runner
 
 __all__ = ["main"]
@@ -163,8 +162,7 @@ def summary_md(payload: dict[str, Any]) -> str:
         "# Stability gallery: reported flow-training failures, with and without KLJ\n\n"
         f"Command: `{payload['command']}`; {payload['seeds']} seeds per cell; wall time "
         f"{payload['wall_seconds'] / 60:.1f} min with {payload['jobs']} worker(s) on "
-        f"{payload['machine']}; commit {payload['commit'].get('commit', '?')[:10]}"
-        f"{' (uncommitted changes)' if payload['commit'].get('dirty') else ''}."
+        f"{machine_text(payload['machine'])}; commit {commit_text(payload['commit'], 10)}."
         f"{rendered_text}{skipped}\n\n"
         "A run **fails** at the first step where a parameter is non-finite, 10 consecutive "
         "losses were non-finite (each such step is skipped), or the held-out NLL (mean, "
@@ -268,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         parser.error("no configuration left to run")
 
+    metadata = run_metadata("cpu", BACKENDS)
     start = time.perf_counter()
     runs, chosen = execute(names, args.seeds, args.quick, args.jobs)
     order = {n: i for i, n in enumerate(names)}
@@ -283,8 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         cfgs.append(
             {**cfg.settings(), "doc": cfg.doc, "threshold": sum(thresholds) / len(thresholds)}
         )
-    from ..cifar.report import commit
-
     payload = {
         "command": " ".join(
             ["python -m benchmarks stability", *(sys.argv[2:] if argv is None else argv)]
@@ -292,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "jobs": args.jobs,
         "quick": args.quick,
-        "machine": f"{platform.machine()} {len(os.sched_getaffinity(0))} cores, "
-        f"torch {torch.__version__}",
-        "commit": commit(),
+        **metadata,
         "wall_seconds": time.perf_counter() - start,
         "skipped": skipped,
         "methods": {m: runner.METHOD_TEXT[m] for m in runner.METHODS},

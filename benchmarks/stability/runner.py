@@ -39,6 +39,7 @@ from torch import Tensor
 import klj_reg
 
 from ..common.backends import BackendFlow
+from ..common.records import parameter_count
 from . import configs
 
 DEFAULT_ALPHA = 1e-2  # klj_reg.penalty's default
@@ -237,7 +238,7 @@ def train_one(run: Run) -> dict[str, Any]:
         "identity_nll": threshold - cfg.margin,
         "n_train": len(train),
         "n_held_out": len(test),
-        "parameters": sum(p.numel() for p in params),
+        "parameters": parameter_count(flow),
         "failed": not survived,
         "failure": failure,
         "skipped_steps": skipped,

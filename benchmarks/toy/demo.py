@@ -35,7 +35,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -50,7 +49,8 @@ from torch import Tensor
 import klj_reg
 
 from ..common.backends import BackendFlow, parse
-from ..common.tabular import parameter_count, tabular_flow
+from ..common.records import machine_text, parameter_count, run_metadata
+from ..common.tabular import tabular_flow
 
 RATIOS = (0.0, 0.05, 0.1, 0.15)
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -437,7 +437,7 @@ def summary_md(payload: dict[str, Any]) -> str:
         f"{cfg['settings']['hidden']}, {cfg['settings']['steps']} Adam steps (lr "
         f"{cfg['settings']['lr']:g}, batch {cfg['settings']['batch']}) per run; "
         f"wall time {payload['wall_seconds']:.0f} s with {cfg['jobs']} worker(s) on "
-        f"{payload['machine']}.\n\n"
+        f"{machine_text(payload['machine'])}.\n\n"
         "Test NLL: bits/dim of the clean 360 test digits (17 levels; lower is better). "
         "AUROC: test digits vs OoD sets by NLL (higher is better). "
         "r: fraction of training images with N(0, 1) noise added; p: class-balanced "
@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "maf":
         backends = [b for b in backends if b != "freia"]
 
+    metadata = run_metadata("cpu", backends)
     start = time.perf_counter()
     results = run_all(grid(backends, args.seeds, args.alpha), settings, args.jobs)
     summary = cells(results)
@@ -502,8 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_train_full": int(len(_data().v_train)),
             "n_test": int(len(_data().u_test)),
         },  # fmt: skip
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-        f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}".replace("  ", " "),
+        **metadata,
         "wall_seconds": time.perf_counter() - start,
         "runs": results,
         "cells": summary,
