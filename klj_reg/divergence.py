@@ -201,52 +201,109 @@ def _key(activation: Map | None) -> object:
     return activation
 
 
+class _KLJGroups(torch.autograd.Function):
+    r""":math:`\sum_k w_k \sum \text{klj\_terms}(s_k, \text{scale}_k)` over groups of factors
+    as one autograd node: the groups' elementwise work as :class:`_KLJSum`'s, without a node,
+    a weighting and an addition per group forward and backward. ``specs[k]`` is ``(2 scale_k,
+    w_k, continued_k)``."""
+
+    @staticmethod
+    def forward(ctx: Any, specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
+        ctx.save_for_backward(*s)
+        ctx.specs = specs
+        total: Tensor | None = None
+        for (k, weight, continued), t in zip(specs, s, strict=True):
+            two_s = t * k
+            if continued:
+                u = two_s.clamp_max(U_CONTINUED)
+                terms = torch.expm1(u).sub_(u).add_(two_s.sub_(u), alpha=SLOPE_CONTINUED)
+            else:
+                terms = torch.expm1(two_s).sub_(two_s)
+            value = terms.sum()
+            if weight != 1.0:
+                value = value.mul_(weight)
+            total = value if total is None else total + value
+        assert total is not None
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grads: list[Tensor | None] = [None]
+        graph = torch.is_grad_enabled()  # create_graph: out of place, so that it differentiates
+        for (k, weight, continued), t, needed in zip(
+            ctx.specs, ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True
+        ):
+            if not needed:
+                grads.append(None)
+            elif graph:
+                u = k * t
+                grads.append(grad * (k * weight) * torch.expm1(u.clamp_max(U_CONTINUED)))
+            else:
+                u = t * k
+                if continued:
+                    u.clamp_max_(U_CONTINUED)
+                grads.append(u.expm1_().mul_(grad * (k * weight)))
+        return tuple(grads)
+
+
 def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
     """Batch mean of :func:`divergence` without per-sample sums.
 
     Factors with the same batch size, ``repeat``, dtype, ``activation`` and ``scale`` are
     flattened and concatenated before their activation, so that the elementwise work is one
     expression per group rather than one per factor (fewer operators forward and backward);
-    factors expanded over the batch count once; per-sample groups are divided by the batch
-    size once, shared ones (batch 1) not.
+    factors expanded over the batch count once. The groups' terms, weighted by
+    ``repeat / batch`` (shared factors, batch 1: by ``repeat``), are one autograd node.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     groups: dict[Group, list[Tensor]] = {}
     activations: dict[object, Map] = {}  # group key of an activation -> the activation
-    sums: dict[int, Tensor] = {}  # batch size of the source (B, or 1 if shared) -> sum
+    extra: list[Tensor] = []  # released-code: the raw pre-activations' mean squares
     ones = 0  # released-code: pass-through entries filled with ones, per sample
-
-    def add(t: Tensor, batch: int) -> None:
-        sums[batch] = t if batch not in sums else sums[batch] + t
-
+    low = (torch.float16, torch.bfloat16)
     for record in records:
         for factor in record.factors:
-            t = _float32(_compact(factor.selected()))  # compact first: .float() would expand
+            t = factor.source if factor.log_abs is None else factor.log_abs(factor.source)
+            if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+                t = t[:1]  # expanded over the batch: compact first, .float() would expand
+            if t.dtype in low:
+                t = t.float()
             activation = factor.activation
             key = (t.shape[0], factor.repeat, t.dtype, _key(activation), factor.scale)
             if activation is not None:
                 activations.setdefault(key[3], activation)
-            groups.setdefault(key, []).append(t)
-            raw = factor.pre_activation() if form != "jacobian" else None
-            if raw is not None:
-                add(_float32(raw).square().sum(), raw.shape[0])
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [t]
+            else:
+                found.append(t)
+            if form != "jacobian" and factor.raw is not None:
+                raw = _float32(factor.raw(factor.source))
+                extra.append(raw.square().sum() / raw.shape[0])
                 ones += record.dim - raw.shape[1:].numel()
+    if not groups:
+        raise ValueError("no layer records to compute the divergence from")
+    specs: list[tuple[float, float, bool]] = []
+    inputs: list[Tensor] = []
     for (batch, repeat, _, which, scale), tensors in groups.items():
         s = tensors[0] if len(tensors) == 1 else torch.cat([_rows(t) for t in tensors], dim=1)
         activation = activations.get(which)
         if activation is not None:
             s = activation(s)
+        weight = repeat / batch if batch != 1 else float(repeat)
         if form == "jacobian":
-            term = klj_sum(s, scale, activation_range(activation))
+            bounds = activation_range(activation)
+            continued = (
+                bounds is None
+                or 2.0 * scale * (bounds[1] if scale >= 0 else bounds[0]) > U_CONTINUED
+            )
+            specs.append((2.0 * scale, weight, continued))
+            inputs.append(s)
         else:
-            term = s.sum() * (-2.0 * scale)
-        add(term * repeat if repeat != 1 else term, batch)
-    if not sums:
-        raise ValueError("no layer records to compute the divergence from")
-    total: Tensor | None = None
-    for batch, value in sums.items():
-        term = value / batch if batch != 1 else value
+            extra.append(s.sum() * (-2.0 * scale * weight))
+    total: Tensor | None = _KLJGroups.apply(tuple(specs), *inputs) if inputs else None
+    for term in extra:
         total = term if total is None else total + term
     assert total is not None
     return total + ones if ones else total

@@ -764,6 +764,8 @@ def test_overhead_zoo_runs_quick(tmp_path: Any) -> None:
         v = r["variants"]
         assert v["floor"]["ops"]["forward"] == v["plain"]["ops"]["forward"]
         assert v["hooks"]["ops"]["forward"] == v["capture"]["ops"]["forward"]
+        assert 1 <= r["captured_layers"] <= r["factors"]
     text = (tmp_path / "cpu-zoo-quick.md").read_text()
+    assert "µs per captured layer" in text
     assert text.startswith("# KLJ capture overhead over the arithmetic floor")
     assert "thread_time" in text and "| actnorm-lu/freia/small |" in text

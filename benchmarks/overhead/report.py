@@ -214,6 +214,28 @@ def _main_phase(found: dict[str, Any]) -> str:
     return max(PHASES, key=lambda p: phases[p])
 
 
+def _per_layer_us(r: dict[str, Any]) -> float | None:
+    """The capture's excess over the floor in microseconds per step and captured layer."""
+    layers = r.get("captured_layers")
+    if not layers:
+        return None
+    excess_us = 1e3 * r["capture_minus_floor"]["median"] * r["variants"]["plain"]["median_ms"]
+    return float(excess_us / layers)
+
+
+def _per_layer_text(r: dict[str, Any], target: float) -> str:
+    """``; N µs per layer (L layers, P µs of plain step each; TARGET needs Q)``."""
+    per_layer = _per_layer_us(r)
+    if per_layer is None:
+        return ""
+    layers = r["captured_layers"]
+    plain_us = 1e3 * r["variants"]["plain"]["median_ms"] / layers
+    return (
+        f"; {per_layer:.0f} µs per captured layer ({layers} layers, {plain_us:.0f} µs of plain "
+        f"step each; {target} needs {per_layer / target:.0f})"
+    )
+
+
 def zoo_markdown(report: dict[str, Any]) -> str:
     """The zoo table: per model the reference variants' ratios to plain, (capture - floor)
     with its interquartile range, and that excess split by phase."""
@@ -280,6 +302,7 @@ def zoo_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"- {r['name']}: {found['median']:+.3f}, mostly {_main_phase(found)} "
                 f"({_phase_excess(found)}); hooks alone {r.get('hooks_minus_plain', 0):+.3f}"
+                + _per_layer_text(r, target)
             )
     families: dict[str, list[dict[str, Any]]] = {}
     for r in measured:
@@ -292,8 +315,8 @@ def zoo_markdown(report: dict[str, Any]) -> str:
             "excess in microseconds of host time per step (median over its models):",
             "",
             "| family | models | largest capture - floor | by phase (fwd / pen / bwd / opt) "
-            "| hooks alone | µs per step |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| hooks alone | µs per step | µs per captured layer |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for family, found in families.items():
             excess = [r["capture_minus_floor"] for r in found]
@@ -306,9 +329,11 @@ def zoo_markdown(report: dict[str, Any]) -> str:
                 for r in found
             )
             largest = max(e["median"] for e in excess)
+            layered = [u for r in found if (u := _per_layer_us(r)) is not None]
+            per_layer = f"{statistics.median(layered):.0f}" if layered else "—"
             lines.append(
                 f"| {family} | {len(found)} | {largest:+.3f} | {phases} | {hooks:+.3f} "
-                f"| {micro:.0f} |"
+                f"| {micro:.0f} | {per_layer} |"
             )
     errors = [
         f"- {r['name']}/{name}: {e['error']}"

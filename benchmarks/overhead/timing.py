@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import klj_reg
 from klj_reg.capture import get_capture
 from klj_reg.kit import MAX_CHECKS
 
@@ -169,10 +170,23 @@ def measure_zoo(entry: ZooModel, settings: Settings, device: torch.device) -> di
         "backend": entry.backend,
         "size": entry.size,
     }
+    result.update(captured(original, x))
     result = measure_flow(result, original, x, variants, settings.zoo_reps, settings, device)
     result.update(excess(result))
     result["load"] = round(os.getloadavg()[0], 2)
     return result
+
+
+def captured(flow: BackendFlow, x: torch.Tensor) -> dict[str, int]:
+    """How many layers record in one pass of a copy of ``flow`` on ``x``, and their factors:
+    what the capture's per-layer costs scale with."""
+    twin = copy.deepcopy(flow)
+    capture = klj_reg.attach(twin.model)
+    with torch.no_grad():
+        twin(x)
+    records = capture.take()
+    klj_reg.detach(twin.model)
+    return {"captured_layers": len(records), "factors": sum(len(r.factors) for r in records)}
 
 
 def excess(result: dict[str, Any]) -> dict[str, Any]:
