@@ -219,10 +219,11 @@ def install_all_in_one(block: Any, site: Site) -> list[Handle]:
     def raw(a: Tensor) -> Tensor:  # the subnet's output: in place, ``a`` holds 0.1 times it
         return 10.0 * a[:, :ch] if in_place else a[:, :ch]
 
+    pixels = int(torch.Size(block.dims_in[0][1:]).numel())
+
     def factors() -> list[Factor]:
         out = [Factor(source=site.state["a"], raw=raw, **coupling)]
         if not block.GIN:
-            pixels = int(torch.Size(block.dims_in[0][1:]).numel())
             out.append(Factor(source=block.global_scale, repeat=pixels, **global_fields))
         return out
 
