@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .records import Factor, LayerRecord, Map
+from .records import Factor, LayerRecord, Map, as_row
 
 FORMS = ("jacobian", "released-code")
 
@@ -186,8 +186,8 @@ def _compact(t: Tensor) -> Tensor:
 
 
 Group = tuple[int, int, torch.dtype, object, float]
-"""Factors whose terms are one expression: batch (1 if shared), repeat, dtype, activation
-(itself, or its id if it is not hashable), scale."""
+"""Factors whose terms are one expression: batch (1 if shared, 0 for ``as_row`` sources),
+repeat, dtype, activation (itself, or its id if it is not hashable), scale."""
 
 
 def _key(activation: Map | None) -> object:
@@ -264,13 +264,19 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
     low = (torch.float16, torch.bfloat16)
     for record in records:
         for factor in record.factors:
-            t = factor.source if factor.log_abs is None else factor.log_abs(factor.source)
-            if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
-                t = t[:1]  # expanded over the batch: compact first, .float() would expand
+            log_abs = factor.log_abs
+            if log_abs is as_row:  # shared, no batch dimension: flat, batch 0 in the key
+                t = factor.source if factor.source.dim() == 1 else factor.source.reshape(-1)
+                batch = 0
+            else:
+                t = factor.source if log_abs is None else log_abs(factor.source)
+                if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+                    t = t[:1]  # expanded over the batch: compact first, .float() would expand
+                batch = t.shape[0]
             if t.dtype in low:
                 t = t.float()
             activation = factor.activation
-            key = (t.shape[0], factor.repeat, t.dtype, _key(activation), factor.scale)
+            key = (batch, factor.repeat, t.dtype, _key(activation), factor.scale)
             if activation is not None:
                 activations.setdefault(key[3], activation)
             found = groups.get(key)
@@ -287,11 +293,14 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
     specs: list[tuple[float, float, bool]] = []
     inputs: list[Tensor] = []
     for (batch, repeat, _, which, scale), tensors in groups.items():
-        s = tensors[0] if len(tensors) == 1 else torch.cat([_rows(t) for t in tensors], dim=1)
+        if len(tensors) == 1:
+            s = tensors[0]
+        else:
+            s = torch.cat(tensors if batch == 0 else [_rows(t) for t in tensors], dim=-1)
         activation = activations.get(which)
         if activation is not None:
             s = activation(s)
-        weight = repeat / batch if batch != 1 else float(repeat)
+        weight = repeat / batch if batch > 1 else float(repeat)
         if form == "jacobian":
             bounds = activation_range(activation)
             continued = (

@@ -251,7 +251,7 @@ def _check_shape(found: Pass, x: Tensor, model: str) -> None:
 def _shape_of(found: Pass) -> tuple[int, int]:
     """``(batch, D)`` of an implicit pass, from its records."""
     records = list(found.records.values())
-    sizes = {f.source.shape[0] for r in records for f in r.factors} - {1}
+    sizes = {f.batch for r in records for f in r.factors} - {1}
     return (max(sizes) if sizes else 1), max(r.dim for r in records)
 
 

@@ -88,7 +88,7 @@ def _flow_fn(model: Any, context: Any) -> Callable[[Tensor], tuple[Tensor, Tenso
 
 
 def _batch_of(records: list[LayerRecord]) -> int:
-    sizes = {f.source.shape[0] for r in records for f in r.factors} - {1}
+    sizes = {f.batch for r in records for f in r.factors} - {1}
     if len(sizes) > 1:
         raise CaptureError(
             f"captured layers disagree on the batch size ({sorted(sizes)}) within one pass: a "

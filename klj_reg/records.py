@@ -15,13 +15,22 @@ from torch import Tensor
 Map = Callable[[Tensor], Tensor]
 
 
+def as_row(t: Tensor) -> Tensor:
+    """``log_abs`` of a factor shared by the batch whose ``source`` is a tensor without a
+    batch dimension (a parameter such as ActNorm's ``(C,)`` log-scale): ``source`` as one row
+    ``(1, ...)``. The penalty concatenates such sources flat and adds no row dimension, so a
+    layer pays no view operator forward and backward for it."""
+    return t.unsqueeze(0)
+
+
 class Factor(NamedTuple):
     r"""One triangular factor of a layer's Jacobian (built by keyword), with diagonal
     :math:`\log|d| = \text{scale} \cdot \text{activation}(\text{log\_abs}(\text{source}))`.
 
     Attributes:
         source: A tensor the layer computed during its forward pass, of shape ``(B, ...)``,
-            or ``(1, ...)`` when the factor is shared by the whole batch (ActNorm).
+            or ``(1, ...)`` when the factor is shared by the whole batch (ActNorm); with
+            ``log_abs=as_row``, a shared tensor of any shape without the batch dimension.
         log_abs: Maps ``source`` to :math:`\log|d|` (or to the activation's input); ``None``
             for the identity. Evaluated lazily, in :func:`klj_reg.penalty`. Prefer views
             (slices) here and put elementwise work in ``activation``.
@@ -43,6 +52,11 @@ class Factor(NamedTuple):
     raw: Map | None = None
     activation: Map | None = None
     scale: float = 1.0
+
+    @property
+    def batch(self) -> int:
+        """The batch size of :meth:`selected` (1 for a factor shared by the batch)."""
+        return 1 if self.log_abs is as_row else self.source.shape[0]
 
     def selected(self) -> Tensor:
         """``log_abs(source)``: the input of the activation, shape ``(B, ...)`` or ``(1, ...)``."""

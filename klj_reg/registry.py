@@ -217,7 +217,7 @@ def register_adapter(
             dim = (
                 x.shape[1:].numel()
                 if x is not None
-                else max(f.source.shape[1:].numel() for f in factors)
+                else max(f.selected().shape[1:].numel() for f in factors)
             )
             site.record(factors, log_det(mod, args, out) if log_det else None, dim)
 

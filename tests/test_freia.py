@@ -58,7 +58,7 @@ def expanded(log_abs: Tensor, dim: int, start: int) -> Tensor:
 
 def implied_log_det(record: klj_reg.LayerRecord) -> Tensor:
     return sum(  # type: ignore[return-value]
-        f.repeat * f.log_abs_d().reshape(f.source.shape[0], -1).sum(1) for f in record.factors
+        f.repeat * f.log_abs_d().reshape(f.batch, -1).sum(1) for f in record.factors
     )
 
 

@@ -357,7 +357,7 @@ def test_act_norm_is_one_factor_per_channel_shared_by_pixels(shape: tuple[int, .
     perturb(layer, 0.2)
     rec = only(records(layer, lambda: layer(x)))
     (factor,) = rec.factors
-    assert factor.source.shape == (1, shape[0]) and factor.repeat == math.prod(shape[1:])
+    assert factor.selected().shape == (1, shape[0]) and factor.repeat == math.prod(shape[1:])
     jac = jacobian(lambda xx: layer(xx)[0], x)
     expected = factor.log_abs_d().exp().reshape(1, -1, *[1] * (len(shape) - 1)).expand(5, *shape)
     torch.testing.assert_close(jac, torch.diag_embed(expected.reshape(5, -1)))
@@ -416,7 +416,7 @@ def test_one_by_one_convolution_is_lu_per_pixel() -> None:
     x = torch.randn(2, 4, 3, 3, dtype=F64)
     rec = only(records(layer, lambda: layer(x)))
     (factor,) = rec.factors
-    assert factor.repeat == 9 and factor.source.shape == (1, 4)
+    assert factor.repeat == 9 and factor.selected().shape == (1, 4)
     _, upper = layer._create_lower_upper()  # per pixel: W = L U after a fixed permutation
     torch.testing.assert_close(factor.log_abs_d().exp().reshape(-1), torch.diagonal(upper))
     assert_log_det(rec, layer(x)[1])

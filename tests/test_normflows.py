@@ -107,7 +107,7 @@ def per_sample(log_abs: Tensor, batch: int) -> Tensor:
 
 def implied_log_det(record: klj_reg.LayerRecord) -> Tensor:
     return sum(  # type: ignore[return-value]
-        f.repeat * f.log_abs_d().reshape(f.source.shape[0], -1).sum(1) for f in record.factors
+        f.repeat * f.log_abs_d().reshape(f.batch, -1).sum(1) for f in record.factors
     )
 
 
@@ -275,7 +275,7 @@ def test_invertible_1x1_conv_records_the_lu_scale() -> None:
     x = torch.randn(2, 3, 2, 2)
     rec = only(records(conv, lambda: conv.inverse(x)))
     (factor,) = rec.factors
-    assert factor.repeat == 4 and factor.source.shape == (1, 3)
+    assert factor.repeat == 4 and factor.selected().shape == (1, 3)
     perm, lower, upper = lu_parts(conv)
     eye = torch.eye(4)
     # the layer is P L U per pixel (channel-major flattening) ...

@@ -37,7 +37,7 @@ def captured_log_abs_d(flow: BackendFlow, x: Tensor) -> tuple[Tensor, Tensor]:
     for record in capture.take():
         for f in record.factors:
             t = f.log_abs_d()
-            if f.source.shape[0] == batch and f.selected().stride(0) != 0:
+            if f.batch == batch and f.selected().stride(0) != 0:
                 rows.append(t.reshape(batch, -1))
             else:
                 if t.dim() > 0 and t.shape[0] == batch and t.stride(0) == 0:

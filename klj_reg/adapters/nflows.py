@@ -71,7 +71,7 @@ from ..kit import (
     warn_left_out,
     watch_method,
 )
-from ..records import Factor
+from ..records import Factor, as_row
 from ..registry import Registrar, is_neutral
 
 framework = Registrar("nflows", T, nflows_coupling, nflows_autoregressive, nflows_flows)
@@ -225,7 +225,7 @@ def _act_norm(layer: Any, inverse: bool) -> Read:
     def read(stash: Stash) -> list[Factor]:
         scale = layer.log_scale
         repeat = _per_channel(stash, scale.numel())
-        return [Factor(source=scale.unsqueeze(0), repeat=repeat, scale=sign)]
+        return [Factor(source=scale, log_abs=as_row, repeat=repeat, scale=sign)]
 
     return read
 
@@ -287,9 +287,11 @@ def _lu_linear(layer: Any, inverse: bool) -> Read:
     sign = direction_sign(inverse)
 
     def read(stash: Stash) -> list[Factor]:
-        source = layer.unconstrained_upper_diag.unsqueeze(0)
+        source = layer.unconstrained_upper_diag
         repeat = _per_channel(stash, layer.features)
-        return [Factor(source=source, repeat=repeat, activation=activation, scale=sign)]
+        return [
+            Factor(source=source, log_abs=as_row, repeat=repeat, activation=activation, scale=sign)
+        ]
 
     return read
 

@@ -88,7 +88,7 @@ from ..kit import (
     returned_log_det,
     watch_method,
 )
-from ..records import Factor, Map
+from ..records import Factor, Map, as_row
 from ..registry import Registrar, is_neutral
 
 framework = Registrar("normflows", nf, nf.flows, normflows_mixing, nf.transforms)
@@ -323,9 +323,9 @@ def install_lu_mixing(layer: Any, site: Site, reverse: bool = False) -> list[Han
     sign = direction_sign(reverse)
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        log_s = layer.log_S.unsqueeze(0)
+        log_s = layer.log_S
         repeat = args[0].shape[1:].numel() // log_s.numel()
-        return [Factor(source=log_s, repeat=repeat, scale=sign)]
+        return [Factor(source=log_s, log_abs=as_row, repeat=repeat, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 
@@ -338,8 +338,8 @@ def install_lu_linear_permute(layer: Any, site: Site, reverse: bool = False) -> 
     activation = log_softplus_plus(linear.eps)  # shared by the layers: one expression
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        source = linear.unconstrained_upper_diag.unsqueeze(0)
-        return [Factor(source=source, activation=activation, scale=sign)]
+        source = linear.unconstrained_upper_diag
+        return [Factor(source=source, log_abs=as_row, activation=activation, scale=sign)]
 
     return _watch(layer, site, reverse, build)
 
