@@ -7,16 +7,16 @@ Illustrative fragments that cannot run are fenced as ``text``.
 
 from __future__ import annotations
 
-import gc
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.docs.snippets import release
+
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -39,22 +39,7 @@ def run_page(name: str, blocks: list[str]) -> None:
             for i, block in enumerate(blocks):
                 exec(compile(block, f"{name} (block {i})", "exec"), namespace)
     finally:
-        _release(namespace)
-
-
-def _release(namespace: dict[str, Any]) -> None:
-    """Detach what the page attached (an attached layer keeps framework-wide patches, e.g.
-    nflows' spline functions, in place for the tests that run after it)."""
-    import klj_reg
-
-    for value in namespace.values():
-        if isinstance(value, klj_reg.Monitor):
-            value.close()
-        elif isinstance(value, torch.nn.Module):
-            for module in value.modules():
-                klj_reg.detach(module)
-    namespace.clear()
-    gc.collect()
+        release(namespace)
 
 
 def test_the_docs_have_pages_with_code() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-PEER = Path(__file__).parent / "peer"
+PEER = Path(__file__).parent
 
 pytest_plugins = ["pytester"]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_docs import _release
+from tests.docs.snippets import release
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 TEXT = README.read_text()
 FENCES = re.findall(r"^```(\w*)[^\n]*\n(.*?)^```", TEXT, re.S | re.M)
 BLOCKS = [code for lang, code in FENCES if lang == "python"]
@@ -51,7 +51,7 @@ def test_snippet_runs(block: str) -> None:
         with _no_klj_warning():
             exec(compile(block, "README.md", "exec"), namespace)
     finally:
-        _release(namespace)
+        release(namespace)
 
 
 class _no_klj_warning:

@@ -12,7 +12,7 @@ same sample (``log e = -log d``), which the framework tests check against exact 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,31 +21,17 @@ from torch import Tensor, nn
 import klj_reg
 from klj_reg.divergence import log_det_of, record_divergence
 from klj_reg.kit import MAX_CHECKS
+from tests import truth
 
 B = 8
 
 
-@pytest.fixture(autouse=True)
-def _float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-_attached: list[nn.Module] = []
-
-
-@pytest.fixture(autouse=True)
-def _detach_all() -> Iterator[None]:
-    yield
-    while _attached:
-        klj_reg.detach(_attached.pop())
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def attach(model: nn.Module, direction: str = "sample") -> klj_reg.Capture:
-    _attached.append(model)
-    return klj_reg.attach(model, direction=direction)
+    """Attach for the sampling pass unless told otherwise (detached after the test)."""
+    return truth.attach(model, direction)
 
 
 def noisy(model: nn.Module, std: float = 0.3) -> None:

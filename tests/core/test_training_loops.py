@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 import klj_reg
 from klj_reg.capture import get_capture
-from tests.test_performance import BACKENDS, Loss, inputs, model_for
+from tests.core.test_performance import BACKENDS, Loss, inputs, model_for
 
 
 def noisy_model(backend: str, context: bool = False) -> tuple[nn.Module, Loss, int, int]:

@@ -9,7 +9,7 @@
 - under bf16 autocast the penalty is float32 and finite.
 
 Models: a small FrEIA ``SequenceINN`` of ``AllInOneBlock`` and the ``training_model(context)``
-of tests/test_nflows.py, tests/test_normflows.py and tests/test_zuko.py (each returns the model
+of tests/adapters/test_nflows.py, test_normflows.py and test_zuko.py (each returns the model
 and its usual training loss ``(x, c) -> Tensor``; splines, MAF, ActNorm, couplings). The long
 loop and the compiler tests use the tiny flows of ``benchmarks.common.tabular`` (D = 4, two
 layers of ActNorm-like scaling + affine coupling, or MAF), to keep the file fast.
@@ -76,12 +76,12 @@ def model_for(backend: str, context: bool = False) -> tuple[nn.Module, Loss, int
         return _freia_model(context)
     pytest.importorskip(backend)
     try:
-        module = importlib.import_module(f"tests.test_{backend}")
+        module = importlib.import_module(f"tests.adapters.test_{backend}")
     except ImportError as error:
-        pytest.skip(f"tests/test_{backend}.py cannot be imported: {error}")
+        pytest.skip(f"tests/adapters/test_{backend}.py cannot be imported: {error}")
     make = getattr(module, "training_model", None)
     if make is None:
-        pytest.skip(f"tests/test_{backend}.py defines no training_model(context) yet")
+        pytest.skip(f"tests/adapters/test_{backend}.py defines no training_model(context) yet")
     model, loss = make(context)
     dim = next(getattr(module, n) for n in ("FEATURES", "DIM") if hasattr(module, n))
     features = next(
@@ -578,7 +578,7 @@ def test_prepared_gpu_check_runs_without_a_gpu(tmp_path: Any) -> None:
     """``benchmarks/gpu_check.sh`` (the one script a session lent a GPU runs) works end to end
     with ``KLJ_DEVICE=cpu``: environment report, then the overhead table under ``$OUT``."""
     pytest.importorskip("FrEIA")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = dict(
         os.environ,
         PYTHON=sys.executable,
