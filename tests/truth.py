@@ -51,8 +51,13 @@ _ATTACHED: list[torch.nn.Module] = []
 def attach(model: torch.nn.Module, direction: str = "data") -> klj_reg.Capture:
     """``klj_reg.attach``, remembered: the test's teardown detaches the model (an attached
     layer keeps framework-wide patches in place for the tests that run after it)."""
-    _ATTACHED.append(model)
+    detach_later(model)
     return klj_reg.attach(model, direction=direction)
+
+
+def detach_later(model: torch.nn.Module) -> None:
+    """Detach ``model`` after the test (one attached another way, e.g. by ``penalty``)."""
+    _ATTACHED.append(model)
 
 
 def detach_all() -> None:

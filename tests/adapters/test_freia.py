@@ -7,7 +7,14 @@ import torch
 from torch import Tensor, nn
 
 import klj_reg
-from tests.truth import assert_triangular, jacobian, records
+from tests.truth import (
+    assert_log_det,
+    assert_triangular,
+    implied_log_det,
+    jacobian,
+    only,
+    records,
+)
 
 Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
@@ -54,24 +61,6 @@ def expanded(log_abs: Tensor, dim: int, start: int) -> Tensor:
     out = torch.ones(flat.shape[0], dim, dtype=flat.dtype)
     out[:, start : start + flat.shape[1]] = flat
     return out
-
-
-def implied_log_det(record: klj_reg.LayerRecord) -> Tensor:
-    return sum(  # type: ignore[return-value]
-        f.repeat * f.log_abs_d().reshape(f.batch, -1).sum(1) for f in record.factors
-    )
-
-
-def assert_log_det(record: klj_reg.LayerRecord, log_det: Tensor | float) -> None:
-    implied = implied_log_det(record)
-    expected = torch.as_tensor(log_det, dtype=implied.dtype)
-    shape = torch.broadcast_shapes(implied.shape, expected.shape)
-    torch.testing.assert_close(implied.expand(shape), expected.expand(shape))
-
-
-def only(recs: dict[str, klj_reg.LayerRecord]) -> klj_reg.LayerRecord:
-    assert len(recs) == 1, recs.keys()
-    return next(iter(recs.values()))
 
 
 @pytest.mark.parametrize("dims", SHAPES)

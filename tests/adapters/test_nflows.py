@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -12,7 +13,15 @@ import torch
 from torch import Tensor, nn
 
 import klj_reg
-from tests.truth import assert_triangular, jacobian
+from tests import truth
+from tests.truth import (
+    assert_log_det,
+    assert_triangular,
+    implied_log_det,
+    jacobian,
+    jacobian_each,
+    only,
+)
 
 pytest.importorskip("nflows")
 from nflows import distributions, flows  # noqa: E402
@@ -64,40 +73,8 @@ def inputs(context: int, batch: int = 4, dim: int = FEATURES) -> tuple[Tensor, l
     return x, ([torch.randn(batch, context, dtype=F64)] if context else [])
 
 
-def jacobian_each(fn: Callable[..., Tensor], x: Tensor, *batched: Tensor) -> Tensor:
-    """Like ``truth.jacobian`` but one sample at a time: spline code branches on data
-    (``if torch.any(mask)``, boolean indexing), which ``vmap`` cannot batch."""
-    rows = []
-    for b in range(x.shape[0]):
-        cs = [c[b : b + 1] for c in batched]
-        rows.append(torch.func.jacrev(lambda xi, cs=cs: fn(xi[None], *cs).reshape(-1))(x[b]))
-    return torch.stack(rows).reshape(x.shape[0], -1, x[0].numel())
-
-
-def records(model: nn.Module, run: Callable[[], object]) -> dict[str, klj_reg.LayerRecord]:
-    """Attach, run, return the records by name, and detach (so truth runs uncaptured)."""
-    capture = klj_reg.attach(model)
-    capture.records.clear()
-    run()
-    found = {r.name: r for r in capture.take()}
-    klj_reg.detach(model)
-    return found
-
-
-def only(recs: dict[str, klj_reg.LayerRecord]) -> klj_reg.LayerRecord:
-    assert len(recs) == 1, recs.keys()
-    return next(iter(recs.values()))
-
-
-def implied_log_det(record: klj_reg.LayerRecord) -> Tensor:
-    return sum(  # type: ignore[return-value]
-        f.repeat * f.log_abs_d().reshape(f.log_abs_d().shape[0], -1).sum(1) for f in record.factors
-    )
-
-
-def assert_log_det(record: klj_reg.LayerRecord, log_det: Tensor) -> None:
-    implied = implied_log_det(record)
-    torch.testing.assert_close(implied.expand(log_det.shape), log_det)
+# Detached as soon as the records are taken, so that the test's truth runs uncaptured.
+records = partial(truth.records, detach=True)
 
 
 def diag(jac: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +16,16 @@ from torch import Tensor, nn
 
 import klj_reg
 from klj_reg import hooks
-from tests.truth import assert_triangular
+from tests.truth import (
+    assert_log_det,
+    assert_triangular,
+    attach,
+    detach_later,
+    implied_log_det,
+    jacobian_each,
+    only,
+    records,
+)
 
 nf = pytest.importorskip("normflows")
 
@@ -41,56 +50,7 @@ PATCHED = [
 ]
 ORIGINAL = {key: key[0].__dict__.get(key[1]) for key in PATCHED}
 
-
-@pytest.fixture(autouse=True)
-def _float64() -> Iterator[None]:
-    """Build every model in float64 (normflows allocates its log-dets in the default dtype)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-_attached: list[nn.Module] = []
-
-
-@pytest.fixture(autouse=True)
-def _detach_all() -> Iterator[None]:
-    """Leave no class patched behind: detach every model a test attached."""
-    yield
-    while _attached:
-        klj_reg.detach(_attached.pop())
-
-
-def attach(model: nn.Module) -> klj_reg.Capture:
-    _attached.append(model)
-    return klj_reg.attach(model)
-
-
-def records(model: nn.Module, forward: Callable[[], object]) -> dict[str, klj_reg.LayerRecord]:
-    capture = attach(model)
-    capture.records.clear()
-    forward()
-    return {r.name: r for r in capture.take()}
-
-
-def jacobian(fn: Callable[..., Tensor], x: Tensor, *batched: Tensor) -> Tensor:
-    """Exact per-sample Jacobian ``(B, D_out, D_in)`` of ``fn(x, *batched)``, one sample at a
-    time (normflows accumulates log-dets in place and splines index by data-dependent masks,
-    which ``torch.func.vmap`` cannot batch)."""
-    rows = []
-    for i in range(x.shape[0]):
-        cs = tuple(c[i : i + 1] for c in batched)
-        jac = torch.autograd.functional.jacobian(
-            lambda xi, cs=cs: fn(xi, *cs).reshape(-1), x[i : i + 1]
-        )
-        rows.append(jac.reshape(-1, x[0].numel()))
-    return torch.stack(rows)
-
-
-def only(recs: dict[str, klj_reg.LayerRecord]) -> klj_reg.LayerRecord:
-    assert len(recs) == 1, recs.keys()
-    return next(iter(recs.values()))
+pytestmark = pytest.mark.usefixtures("float64")  # normflows allocates log-dets in the default dtype
 
 
 def noisy(module: nn.Module, std: float = 0.3) -> nn.Module:
@@ -103,21 +63,6 @@ def noisy(module: nn.Module, std: float = 0.3) -> nn.Module:
 
 def per_sample(log_abs: Tensor, batch: int) -> Tensor:
     return log_abs.reshape(log_abs.shape[0], -1).expand(batch, -1)
-
-
-def implied_log_det(record: klj_reg.LayerRecord) -> Tensor:
-    return sum(  # type: ignore[return-value]
-        f.repeat * f.log_abs_d().reshape(f.batch, -1).sum(1) for f in record.factors
-    )
-
-
-def assert_log_det(record: klj_reg.LayerRecord, log_det: Tensor | float) -> None:
-    implied = implied_log_det(record)
-    expected = torch.as_tensor(log_det, dtype=implied.dtype)
-    shape = torch.broadcast_shapes(implied.shape, expected.shape)
-    torch.testing.assert_close(implied.expand(shape), expected.expand(shape))
-    assert record.log_det is not None  # the layer's own, for the core's first-batch check
-    torch.testing.assert_close(implied.expand(shape), record.log_det.expand(shape))
 
 
 def diag(jac: Tensor) -> Tensor:
@@ -152,7 +97,7 @@ def test_affine_coupling_block(scale_map: str, dims: tuple[int, ...], mode: str)
     rec = only(records(block, lambda: block.inverse(x)))
     assert rec.name == "flows.1" and rec.kind == "AffineCoupling"
     (factor,) = rec.factors
-    jac = jacobian(lambda xx: block.inverse(xx)[0], x)
+    jac = jacobian_each(lambda xx: block.inverse(xx)[0], x)
     if mode == "channel":  # (x1, x2) -> (x1, g(x2; x1))
         assert_triangular(jac, lower=True)
     scaled = factor.log_abs_d().exp()
@@ -161,7 +106,7 @@ def test_affine_coupling_block(scale_map: str, dims: tuple[int, ...], mode: str)
     if scale_map == "sigmoid":  # Glow's map: sigmoid(s + 2), no epsilon
         params = block.flows[1].param_map(nf.flows.Split(mode)(x)[0][0])
         torch.testing.assert_close(scaled, torch.sigmoid(params[:, 1::2] + 2))
-    assert_log_det(rec, block.inverse(x)[1])
+    assert_log_det(rec, block.inverse(x)[1], own=True)
     nontrivial(rec)
 
 
@@ -183,11 +128,11 @@ def test_masked_affine_flow() -> None:
     )
     x = torch.randn(4, 6)
     rec = only(records(layer, lambda: layer.inverse(x)))
-    jac = jacobian(lambda xx: layer.inverse(xx)[0], x)
+    jac = jacobian_each(lambda xx: layer.inverse(xx)[0], x)
     order = torch.cat([torch.nonzero(b).flatten(), torch.nonzero(1 - b).flatten()])
     assert_triangular(jac[:, order][:, :, order], lower=True)
     torch.testing.assert_close(diag(jac), rec.factors[0].log_abs_d().exp())
-    assert_log_det(rec, layer.inverse(x)[1])
+    assert_log_det(rec, layer.inverse(x)[1], own=True)
     nontrivial(rec)
 
 
@@ -226,10 +171,10 @@ def test_masked_affine_autoregressive(context: int) -> None:
     layer.autoregressive_net.register_forward_pre_hook(lambda m, a: calls.append(1))
     rec = only(records(layer, lambda: layer.inverse(x, *cs)))
     assert len(calls) == DIM  # normflows' own D passes; the record is from the last one
-    jac = jacobian(lambda xx, *cc: layer.inverse(xx, *cc)[0], x, *cs)
+    jac = jacobian_each(lambda xx, *cc: layer.inverse(xx, *cc)[0], x, *cs)
     assert_triangular(jac, lower=True)
     torch.testing.assert_close(diag(jac), rec.factors[0].log_abs_d().exp())
-    assert_log_det(rec, layer.inverse(x, *cs)[1])
+    assert_log_det(rec, layer.inverse(x, *cs)[1], own=True)
     nontrivial(rec)
 
 
@@ -249,19 +194,19 @@ def test_act_norm_and_affine_const(
     rec = only(records(layer, lambda: layer.inverse(x)))
     (factor,) = rec.factors
     assert factor.source.shape[0] == 1 and factor.repeat == x[0].numel() // math.prod(shape)
-    jac = jacobian(lambda xx: layer.inverse(xx)[0], x)
+    jac = jacobian_each(lambda xx: layer.inverse(xx)[0], x)
     expected = factor.log_abs_d().exp().expand(1, *dims).reshape(1, -1).expand(5, -1)
     torch.testing.assert_close(jac, torch.diag_embed(expected))
-    assert_log_det(rec, layer.inverse(x)[1])
+    assert_log_det(rec, layer.inverse(x)[1], own=True)
 
 
 def test_class_conditional_affine_const() -> None:
     layer = noisy(nf.flows.CCAffineConst((6,), 3))
     x, y = torch.randn(4, 6), F.one_hot(torch.tensor([0, 2, 1, 2]), 3).double()
     rec = only(records(layer, lambda: layer.inverse(x, y)))
-    jac = jacobian(lambda xx, yy: layer.inverse(xx, yy)[0], x, y)
+    jac = jacobian_each(lambda xx, yy: layer.inverse(xx, yy)[0], x, y)
     torch.testing.assert_close(jac, torch.diag_embed(rec.factors[0].log_abs_d().exp()))
-    assert_log_det(rec, layer.inverse(x, y)[1])
+    assert_log_det(rec, layer.inverse(x, y)[1], own=True)
 
 
 def lu_parts(layer: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,15 +225,15 @@ def test_invertible_1x1_conv_records_the_lu_scale() -> None:
     eye = torch.eye(4)
     # the layer is P L U per pixel (channel-major flattening) ...
     torch.testing.assert_close(
-        jacobian(lambda xx: conv.inverse(xx)[0], x)[0], torch.kron(perm @ lower @ upper, eye)
+        jacobian_each(lambda xx: conv.inverse(xx)[0], x)[0], torch.kron(perm @ lower @ upper, eye)
     )
     # ... whose last factor U is triangular with the captured diagonal, L's diagonal is 1
-    u_jac = jacobian(lambda xx: F.conv2d(xx, upper[..., None, None]), x)
+    u_jac = jacobian_each(lambda xx: F.conv2d(xx, upper[..., None, None]), x)
     assert_triangular(u_jac, lower=False)
     expected = factor.log_abs_d().exp().repeat_interleave(4, dim=1).expand(2, -1)
     torch.testing.assert_close(diag(u_jac).abs(), expected)
     torch.testing.assert_close(torch.diagonal(lower), torch.ones(3))
-    assert_log_det(rec, conv.inverse(x)[1])
+    assert_log_det(rec, conv.inverse(x)[1], own=True)
     nontrivial(rec)
 
 
@@ -297,12 +242,12 @@ def test_invertible_affine_records_the_lu_scale() -> None:
     x = torch.randn(3, 4)
     rec = only(records(layer, lambda: layer.inverse(x)))
     perm, lower, upper = lu_parts(layer)
-    jac = jacobian(lambda xx: layer.inverse(xx)[0], x)
+    jac = jacobian_each(lambda xx: layer.inverse(xx)[0], x)
     torch.testing.assert_close(jac[0], (perm @ lower @ upper).T)  # z @ W
-    u_jac = jacobian(lambda xx: xx @ upper, x)  # U^T, lower triangular
+    u_jac = jacobian_each(lambda xx: xx @ upper, x)  # U^T, lower triangular
     assert_triangular(u_jac, lower=True)
     torch.testing.assert_close(diag(u_jac).abs(), per_sample(rec.factors[0].log_abs_d(), 3).exp())
-    assert_log_det(rec, layer.inverse(x)[1])
+    assert_log_det(rec, layer.inverse(x)[1], own=True)
 
 
 @pytest.mark.parametrize("cls", ["Invertible1x1Conv", "InvertibleAffine"])
@@ -323,12 +268,12 @@ def test_lu_linear_permute() -> None:
     rec = only(records(layer, lambda: layer.inverse(x)))
     lower, upper = layer.linear._create_lower_upper()
     perm = torch.eye(5)[layer.permutation._permutation]
-    jac = jacobian(lambda xx: layer.inverse(xx)[0], x)
+    jac = jacobian_each(lambda xx: layer.inverse(xx)[0], x)
     torch.testing.assert_close(jac[0], lower @ upper @ perm)
-    u_jac = jacobian(lambda xx: F.linear(xx, upper), x)
+    u_jac = jacobian_each(lambda xx: F.linear(xx, upper), x)
     assert_triangular(u_jac, lower=False)
     torch.testing.assert_close(diag(u_jac), per_sample(rec.factors[0].log_abs_d(), 3).exp())
-    assert_log_det(rec, layer.inverse(x)[1])
+    assert_log_det(rec, layer.inverse(x)[1], own=True)
     nontrivial(rec)
 
 
@@ -351,14 +296,14 @@ def test_coupled_rational_quadratic_spline(circular: bool, context: int) -> None
     rec = only(records(layer, lambda: layer.inverse(x, *cs)))
     transformed, identity = rec.factors
     coupling = layer.prqct
-    jac = jacobian(lambda xx, *cc: layer.inverse(xx, *cc)[0], x, *cs)
+    jac = jacobian_each(lambda xx, *cc: layer.inverse(xx, *cc)[0], x, *cs)
     order = torch.cat([coupling.identity_features, coupling.transform_features])
     assert_triangular(jac[:, order][:, :, order], lower=True)
     expected = torch.empty(4, DIM)
     expected[:, coupling.transform_features] = transformed.log_abs_d().exp()
     expected[:, coupling.identity_features] = identity.log_abs_d().exp()
     torch.testing.assert_close(diag(jac), expected)
-    assert_log_det(rec, layer.inverse(x, *cs)[1])
+    assert_log_det(rec, layer.inverse(x, *cs)[1], own=True)
     nontrivial(rec)
 
 
@@ -382,10 +327,10 @@ def test_autoregressive_rational_quadratic_spline(
     x = 2.5 * torch.rand(4, DIM) * 2 - 2.5
     cs = [torch.randn(4, context)] if context else []
     rec = only(records(layer, lambda: layer.inverse(x, *cs)))
-    jac = jacobian(lambda xx, *cc: layer.inverse(xx, *cc)[0], x, *cs)
+    jac = jacobian_each(lambda xx, *cc: layer.inverse(xx, *cc)[0], x, *cs)
     assert_triangular(jac, lower=True)
     torch.testing.assert_close(diag(jac), rec.factors[0].log_abs_d().exp())
-    assert_log_det(rec, layer.inverse(x, *cs)[1])
+    assert_log_det(rec, layer.inverse(x, *cs)[1], own=True)
     nontrivial(rec)
 
 
@@ -425,11 +370,11 @@ def test_reverse_records_the_inner_forward(inner: str) -> None:
     rev.forward(x)  # latent -> data: the inner inverse, not recorded
     assert capture.records == {} and capture.sites[""].state == {}
     rec = only(records(rev, lambda: rev.inverse(x)))
-    jac = jacobian(lambda xx: rev.inverse(xx)[0], x)
+    jac = jacobian_each(lambda xx: rev.inverse(xx)[0], x)
     assert_triangular(jac, lower=True)
     expected = per_sample(rec.factors[0].log_abs_d(), 4).exp()
     torch.testing.assert_close(diag(jac), expected)
-    assert_log_det(rec, rev.inverse(x)[1])
+    assert_log_det(rec, rev.inverse(x)[1], own=True)
     nontrivial(rec)
 
 
@@ -612,7 +557,7 @@ def test_penalty_without_a_user_pass_runs_the_model_runner(context: bool) -> Non
     x, c = batch(context)
     loss_fn(x, c)
     own = klj_reg.penalty(model, x, context=c)  # first use: attaches and runs inverse_and_log_det
-    _attached.append(model)
+    detach_later(model)
     loss_fn(x, c)
     torch.testing.assert_close(own, klj_reg.penalty(model, x))
 
@@ -628,7 +573,7 @@ def test_runners_of_class_conditional_flow_and_single_layer() -> None:
         (layer, lambda: layer.inverse(x)),
     ):
         own = klj_reg.penalty(target, x)  # first use: attaches and runs the runner
-        _attached.append(target)
+        detach_later(target)
         forward()
         torch.testing.assert_close(own, klj_reg.penalty(target, x))
         assert own.item() > 1e-4
@@ -724,7 +669,7 @@ def test_glow_block_records_coupling_conv_and_act_norm() -> None:
     total = sum(implied_log_det(r) for r in recs.values())
     torch.testing.assert_close(total, block.inverse(x)[1])
     for rec in recs.values():
-        assert_log_det(rec, rec.log_det)  # type: ignore[arg-type]
+        assert_log_det(rec, rec.log_det, own=True)  # type: ignore[arg-type]
 
 
 def multiscale_glow(levels: int = 2, classes: int = 3) -> nn.Module:

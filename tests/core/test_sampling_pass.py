@@ -42,17 +42,6 @@ def noisy(model: nn.Module, std: float = 0.3) -> None:
                 p.add_(std * torch.randn_like(p))
 
 
-def jacobian(fn: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
-    """Exact per-sample Jacobian ``(B, D, D)`` of a batched map, one sample at a time."""
-    rows = [
-        torch.autograd.functional.jacobian(lambda zi: fn(zi).reshape(-1), z[i : i + 1]).reshape(
-            z[0].numel(), z[0].numel()
-        )
-        for i in range(z.shape[0])
-    ]
-    return torch.stack(rows)
-
-
 def klj_of(diag: Tensor) -> Tensor:
     return (diag.square() - 1 - 2 * diag.abs().log()).sum(1)
 
@@ -75,7 +64,7 @@ def check_layers(
     """Each layer's record against the exact Jacobian of its sampling map ``fn`` at ``z``."""
     assert set(recs) == set(maps), (sorted(recs), sorted(maps))
     for name, (fn, z) in maps.items():
-        jac = jacobian(fn, z.detach())
+        jac = truth.jacobian_each(fn, z.detach())
         log_det = torch.linalg.slogdet(jac)[1]
         rec = recs[name]
         torch.testing.assert_close(per_sample(log_det_of(rec)).detach(), log_det, msg=name)
