@@ -482,6 +482,7 @@ def test_training_model_trains_with_the_penalty(context: bool) -> None:
     assert len(klj_reg.attach(flow).sites) == 3
 
 
+@pytest.mark.slow
 def test_capture_adds_no_graph_break() -> None:
     x, c = torch.randn(8, FEATURES), torch.randn(8, 3)
     counts = []

@@ -57,6 +57,7 @@ def ood_full(sprites_test: Images, ood_cache: pathlib.Path) -> dict:
 # CIFAR-10
 
 
+@pytest.mark.data
 def test_sprite_decoding_matches_check_values() -> None:
     root = need("cifar10-sprites")
     x = bdata.decode_sprite(root / "cifar10-sprites" / "cifar10_batch_0.png")
@@ -64,6 +65,8 @@ def test_sprite_decoding_matches_check_values() -> None:
     assert tuple(x[0, 0, 0, :8]) == (59, 43, 50, 68, 98, 119, 139, 145)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_sprites_train_full() -> None:
     need("cifar10-sprites")
     train = load_cifar10("train", source="sprites", cache=False)  # runs check_train
@@ -75,6 +78,7 @@ def test_sprites_train_full() -> None:
     assert train.source == "cifar10-sprites (lossless)"
 
 
+@pytest.mark.data
 def test_sprites_test_split(sprites_test: Images) -> None:
     assert sprites_test.x.shape == (1000, 3, 32, 32) and sprites_test.y.shape == (1000,)
     assert int(sprites_test.y.min()) == 0 and int(sprites_test.y.max()) == 9
@@ -85,6 +89,8 @@ def test_sprites_test_split(sprites_test: Images) -> None:
     assert sprites_test.y.tolist() == labels["labels"][50000:]
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_jpeg_fallback_same_layout_and_order(sprites_test: Images) -> None:
     need("cifar10-jpeg.tar.gz")
     test = load_cifar10("test", source="jpeg", cache=False)
@@ -113,6 +119,7 @@ def test_jpeg_order_restores_original_order() -> None:
     np.testing.assert_array_equal(np.lexsort((cls[order], idx[order])), np.arange(300))
 
 
+@pytest.mark.data
 def test_cache_round_trip(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     need("cifar10-sprites")
     first = load_cifar10("test", source="sprites", cache_dir=tmp_path)
@@ -134,6 +141,7 @@ def _write_pickle_batch(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> Non
     path.write_bytes(pickle.dumps(batch))
 
 
+@pytest.mark.data
 def test_pickle_source_is_preferred_and_checked(
     tmp_path: pathlib.Path, sprites_test: Images
 ) -> None:
@@ -260,6 +268,8 @@ def test_subset_is_class_balanced_and_deterministic() -> None:
 # OoD sets
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_ood_sets_shapes_and_ranges(ood_full: dict) -> None:
     assert list(ood_full) == list(OOD_NAMES)
     sizes = {"rot_rgb": 1000, "noisy": 1000, "tinyimagenet": 8000, "quickdraw": 7497}
@@ -269,6 +279,7 @@ def test_ood_sets_shapes_and_ranges(ood_full: dict) -> None:
         assert float(x.min()) >= 0 and float(x.max()) <= 1
 
 
+@pytest.mark.data
 def test_ood_sets_deterministic_limit_is_prefix(
     ood_full: dict, sprites_test: Images, ood_cache: pathlib.Path
 ) -> None:
@@ -285,6 +296,8 @@ def test_ood_sets_deterministic_limit_is_prefix(
         assert torch.equal(small[name], other[name])
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_rot_rgb_is_a_rotation_about_grey(sprites_test: Images, ood_full: dict) -> None:
     a, b = 0.2 * np.pi * 0.35**0.7, np.pi * 0.35**1.2
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
@@ -303,6 +316,8 @@ def test_rot_rgb_is_a_rotation_about_grey(sprites_test: Images, ood_full: dict) 
     np.testing.assert_allclose(ood_full["rot_rgb"][:50].numpy(), expected.clip(0, 1), atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_noisy_adds_small_gaussian_noise(sprites_test: Images, ood_full: dict) -> None:
     x = sprites_test.x.float() / 255
     d = ood_full["noisy"] - x
@@ -311,6 +326,8 @@ def test_noisy_adds_small_gaussian_noise(sprites_test: Images, ood_full: dict) -
     assert abs(float(d[inside].mean())) < 0.0005
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_quickdraw_coloured_strokes_on_white(ood_full: dict) -> None:
     root = need("quickdraw-cifar7.npz")
     qd = ood_full["quickdraw"]
@@ -339,6 +356,8 @@ def test_quickdraw_coloured_strokes_on_white(ood_full: dict) -> None:
     assert np.std(colours, axis=1).mean() > 0.05  # coloured, not grey
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_tinyimagenet_first_images_bicubic(ood_full: dict) -> None:
     from PIL import Image
 
@@ -354,6 +373,7 @@ def test_tinyimagenet_first_images_bicubic(ood_full: dict) -> None:
     np.testing.assert_allclose(x[7999].numpy(), small.transpose(2, 0, 1) / 255.0, atol=1e-6)
 
 
+@pytest.mark.data
 def test_tinyimagenet_cache_is_used(
     sprites_test: Images, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -373,6 +393,7 @@ def test_tinyimagenet_cache_is_used(
     assert calls == [64, 8000]  # the full decode is cached and reused
 
 
+@pytest.mark.data
 def test_missing_ood_files_are_left_out(sprites_test: Images, tmp_path: pathlib.Path) -> None:
     with pytest.warns(UserWarning, match="left out") as record:
         sets = make_ood_sets(sprites_test, tmp_path, cache_dir=tmp_path, limit=8)

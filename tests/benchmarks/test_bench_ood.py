@@ -195,6 +195,8 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_smoke_preset_writes_complete_results(smoke_run: pathlib.Path) -> None:
     from benchmarks.cifar.ood import table_rows
 
@@ -226,6 +228,8 @@ def test_smoke_preset_writes_complete_results(smoke_run: pathlib.Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
+@pytest.mark.data
 def test_rerun_skips_finished_runs(smoke_run: pathlib.Path) -> None:
     from benchmarks.cifar import ood
 
@@ -304,6 +308,7 @@ def _ddp_problem() -> tuple[GenerativeClassifier, torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif("freia" not in INSTALLED, reason="needs FrEIA")
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path: pathlib.Path) -> None:
     import torch.distributed as dist
     import torch.multiprocessing as mp
@@ -347,6 +352,7 @@ def _variant_config(variant: dict[str, object], limit: int = 1000) -> dict[str, 
     return {"train_limit": limit, "seed": 0, "variant": variant}
 
 
+@pytest.mark.data
 def test_training_set_variants_have_the_requested_content() -> None:
     root = _data_root()
     if root is None:
@@ -379,6 +385,8 @@ def test_training_set_variants_have_the_requested_content() -> None:
         ("sweep", ["--alphas", "0,0.01", "--betas", "5.62"], "fig4", "β = 5.62"),
     ],
 )
+@pytest.mark.slow
+@pytest.mark.data
 def test_ablation_commands_write_results(
     command: str, extra: list[str], report_name: str, expected: str, tmp_path: pathlib.Path
 ) -> None:
@@ -423,6 +431,8 @@ def test_choose_alpha_prefers_held_out_density_within_an_accuracy_point() -> Non
 
 
 @pytest.mark.skipif("freia" not in INSTALLED, reason="needs FrEIA")
+@pytest.mark.slow
+@pytest.mark.data
 def test_downsampled_run_with_curves_extra_rows_and_alpha_selection(tmp_path: pathlib.Path) -> None:
     if _data_root() is None:
         pytest.skip("CIFAR-10 not found (set $KLJ_DATA)")

@@ -52,6 +52,7 @@ def temporary_config() -> Iterator[Any]:
         del configs.REGISTRY[name]
 
 
+@pytest.mark.slow
 def test_quick_run_has_every_config_method_and_seed(quick: tuple[dict[str, Any], Path]) -> None:
     payload, out = quick
     reported = [r for r in payload["runs"] if r["split"] == "test"]
@@ -94,6 +95,7 @@ def test_quick_run_has_every_config_method_and_seed(quick: tuple[dict[str, Any],
     assert len(payload["cells"]) == len(QUICK) * len(runner.METHODS)
 
 
+@pytest.mark.slow
 def test_render_rebuilds_the_summary_without_training(
     quick: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:

@@ -83,6 +83,7 @@ def test_bits_per_dim_of_an_identity_flow() -> None:
     torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_quick_demo_outputs(quick: tuple[dict[str, Any], Path]) -> None:
     payload, out = quick
     keys = {"command", "config", "commit", "machine", "versions", "wall_seconds", "runs", "cells"}
@@ -120,6 +121,7 @@ def test_quick_demo_outputs(quick: tuple[dict[str, Any], Path]) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+@pytest.mark.slow
 def test_runs_are_reproducible(quick: tuple[dict[str, Any], Path]) -> None:
     """The same run in this process (1 thread) equals the one the worker pool produced."""
     payload, _ = quick

@@ -272,6 +272,7 @@ def test_capture_makes_no_reference_cycles(backend: str, context: bool) -> None:
     "backend, kind",
     [(b, "realnvp") for b in BACKENDS] + [("normflows", "maf")],  # MAF: D passes per inverse
 )
+@pytest.mark.slow
 def test_training_loop_does_not_grow(backend: str, kind: str) -> None:
     model, loss_fn, dim, features = tiny(backend, kind)
     x, c = inputs(dim, features, batch=8)
@@ -312,6 +313,7 @@ def _explain(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[int, Counter[st
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_capture_adds_no_graph_break(backend: str) -> None:
     """Capture's hooks add no break of their own. Where the framework's own forward breaks
     (e.g. nflows' ActNorm branches on a tensor), the broken layers' ``Module.__call__`` runs
@@ -339,6 +341,7 @@ def test_capture_adds_no_graph_break(backend: str) -> None:
     "backend, compiler", [("freia", "inductor"), ("nflows", "aot_eager"),
                           ("normflows", "aot_eager"), ("zuko", "aot_eager")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_compiled_model_gives_the_eager_penalty(backend: str, compiler: str) -> None:
     model, loss_fn, dim, features = tiny(backend)
     x, c = inputs(dim, features, batch=8)
@@ -444,6 +447,7 @@ def test_fused_penalty_compiles_once(backend: str) -> None:
     assert len(klj_reg.attach(model).compiled) == 1  # attach returns the existing capture
 
 
+@pytest.mark.slow
 def test_fused_penalty_compiles_every_model_structure_of_a_process() -> None:
     """Each model structure's compiled divergence has a code object of its own: past dynamo's
     recompile limit (8; 2 here) a shared one would run new structures eagerly, silently."""
@@ -493,6 +497,7 @@ def test_fused_penalty_compiles_once_beside_per_call_maps() -> None:
     assert len(capture.compiled) == 1
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     """``python -m benchmarks overhead --quick`` measures every requested variant and writes
     its JSON and Markdown; a second pass shows up as the model's operators run twice, the
@@ -529,6 +534,7 @@ def test_overhead_benchmark_runs(tmp_path: Any) -> None:
     assert re.search(phase_row, (tmp_path / "cpu-quick.md").read_text())
 
 
+@pytest.mark.slow
 def test_overhead_reverse_kl_variant_runs_no_extra_pass(tmp_path: Any) -> None:
     """``--models reverse-kl``: the penalty read from the sampling pass adds its arithmetic
     only; the second pass on the samples runs the model again."""
@@ -574,6 +580,7 @@ def test_overhead_phases_split_each_timed_step(monkeypatch: pytest.MonkeyPatch) 
         overhead.time_steps({"short": short}, 1, torch.device("cpu"), 0)
 
 
+@pytest.mark.slow
 def test_prepared_gpu_check_runs_without_a_gpu(tmp_path: Any) -> None:
     """``benchmarks/gpu_check.sh`` (the one script a session lent a GPU runs) works end to end
     with ``KLJ_DEVICE=cpu``: environment report, then the overhead table under ``$OUT``."""
@@ -678,6 +685,7 @@ def test_zoo_no_extra_forward_pass(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.slow
 def test_zoo_capture_makes_no_reference_cycles(name: str) -> None:
     """Every zoo family: a captured step leaves no more cyclic garbage than the plain one."""
     model, loss_fn, x = zoo_model(name)
@@ -727,6 +735,7 @@ def test_zoo_penalty_operators_do_not_grow_with_the_number_of_layers(name: str) 
     assert counts[0] == counts[1], f"{name}: {counts[0]} operators (2 layers), {counts[1]} (6)"
 
 
+@pytest.mark.slow
 def test_overhead_zoo_runs_quick(tmp_path: Any) -> None:
     """``--models zoo --quick`` on one small model per family (and a tiny Glow): every
     reference variant and the capture are measured on the thread CPU clock, (capture -

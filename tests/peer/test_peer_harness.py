@@ -95,6 +95,7 @@ def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Runner:
     return run
 
 
+@pytest.mark.slow
 def test_the_harness_checks_every_pass_and_fails_a_wrong_penalty(run: Runner) -> None:
     result = run("--klj-min-penalties=1")
     result.assert_outcomes(passed=1, failed=1)
@@ -110,6 +111,7 @@ def test_the_harness_checks_every_pass_and_fails_a_wrong_penalty(run: Runner) ->
     )
 
 
+@pytest.mark.slow
 def test_the_baseline_attaches_nothing_and_too_few_penalties_fail(run: Runner) -> None:
     result = run("--klj-baseline", "-k", "every_flow")
     result.assert_outcomes(failed=1, passed=0)  # nothing attached: Flow.built is False
