@@ -389,15 +389,21 @@ class FunctionTap:
 
     While some captured layer needs it (:meth:`acquire`), the functions ``targets()`` names
     (``(namespace, name)`` pairs: where the framework's layers look them up at each call) are
-    wrapped; a wrapper keeps ``(inputs, out[1])`` only in the thread of a captured layer's call
-    (:meth:`listen`). Reading does not forget it: a layer attached to two models (on its own
-    and inside a flow) has one site per model, and each reads the same call's tensor; the next
-    ``listen(True)`` forgets it.
+    wrapped; a wrapper keeps ``keep(args, kwargs, out)`` (default ``(inputs, out[1])``) only in
+    the thread of a captured layer's call (:meth:`listen`). Reading does not forget it: a layer
+    attached to two models (on its own and inside a flow) has one site per model, and each
+    reads the same call's tensor; the next ``listen(True)`` forgets it.
     """
 
-    def __init__(self, framework: str, targets: Callable[[], Iterable[tuple[Any, str]]]) -> None:
+    def __init__(
+        self,
+        framework: str,
+        targets: Callable[[], Iterable[tuple[Any, str]]],
+        keep: Callable[[tuple[Any, ...], dict[str, Any], Any], tuple[Any, Tensor]] | None = None,
+    ) -> None:
         self.framework = framework
         self.targets = targets
+        self.keep = _spline_result if keep is None else keep
         self.local = threading.local()
         self.originals: dict[tuple[Any, str], Any] = {}
         self.users = 0
@@ -421,7 +427,7 @@ class FunctionTap:
         def tapped(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
             if getattr(self.local, "on", False):
-                self.local.latest = (kwargs["inputs"] if "inputs" in kwargs else args[0], out[1])
+                self.local.latest = self.keep(args, kwargs, out)
             return out
 
         tapped._klj_tap = True  # type: ignore[attr-defined]
@@ -436,10 +442,11 @@ class FunctionTap:
                     self.originals[(namespace, name)] = fn
                     setattr(namespace, name, self._wrap(fn))
             if not self.originals:
+                names = ", ".join(sorted({name for _, name in self.targets()}))
                 raise mismatch(
                     self.framework,
-                    "none of the spline functions klj-reg reads are where its layers call them, "
-                    "so its spline layers cannot be captured",
+                    f"none of the functions klj-reg reads ({names}) are where its layers call "
+                    "them, so the layers that need them cannot be captured",
                 )
         self.users += 1
         return _TapRelease(self)
@@ -450,6 +457,11 @@ class FunctionTap:
             for (namespace, name), fn in self.originals.items():
                 setattr(namespace, name, fn)
             self.originals.clear()
+
+
+def _spline_result(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> tuple[Any, Tensor]:
+    """A spline function's call: ``(inputs, out[1])``, its elementwise log-derivative."""
+    return kwargs["inputs"] if "inputs" in kwargs else args[0], out[1]
 
 
 class _TapRelease:

@@ -53,6 +53,7 @@ import nflows.transforms as T
 import nflows.transforms.autoregressive as nflows_autoregressive
 import nflows.transforms.coupling as nflows_coupling
 import nflows.transforms.splines as nflows_splines
+import nflows.utils.torchutils as nflows_torchutils
 import torch
 from torch import Tensor, nn
 
@@ -102,6 +103,18 @@ TAP = FunctionTap(
 """The spline functions' own log-derivatives (the call inside ``unconstrained_*`` splines
 resolves in the spline's own module and is not seen)."""
 
+
+def _summed(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> tuple[Any, Tensor]:
+    """``sum_except_batch(x)``'s call: ``x``, the tensor the layer summed."""
+    x = args[0] if args else kwargs["x"]
+    return x, x
+
+
+SUMS = FunctionTap("nflows", lambda: [(nflows_torchutils, "sum_except_batch")], keep=_summed)
+"""The tensor a layer sums into its log-det: ``MaskedAffineAutoregressiveTransform``'s own
+``log_scale``, a local of its ``_elementwise_forward``, read rather than computed again from
+the MADE output (no ``log(softplus(u) + eps)`` in the penalty and its backward)."""
+
 Read = Callable[[Stash], list[Factor]]
 """The factors of one call of a piece, from what it stashed."""
 
@@ -119,12 +132,15 @@ class Kind:
         net: A subnetwork attribute whose latest output the factors need.
         method: A method returning ``(outputs, elementwise log|dy/dx|)`` to keep.
         spline: Whether the factors need the layer's last spline call.
+        sums: Whether the factors read, on forward calls, the tensor the layer summed into its
+            log-det (:data:`SUMS`; they fall back to ``net`` without it).
     """
 
     reader: Reader
     net: str | None = None
     method: str | None = None
     spline: bool = False
+    sums: bool = False
 
     def needs(self) -> tuple[str, ...]:
         """What a call of the piece must have stashed for its factors."""
@@ -192,9 +208,13 @@ def _affine_autoregressive(layer: Any, inverse: bool) -> Read:
     activation = log_softplus_plus(layer._epsilon)  # shared by the layers: one expression
 
     def read(stash: Stash) -> list[Factor]:
+        net, summed = stash["net"], stash.get("summed")
+        if summed is not None and summed.shape == (net.shape[0], layer.features):
+            # the layer's own log_scale; raw (released-code only) from this call's output
+            return [Factor(source=summed, raw=lambda _: unconstrained(net), scale=sign)]
         return [
             Factor(
-                source=stash["net"],
+                source=net,
                 log_abs=unconstrained,
                 raw=unconstrained,
                 activation=activation,
@@ -307,7 +327,7 @@ def _spec() -> dict[str, Kind]:
         "AffineCouplingTransform": Kind(_affine_coupling, net="transform_net"),
         "PiecewiseCouplingTransform": Kind(_elementwise, method="_piecewise_cdf"),
         "MaskedAffineAutoregressiveTransform": Kind(
-            _affine_autoregressive, net="autoregressive_net"
+            _affine_autoregressive, net="autoregressive_net", sums=True
         ),
         "ActNorm": Kind(_act_norm),
         "BatchNorm": Kind(_batch_norm),
@@ -394,6 +414,13 @@ def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
         if kind.spline:
             found["lad"] = TAP.latest()
 
+    def called_forward(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        called(module, args, kwargs, out)
+        if kind.sums:
+            stash()["summed"] = SUMS.latest()
+
     handles: list[Handle] = []
     site.add_subnets(*(n for a in SUBNETS if isinstance(n := getattr(layer, a, None), nn.Module)))
     if kind.net is not None:
@@ -403,7 +430,7 @@ def _tap(piece: Piece, key: str, site: Site, direct: bool) -> list[Handle]:
     if piece.inverse:
         handles.extend(site.watch_method(layer, "inverse", after=called))
     elif not direct:
-        handles.append(site.on_forward(layer, called))
+        handles.append(site.on_forward(layer, called_forward))
     if site.sampling:  # the sampling pass runs the piece the other way
         if piece.inverse:
             handles.append(site.on_forward(layer, called))
@@ -441,7 +468,10 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     keys = [str(i) for i in range(len(pieces))]
     reads = [piece.kind.reader(piece.layer, piece.inverse) for piece in pieces]
     needs = [piece.kind.needs() for piece in pieces]
+    sums = any(p.kind.sums and not p.inverse for p in pieces)
     handles: list[Handle] = [TAP.acquire()] if spline else []
+    if sums:
+        handles.append(SUMS.acquire())
     for key, piece in zip(keys, pieces, strict=True):
         handles.extend(_tap(piece, key, site, direct))
 
@@ -449,14 +479,20 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
         site.state.clear()
         if spline:
             TAP.listen(True)
+        if sums:
+            SUMS.listen(True)
 
     def after(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if spline:
             TAP.listen(False)
+        if sums:
+            SUMS.listen(False)
         state, x = site.state, _call_input(args, kwargs)
         if direct:
             own = state.setdefault(keys[0], {})
             own["input"], own["training"] = x, mod.training
+            if sums:
+                own["summed"] = SUMS.latest()
         found = [state.get(key) for key in keys]
         state.clear()
         factors: list[Factor] = []

@@ -709,3 +709,33 @@ def test_training_model_trains_with_the_penalty(context: bool) -> None:
             optimiser.step()
     assert torch.isfinite(loss)
     assert len(klj_reg.attach(model).sites) == 4
+
+
+def test_maf_reads_the_log_scale_the_layer_summed() -> None:
+    """MaskedAffineAutoregressiveTransform keeps ``log_scale`` only as a local that it sums into
+    its log-det: the capture reads that very tensor (no ``log(softplus(u) + eps)`` again in
+    the penalty), and ``form="released-code"`` still reads the MADE output's unconstrained
+    half; in a sampling pass (the layer's ``inverse``) it reads the MADE output as before."""
+    torch.manual_seed(0)
+    layer = perturb(T.MaskedAffineAutoregressiveTransform(FEATURES, **made_kwargs(0)).double())
+    x, _ = inputs(0, batch=5)
+    rec = only(truth.records(layer, lambda: layer(x), detach=True))
+    (factor,) = rec.factors
+    assert factor.log_abs is None and factor.activation is None
+    assert type(factor.source.grad_fn).__name__ == "LogBackward0"
+    assert rec.log_det is not None
+    torch.testing.assert_close(factor.source.sum(1), rec.log_det)
+    u = layer._unconstrained_scale_and_shift(layer.autoregressive_net(x))[0]
+    torch.testing.assert_close(factor.pre_activation(), u)
+    diagonal = torch.diagonal(jacobian(lambda t: layer(t)[0], x), dim1=1, dim2=2)
+    torch.testing.assert_close(factor.source, diagonal.abs().log())
+
+    maf = perturb(T.MaskedAffineAutoregressiveTransform(FEATURES, **made_kwargs(0)))
+    flow = flows.Flow(maf, distributions.StandardNormal([FEATURES]))  # it samples float32
+    capture = klj_reg.attach(flow, direction="sample")
+    flow.sample_and_log_prob(5)
+    (sampled,) = only(capture.records).factors
+    assert sampled.log_abs is not None  # the MADE output's unconstrained half
+    penalty = klj_reg.penalty(flow, direction="sample")  # checked against nflows' log-det
+    assert penalty.requires_grad and torch.isfinite(penalty)
+    klj_reg.detach(flow)
