@@ -11,11 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import klj_reg
 from klj_reg.divergence import mean_divergence
 from klj_reg.fallback import exact_klj, hutchinson_klj
-from klj_reg.records import Factor, LayerRecord
+from klj_reg.records import Factor, LayerRecord, as_row
 from tests.truth import jacobian
 
 
@@ -204,6 +205,48 @@ def test_unhashable_activations_form_groups_of_their_own() -> None:
     ]
     expected = klj_reg.klj_terms(0.5 * torch.tanh(x)) + klj_reg.klj_terms(-2.0 * torch.tanh(x))
     torch.testing.assert_close(mean_divergence(records), expected.sum(1).mean())
+
+
+def test_as_row_sources_are_shared_factors_without_a_view() -> None:
+    """A parameter without the batch dimension with ``log_abs=as_row`` is a factor shared by
+    the batch: the same penalty, per-sample divergence, implied log-det and gradient as its
+    ``(1, C)`` row, and the batch mean adds no view operator for it."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    p, q = (torch.randn(c, dtype=torch.float64, requires_grad=True) for c in (3, 2))
+
+    def records(row: bool) -> list[LayerRecord]:
+        def shared(t: Tensor, **fields: object) -> Factor:
+            return Factor(t, log_abs=as_row, **fields) if row else Factor(t.unsqueeze(0), **fields)
+
+        return [
+            LayerRecord("a", "A", (Factor(x, activation=torch.tanh), shared(p, repeat=4)), None, 3),
+            LayerRecord("b", "B", (shared(q, scale=-1.0, activation=torch.tanh),), None, 2),
+        ]
+
+    flat, rows = records(True), records(False)
+    assert [f.batch for r in flat for f in r.factors] == [5, 1, 1]
+    value = mean_divergence(flat)
+    torch.testing.assert_close(value, mean_divergence(rows))
+    torch.testing.assert_close(klj_reg.divergence(flat), klj_reg.divergence(rows))
+    (got,) = torch.autograd.grad(value, p)
+    (want,) = torch.autograd.grad(mean_divergence(rows), p)
+    torch.testing.assert_close(got, want)
+    with Views() as views:
+        mean_divergence(flat)
+    assert views.count == 0
+
+
+class Views(TorchDispatchMode):
+    """Counts view operators (unsqueeze, view, reshape) dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ in ("unsqueeze", "view", "reshape", "_unsafe_view"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def test_batch_mean_traces_as_one_graph() -> None:
