@@ -8,6 +8,9 @@ training step (``zero_grad``, forward, loss, backward, Adam step) for each varia
 plain           NLL only, on a copy of the model without capture hooks
 plain-again     the same on another copy: how far a ratio of two identical steps reads from 1
                 (the measurement's own bias and noise on this machine)
+dispatch        NLL on a copy with a no-op forward hook on every module klj-reg hooks (no
+                capture): what torch's hooked call path alone costs (methods klj-reg wraps,
+                e.g. zuko's, not included)
 hooks           NLL on a model with capture attached, its records dropped and no penalty:
                 what capturing costs the forward pass (hooks and records)
 floor           NLL + only the penalty's arithmetic, ``klj_sum`` (``expm1(2s) - 2s`` summed),

@@ -263,15 +263,16 @@ def zoo_markdown(report: dict[str, Any]) -> str:
         f"about {s.get('zoo_seconds')} s of steps per model, at least 8 rounds) after "
         f"{s['warmup']} warm-up steps and the layers' self-checks; batch {s['batch']} "
         f"(images {s['image_batch']}), Adam lr {s['lr']}, alpha {s['alpha']}. Columns "
-        "plain-again / hooks / floor / capture: median over rounds of the step's ratio to the "
+        "plain-again / dispatch / hooks / floor / capture: median over rounds of the step's "
+        "ratio to the "
         "round's plain step. **capture - floor**: median over rounds of (capture - floor) / "
         "plain [interquartile range], the cost of the capture beyond the penalty's own "
         f"arithmetic; target <= {target}. By phase: (capture - floor) of the median "
         "forward / penalty / backward / optimiser times, over the plain step's median.",
         "",
-        "| model | params | plain ms | plain-again | hooks | floor | capture | "
+        "| model | params | plain ms | plain-again | dispatch | hooks | floor | capture | "
         "capture - floor [IQR] | by phase (fwd / pen / bwd / opt) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
@@ -301,7 +302,8 @@ def zoo_markdown(report: dict[str, Any]) -> str:
             found = r["capture_minus_floor"]
             lines.append(
                 f"- {r['name']}: {found['median']:+.3f}, mostly {_main_phase(found)} "
-                f"({_phase_excess(found)}); hooks alone {r.get('hooks_minus_plain', 0):+.3f}"
+                f"({_phase_excess(found)}); hooks alone {r.get('hooks_minus_plain', 0):+.3f}, "
+                f"of which dispatch {r.get('dispatch_minus_plain', 0):+.3f}"
                 + _per_layer_text(r, target)
             )
     families: dict[str, list[dict[str, Any]]] = {}
@@ -311,12 +313,13 @@ def zoo_markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             "Per family: the largest (capture - floor) of its models; the median over its "
-            "models of that excess by phase and of hooks alone (hooks - plain); and the "
-            "excess in microseconds of host time per step (median over its models):",
+            "models of that excess by phase, of hooks alone (hooks - plain) and of torch's "
+            "hook dispatch alone (dispatch - plain); and the excess in microseconds of host "
+            "time per step and per captured layer (median over its models):",
             "",
             "| family | models | largest capture - floor | by phase (fwd / pen / bwd / opt) "
-            "| hooks alone | µs per step | µs per captured layer |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| hooks alone | dispatch alone | µs per step | µs per captured layer |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for family, found in families.items():
             excess = [r["capture_minus_floor"] for r in found]
@@ -324,6 +327,7 @@ def zoo_markdown(report: dict[str, Any]) -> str:
                 f"{statistics.median(e['phases'][p] for e in excess):+.3f}" for p in PHASES
             )
             hooks = statistics.median(r.get("hooks_minus_plain", 0.0) for r in found)
+            dispatch = statistics.median(r.get("dispatch_minus_plain", 0.0) for r in found)
             micro = statistics.median(
                 1e3 * r["capture_minus_floor"]["median"] * r["variants"]["plain"]["median_ms"]
                 for r in found
@@ -333,7 +337,7 @@ def zoo_markdown(report: dict[str, Any]) -> str:
             per_layer = f"{statistics.median(layered):.0f}" if layered else "—"
             lines.append(
                 f"| {family} | {len(found)} | {largest:+.3f} | {phases} | {hooks:+.3f} "
-                f"| {micro:.0f} | {per_layer} |"
+                f"| {dispatch:+.3f} | {micro:.0f} | {per_layer} |"
             )
     errors = [
         f"- {r['name']}/{name}: {e['error']}"

@@ -8,6 +8,7 @@ from pathlib import Path
 VARIANTS = (
     "plain",
     "plain-again",
+    "dispatch",
     "hooks",
     "floor",
     "capture",
@@ -20,7 +21,7 @@ VARIANTS = (
 MODELS = ("tabular", "image")
 """Model kinds run by default."""
 ALL_MODELS = (*MODELS, "reverse-kl", "zoo")
-ZOO_VARIANTS = ("plain", "plain-again", "hooks", "floor", "capture")
+ZOO_VARIANTS = ("plain", "plain-again", "dispatch", "hooks", "floor", "capture")
 """Variants of ``--models zoo``: the capture and the references beside it."""
 ZOO_TARGET = 0.02
 """The capture's excess over the floor, (capture - floor) / plain in the same rounds."""

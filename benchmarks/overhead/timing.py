@@ -210,7 +210,7 @@ def excess(result: dict[str, Any]) -> dict[str, Any]:
             for p in PHASES
         },
     }
-    for variant in ("floor", "hooks", "plain-again"):
+    for variant in ("floor", "hooks", "dispatch", "plain-again"):
         if "paired" in entries.get(variant, {}):
             paired = entries[variant]["paired"]
             found[f"{variant}_minus_plain"] = statistics.median(paired) - 1

@@ -772,6 +772,7 @@ def test_overhead_zoo_runs_quick(tmp_path: Any) -> None:
         assert list(found["phases"]) == list(overhead.PHASES)
         v = r["variants"]
         assert v["floor"]["ops"]["forward"] == v["plain"]["ops"]["forward"]
+        assert v["dispatch"]["ops"]["forward"] == v["plain"]["ops"]["forward"]
         assert v["hooks"]["ops"]["forward"] == v["capture"]["ops"]["forward"]
         assert 1 <= r["captured_layers"] <= r["factors"]
     text = (tmp_path / "cpu-zoo-quick.md").read_text()
