@@ -122,12 +122,12 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     load_before = [round(v, 2) for v in os.getloadavg()]
+    if settings.clock == "cpu":
+        torch.set_num_threads(1)  # thread_time counts the timing thread only
     metadata = run_metadata(device, settings.backends)  # before the report files dirty the tree
     results: list[dict[str, Any]] = []
     warnings.filterwarnings("ignore", message=".*ran its own.*")
     text = ""
-    if settings.clock == "cpu":
-        torch.set_num_threads(1)  # thread_time counts the timing thread only
     if settings.models == ["zoo"]:
         for entry in zoo.select(zoo.zoo(settings.backends), settings.zoo):
             print(f"{entry.name} ...", flush=True)
