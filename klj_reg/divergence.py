@@ -55,41 +55,53 @@ def klj_terms(log_abs_d: Tensor, scale: float = 1.0) -> Tensor:
     return torch.expm1(t) - t + SLOPE_CONTINUED * (two_s - U_CONTINUED).clamp_min(0.0)
 
 
-class _KLJSum(torch.autograd.Function):
-    """``klj_terms(s, scale).sum()`` with few temporary tensors forward (term by term, so that
-    nothing cancels near the identity) and one backward, saving only ``s`` (which the
-    activation before it usually saves already), where the chain of autograd operators
-    allocates a tensor per step both ways and saves ``expm1``'s result besides. ``continued``
-    False skips the tangent continuation where ``2 scale s`` cannot exceed its threshold."""
+class _KLJGroups(torch.autograd.Function):
+    r""":math:`\sum_k w_k \sum \text{klj\_terms}(s_k, \text{scale}_k)` over groups of factors
+    as one autograd node. Forward, term by term with few temporaries (nothing cancels near the
+    identity); backward, one expression per group saving only each ``s_k`` (which the
+    activation before it usually saves already), where a chain of autograd operators would
+    allocate a tensor per step both ways and save ``expm1``'s result besides; no node,
+    weighting or addition per group. ``specs[k]`` is ``(2 scale_k, w_k, continued_k)``;
+    ``continued_k`` False skips the tangent continuation where ``2 scale_k s_k`` cannot exceed
+    its threshold."""
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, scale: float, continued: bool) -> Tensor:
-        ctx.save_for_backward(s)
-        ctx.two_scale = 2.0 * scale
-        ctx.continued = continued
-        two_s = s * ctx.two_scale
-        if not continued:
-            return torch.expm1(two_s).sub_(two_s).sum()
-        t = two_s.clamp_max(U_CONTINUED)
-        terms = torch.expm1(t).sub_(t)
-        # Beyond u_c the tangent: slope * (u - u_c); exactly zero below it.
-        return terms.add_(two_s.sub_(t), alpha=SLOPE_CONTINUED).sum()
+    def forward(ctx: Any, specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
+        ctx.save_for_backward(*s)
+        ctx.specs = specs
+        total: Tensor | None = None
+        for (k, weight, continued), t in zip(specs, s, strict=True):
+            two_s = t * k
+            if continued:
+                u = two_s.clamp_max(U_CONTINUED)
+                terms = torch.expm1(u).sub_(u).add_(two_s.sub_(u), alpha=SLOPE_CONTINUED)
+            else:
+                terms = torch.expm1(two_s).sub_(two_s)
+            value = terms.sum()
+            if weight != 1.0:
+                value = value.mul_(weight)
+            total = value if total is None else total + value
+        assert total is not None
+        return total
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (s,) = ctx.saved_tensors
-        k = ctx.two_scale
-        if torch.is_grad_enabled():  # create_graph: out of place, so that it differentiates
-            u = k * s
-            return (
-                grad * k * torch.expm1(u.clamp_max(U_CONTINUED) if ctx.continued else u),
-                None,
-                None,
-            )
-        u = s * k
-        if ctx.continued:
-            u.clamp_max_(U_CONTINUED)
-        return u.expm1_().mul_(grad * k), None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grads: list[Tensor | None] = [None]
+        graph = torch.is_grad_enabled()  # create_graph: out of place, so that it differentiates
+        for (k, weight, continued), t, needed in zip(
+            ctx.specs, ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True
+        ):
+            if not needed:
+                grads.append(None)
+            elif graph:
+                u = k * t
+                grads.append(grad * (k * weight) * torch.expm1(u.clamp_max(U_CONTINUED)))
+            else:
+                u = t * k
+                if continued:
+                    u.clamp_max_(U_CONTINUED)
+                grads.append(u.expm1_().mul_(grad * (k * weight)))
+        return tuple(grads)
 
 
 def klj_sum(
@@ -103,7 +115,7 @@ def klj_sum(
     if bounds is not None:
         lo, hi = bounds
         continued = 2.0 * scale * (hi if scale >= 0 else lo) > U_CONTINUED
-    result: Tensor = _KLJSum.apply(log_abs_d, scale, continued)
+    result: Tensor = _KLJGroups.apply(((2.0 * scale, 1.0, continued),), log_abs_d)
     return result
 
 
@@ -199,51 +211,6 @@ def _key(activation: Map | None) -> object:
     except TypeError:
         return id(activation)
     return activation
-
-
-class _KLJGroups(torch.autograd.Function):
-    r""":math:`\sum_k w_k \sum \text{klj\_terms}(s_k, \text{scale}_k)` over groups of factors
-    as one autograd node: the groups' elementwise work as :class:`_KLJSum`'s, without a node,
-    a weighting and an addition per group forward and backward. ``specs[k]`` is ``(2 scale_k,
-    w_k, continued_k)``."""
-
-    @staticmethod
-    def forward(ctx: Any, specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
-        ctx.save_for_backward(*s)
-        ctx.specs = specs
-        total: Tensor | None = None
-        for (k, weight, continued), t in zip(specs, s, strict=True):
-            two_s = t * k
-            if continued:
-                u = two_s.clamp_max(U_CONTINUED)
-                terms = torch.expm1(u).sub_(u).add_(two_s.sub_(u), alpha=SLOPE_CONTINUED)
-            else:
-                terms = torch.expm1(two_s).sub_(two_s)
-            value = terms.sum()
-            if weight != 1.0:
-                value = value.mul_(weight)
-            total = value if total is None else total + value
-        assert total is not None
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        grads: list[Tensor | None] = [None]
-        graph = torch.is_grad_enabled()  # create_graph: out of place, so that it differentiates
-        for (k, weight, continued), t, needed in zip(
-            ctx.specs, ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True
-        ):
-            if not needed:
-                grads.append(None)
-            elif graph:
-                u = k * t
-                grads.append(grad * (k * weight) * torch.expm1(u.clamp_max(U_CONTINUED)))
-            else:
-                u = t * k
-                if continued:
-                    u.clamp_max_(U_CONTINUED)
-                grads.append(u.expm1_().mul_(grad * (k * weight)))
-        return tuple(grads)
 
 
 def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> Tensor:
