@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from . import hooks, registry
 from .errors import CompileOrderError, UnsupportedModelError
-from .kit import Handle, Site, module_entry
+from .kit import Handle, Site, TapRelease, module_entry
 from .passes import DIRECTIONS, Pass, PassBook
 from .records import LayerRecord
 
@@ -250,7 +251,15 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
             stacklevel=2,
         )
     hooks.bind(model).capture = capture
+    taps = [h for h in capture.handles if isinstance(h, TapRelease)]
+    if taps:  # a model dropped without detach gives its taps back when it is collected
+        weakref.finalize(model, _give_back, taps)
     return capture
+
+
+def _give_back(taps: list[TapRelease]) -> None:
+    for tap in taps:
+        tap.remove()
 
 
 def detach(model: nn.Module) -> None:

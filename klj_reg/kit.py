@@ -383,9 +383,10 @@ def module_entry(
 
 
 class FunctionTap:
-    r"""Keeps the elementwise :math:`\log|dy/dx|` a framework's spline function returned on its
-    latest call, so that a layer's factor is the tensor the layer itself computed (and summed
-    into its log-determinant), not a second evaluation of the spline.
+    r"""Keeps what a framework function returned (or was given) on its latest call inside a
+    captured layer's call: a spline function's elementwise :math:`\log|dy/dx|`, or the tensor
+    a layer sums into its log-determinant, so that a layer's factor is the tensor the layer
+    itself computed, not a second evaluation.
 
     While some captured layer needs it (:meth:`acquire`), the functions ``targets()`` names
     (``(namespace, name)`` pairs: where the framework's layers look them up at each call) are
@@ -409,14 +410,14 @@ class FunctionTap:
         self.users = 0
 
     def listen(self, on: bool) -> None:
-        """Keep spline results from now on (``True``, forgetting the latest) or stop."""
+        """Keep results from now on (``True``, forgetting the latest) or stop."""
         self.local.on = on
         if on:
             self.local.latest = None
 
     def latest(self, inputs: Tensor | None = None) -> Tensor | None:
-        """The log-derivative of the latest call since ``listen(True)``; with ``inputs``, only
-        if that call was on this very tensor."""
+        """What the latest call since ``listen(True)`` kept; with ``inputs``, only if that call
+        was on this very tensor."""
         latest: tuple[Any, Tensor] | None = getattr(self.local, "latest", None)
         if latest is None or (inputs is not None and latest[0] is not inputs):
             return None
@@ -449,7 +450,7 @@ class FunctionTap:
                     "them, so the layers that need them cannot be captured",
                 )
         self.users += 1
-        return _TapRelease(self)
+        return TapRelease(self)
 
     def release(self) -> None:
         self.users -= 1
@@ -464,7 +465,11 @@ def _spline_result(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> t
     return kwargs["inputs"] if "inputs" in kwargs else args[0], out[1]
 
 
-class _TapRelease:
+class TapRelease:
+    """A site's hold on a :class:`FunctionTap`; ``remove()`` gives it back (once). It holds no
+    module, so a model's capture can give its taps back when the model is collected without
+    ``detach`` (:func:`klj_reg.attach`), leaving the framework's functions unwrapped."""
+
     def __init__(self, tap: FunctionTap) -> None:
         self.tap: FunctionTap | None = tap
 

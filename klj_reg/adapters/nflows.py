@@ -463,12 +463,14 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
     # call's input and records. The pre-hook clears what other hooks stashed (a subnetwork's
     # output, which sampling also computes), so that a call never reads another's; a direct
     # piece that stashes nothing elsewhere (ActNorm, BatchNorm, ...) needs none.
-    direct = len(pieces) == 1 and pieces[0].layer is module and not (pieces[0].inverse or spline)
+    sums = any(p.kind.sums and not p.inverse for p in pieces)
+    direct = (
+        len(pieces) == 1 and pieces[0].layer is module and not (pieces[0].inverse or spline or sums)
+    )
     elsewhere = any(p.kind.net is not None or p.kind.method is not None for p in pieces)
     keys = [str(i) for i in range(len(pieces))]
     reads = [piece.kind.reader(piece.layer, piece.inverse) for piece in pieces]
     needs = [piece.kind.needs() for piece in pieces]
-    sums = any(p.kind.sums and not p.inverse for p in pieces)
     handles: list[Handle] = [TAP.acquire()] if spline else []
     if sums:
         handles.append(SUMS.acquire())
@@ -491,8 +493,6 @@ def install(module: nn.Module, site: Site) -> list[Handle]:
         if direct:
             own = state.setdefault(keys[0], {})
             own["input"], own["training"] = x, mod.training
-            if sums:
-                own["summed"] = SUMS.latest()
         found = [state.get(key) for key in keys]
         state.clear()
         factors: list[Factor] = []

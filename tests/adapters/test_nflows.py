@@ -652,12 +652,21 @@ def test_spline_functions_are_restored_on_detach() -> None:
     import nflows.transforms.autoregressive as ar
     import nflows.transforms.splines as sp
 
+    from klj_reg.adapters.nflows import TAP
+
+    # Models other tests attached and dropped without detach may still hold the tap: count
+    # this layer's use, and expect the functions as they were before it.
+    users = TAP.users
     before = (sp.rational_quadratic_spline, ar.rational_quadratic_spline)
     layer = autoregressive("spline", 0)
     klj_reg.attach(layer)
-    assert sp.rational_quadratic_spline is not before[0]
+    assert TAP.users == users + 1
+    assert getattr(sp.rational_quadratic_spline, "_klj_tap", False)
     klj_reg.detach(layer)
+    assert TAP.users == users
     assert (sp.rational_quadratic_spline, ar.rational_quadratic_spline) == before
+    if users == 0:
+        assert not getattr(sp.rational_quadratic_spline, "_klj_tap", False)
 
 
 # ----------------------------------------------------------------------------- for the lead
@@ -739,3 +748,25 @@ def test_maf_reads_the_log_scale_the_layer_summed() -> None:
     penalty = klj_reg.penalty(flow, direction="sample")  # checked against nflows' log-det
     assert penalty.requires_grad and torch.isfinite(penalty)
     klj_reg.detach(flow)
+
+
+def test_a_model_dropped_without_detach_gives_its_taps_back() -> None:
+    """The spline and log-det taps wrap nflows' functions while a captured layer needs them:
+    a model that is collected without ``klj_reg.detach`` gives its hold back (the functions
+    are unwrapped once no model holds them)."""
+    import gc
+
+    from klj_reg.adapters.nflows import SUMS, TAP
+
+    held = (TAP.users, SUMS.users)
+    steps = [
+        T.MaskedAffineAutoregressiveTransform(FEATURES, **made_kwargs(0)),
+        autoregressive("spline", 0),
+    ]
+    model = flows.Flow(T.CompositeTransform(steps), distributions.StandardNormal([FEATURES]))
+    klj_reg.attach(model)
+    model.log_prob(torch.randn(4, FEATURES))
+    assert TAP.users > held[0] and SUMS.users > held[1]
+    del model, steps
+    gc.collect()
+    assert (TAP.users, SUMS.users) == held
