@@ -125,13 +125,18 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
         elif variant not in ("plain", "plain-again", "dispatch"):
             loss = loss + penalty()
         mark()
-        loss.backward()
-        mark()
-        with torch.profiler.record_function("optimiser"):
-            optimiser.step()
-        mark()
+        backward_and_step(loss, optimiser, mark)
 
     return step
+
+
+def backward_and_step(loss: Tensor, optimiser: torch.optim.Optimizer, mark: Any) -> None:
+    """The step's backward and optimiser phases, each closed by ``mark()``."""
+    loss.backward()
+    mark()
+    with torch.profiler.record_function("optimiser"):
+        optimiser.step()
+    mark()
 
 
 def banana_log_prob(x: Tensor) -> Tensor:
@@ -189,10 +194,6 @@ def make_reverse_step(variant: str, flow: BackendFlow, settings: Settings) -> St
                     model, x if variant == "second-pass" else None, alpha=alpha
                 )
         mark()
-        loss.backward()
-        mark()
-        with torch.profiler.record_function("optimiser"):
-            optimiser.step()
-        mark()
+        backward_and_step(loss, optimiser, mark)
 
     return step

@@ -246,26 +246,27 @@ def test_capture_makes_no_reference_cycles(backend: str, context: bool) -> None:
     drops it, not when Python's cyclic collector runs."""
     model, loss_fn, dim, features = model_for(backend, context)
     x, c = inputs(dim, features)
+    plain = cyclic_garbage(model, loss_fn, x, c, attach=False)
+    assert cyclic_garbage(model, loss_fn, x, c, attach=True) <= plain
 
-    def cyclic_garbage(attach: bool) -> int:
+
+def cyclic_garbage(model: nn.Module, loss_fn: Loss, x: Tensor, c: Any, attach: bool) -> int:
+    """Objects Python's cyclic collector frees after one step (captured with ``attach``)."""
+    if attach:
+        klj_reg.attach(model)
+    loss_fn(x, c).backward()  # warm-up: adapters' one-time probes and caches
+    klj_reg.clear(model)
+    gc.collect()
+    gc.disable()
+    try:
+        loss = loss_fn(x, c)
         if attach:
-            klj_reg.attach(model)
-        loss_fn(x, c).backward()  # warm-up: adapters' one-time probes and caches
-        klj_reg.clear(model)
-        gc.collect()
-        gc.disable()
-        try:
-            loss = loss_fn(x, c)
-            if attach:
-                loss = loss + klj_reg.penalty(model, x)
-            loss.backward()
-            del loss
-            return gc.collect()
-        finally:
-            gc.enable()
-
-    plain = cyclic_garbage(False)
-    assert cyclic_garbage(True) <= plain
+            loss = loss + klj_reg.penalty(model, x)
+        loss.backward()
+        del loss
+        return gc.collect()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
@@ -689,28 +690,10 @@ def test_zoo_no_extra_forward_pass(name: str) -> None:
 def test_zoo_capture_makes_no_reference_cycles(name: str) -> None:
     """Every zoo family: a captured step leaves no more cyclic garbage than the plain one."""
     model, loss_fn, x = zoo_model(name)
-
-    def cyclic_garbage(attach: bool) -> int:
-        if attach:
-            klj_reg.attach(model)
-        loss_fn(x, None).backward()
-        klj_reg.clear(model)
-        gc.collect()
-        gc.disable()
-        try:
-            loss = loss_fn(x, None)
-            if attach:
-                loss = loss + klj_reg.penalty(model, x)
-            loss.backward()
-            del loss
-            return gc.collect()
-        finally:
-            gc.enable()
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = cyclic_garbage(False)
-        assert cyclic_garbage(True) <= plain
+        plain = cyclic_garbage(model, loss_fn, x, None, attach=False)
+        assert cyclic_garbage(model, loss_fn, x, None, attach=True) <= plain
 
 
 @pytest.mark.parametrize("name", [n for n in ZOO_NAMES if not n.startswith("glow/")])
