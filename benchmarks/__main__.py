@@ -21,6 +21,7 @@ COMMANDS = {
         "CIFAR-10 with a fraction of the training set (Fig. 6)",
     ),
     "sweep": ("benchmarks.cifar.sweep", "alpha x IB beta sweep (Fig. 4)"),
+    "mapping": ("benchmarks.cifar.mapping", "the paper's alpha in klj-reg's units, measured"),
     "overhead": ("benchmarks.overhead", "cost of the penalty per training step, per backend"),
     "stability": ("benchmarks.stability", "training-failure gallery: KLJ vs the usual fixes"),
 }
