@@ -127,7 +127,9 @@ def _normflows(dim: int, layers: int, hidden: int, kind: str) -> BackendFlow:
             steps.append(made)
         else:
             steps.append(nf.flows.AffineConstFlow((dim,)))
-            steps.append(nf.flows.AffineCouplingBlock(mlp(dim // 2, 2 * (dim - dim // 2), hidden)))
+            # Split's chunk(2) conditions on the first ceil(D/2) features (odd D too)
+            half = dim - dim // 2
+            steps.append(nf.flows.AffineCouplingBlock(mlp(half, 2 * (dim - half), hidden)))
         steps.append(nf.flows.Permute(dim, mode="shuffle"))
     model = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim, trainable=False), steps)
 
