@@ -22,6 +22,7 @@ COMMANDS = {
     ),
     "sweep": ("benchmarks.cifar.sweep", "alpha x IB beta sweep (Fig. 4)"),
     "mapping": ("benchmarks.cifar.mapping", "the paper's alpha in klj-reg's units, measured"),
+    "tabular": ("benchmarks.tabular", "alpha grid on scikit-learn's tables, 8 flows (~70 min)"),
     "overhead": ("benchmarks.overhead", "cost of the penalty per training step, per backend"),
     "stability": ("benchmarks.stability", "training-failure gallery: KLJ vs the usual fixes"),
 }
