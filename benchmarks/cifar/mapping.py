@@ -453,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         "IB-INN classifiers at init and along a short plain IB run on CIFAR-10.",
     )
     p.add_argument("--models", default=DEFAULT_MODELS, help="SIZE@SIDE,... (freia sizes)")
-    p.add_argument("--steps", type=int, default=100, help="training steps per model")
-    p.add_argument("--every", type=int, default=10, help="measure every this many steps")
+    p.add_argument("--steps", type=int, default=200, help="training steps per model")
+    p.add_argument("--every", type=int, default=20, help="measure every this many steps")
     p.add_argument("--measure-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
