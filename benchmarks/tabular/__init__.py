@@ -13,8 +13,8 @@ Models (:mod:`.models`), two per backend, 4 layers, hidden width 64, starting at
 identity: freia-allinone, freia-glow, nflows-realnvp, nflows-maf, normflows-realnvp,
 normflows-maf, zuko-realnvp, zuko-nsf. normflows-maf is normflows' MADE layer turned with
 ``nf.flows.Reverse`` so that data to latent is its one-pass direction (as in nflows and zuko);
-normflows' layer as it comes (``normflows-maf-loop``, D MADE passes per layer and step, 46x
-the time of the others at D = 64) is left out of the default grid to fit the time budget.
+normflows' layer as it comes (``normflows-maf-loop``, D MADE passes per layer and step, ~40x
+the time of the turned one at D = 64) is left out of the default grid to fit the time budget.
 
 Training (:mod:`.run`): per (data set, model, seed) the same split, the same initial
 parameters (``torch.manual_seed`` and numpy's seed from the cell before the flow is built)
@@ -35,11 +35,12 @@ non-finite), blow-up, monitor flags and the first flag's step, median step time,
 
 Runs go cell by cell (all alphas of a (data set, model, seed) before the next, all cells of
 a seed before the next seed) on ``--workers`` processes (2), one torch thread each. The full
-grid is 5 x 8 x 3 x 6 = 720 runs; measured on the 2-core machine (two workers, other work
-beside): see ``benchmarks/README.md``. ``--quick`` (tests): iris, seed 0, alphas 0 and 0.01,
-20 steps, hidden width 16, into ``benchmarks/runs/tabular-quick``. ``--report`` only rewrites
-``report.md`` and ``figure.png`` (:mod:`.report`) from ``runs.jsonl``, as every run does at
-its end.
+grid is 5 x 8 x 3 x 6 = 720 runs of 1,000 steps: measured thread CPU time per step 4-10 ms
+for the affine flows and 13-42 ms for zuko's NSF, ~53 minutes on two otherwise idle cores
+(``benchmarks/README.md``); the command prints its own estimate after its first runs.
+``--quick`` (tests): iris, seed 0, alphas 0 and 0.01, 20 steps, hidden width 16, into
+``benchmarks/runs/tabular-quick``. ``--report`` only rewrites ``report.md`` and
+``figure.png`` (:mod:`.report`) from ``runs.jsonl``, as every run does at its end.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ zuko-nsf           ``zuko.flows.NSF(features=D, transforms=layers, hidden_featur
 ``normflows-maf-loop`` (not in the default grid) is ``tabular_flow("normflows", kind="maf")``:
 normflows' ``MaskedAffineAutoregressive`` as it comes, whose data-to-latent direction
 (``inverse``, what ``forward_kld`` runs) is the D-pass loop, so it is autoregressive in the
-latent (IAF-like) and costs D MADE passes per layer: ~460 ms a step at D = 64 against ~10 for
-the others, more than half the grid's time on its own. ``normflows-maf`` uses the same layer
-class turned around with ``nf.flows.Reverse``, which makes it a MAF like nflows' and zuko's.
+latent (IAF-like) and costs D MADE passes per layer: ~180 ms of CPU a step at D = 64 (86 at
+D = 30) against ~5 for the turned one; it would take more than half the grid's time.
+``normflows-maf`` uses the same layer class turned around with ``nf.flows.Reverse``, which
+makes it a MAF like nflows' and zuko's.
 
 Subnet output layers start at zero (the flow at the identity) except in zuko's NSF, built with
 zuko's defaults. Parameters (and FrEIA's permutations, which come from numpy's global

@@ -71,26 +71,28 @@ def record_key(record: dict[str, Any]) -> tuple[str, str, int, float, int]:
     return (record["dataset"], record["model"], record["seed"], float(record["alpha"]), steps)
 
 
-# Measured single-threaded step times (ms, 2-core machine under load, penalty on): weights
-# for the time estimate only, so that an estimate after the first (cheap) runs is not off.
+# Thread CPU time per step (ms; penalty on, alpha = 0.1, 100 steps, one probe on the 2-core
+# machine): weights for the time estimate only, so that the estimate printed after the first
+# (cheap) runs is not far off. RUN_MS: building, evaluating, recording (per run).
 STEP_MS = {
-    "freia-allinone": (9, 9, 8, 8, 10),
-    "freia-glow": (14, 15, 16, 16, 16),
-    "nflows-realnvp": (9, 9, 9, 10, 9),
-    "nflows-maf": (7, 8, 8, 8, 8),
-    "normflows-realnvp": (7, 8, 7, 7, 8),
-    "normflows-maf": (8, 8, 9, 8, 10),
-    "normflows-maf-loop": (11, 33, 133, 35, 460),
-    "zuko-realnvp": (14, 14, 14, 14, 13),
-    "zuko-nsf": (21, 27, 42, 26, 68),
+    "freia-allinone": (6.8, 7.0, 7.2, 5.2, 6.2),
+    "freia-glow": (9.1, 10.4, 6.6, 6.7, 6.5),
+    "nflows-realnvp": (6.5, 8.4, 6.1, 6.9, 5.5),
+    "nflows-maf": (4.8, 5.0, 4.7, 5.1, 6.6),
+    "normflows-realnvp": (5.0, 5.5, 4.9, 4.8, 5.2),
+    "normflows-maf": (3.8, 4.7, 4.5, 3.7, 7.0),
+    "normflows-maf-loop": (7, 20, 83, 22, 290),
+    "zuko-realnvp": (8.1, 7.7, 5.5, 6.0, 7.6),
+    "zuko-nsf": (15.7, 17.1, 27.7, 13.3, 41.5),
 }
+RUN_MS = 500.0
 
 
 def weight(task: Task) -> float:
-    """A task's expected cost (arbitrary units: ms x steps)."""
-    row = STEP_MS.get(task.model, (10,) * len(tables.DATASETS))
+    """A task's expected cost in ms of one process's time (for the estimate)."""
+    row = STEP_MS.get(task.model, (10.0,) * len(tables.DATASETS))
     column = tables.DATASETS.index(task.dataset) if task.dataset in tables.DATASETS else 0
-    return row[column] * task.settings.steps
+    return row[column] * task.settings.steps + RUN_MS
 
 
 def init_seed(dataset: str, model: str, seed: int) -> int:
@@ -145,6 +147,7 @@ def train_one(task: Task) -> dict[str, Any]:
     train = torch.as_tensor(split.train, dtype=torch.float32)
     batch = min(s.batch, len(train))
     times: list[float] = []
+    cpu_times: list[float] = []
     done, blow_up_step = 0, None
     last_nll, last_klj = math.nan, math.nan
     start = time.perf_counter()
@@ -153,7 +156,7 @@ def train_one(task: Task) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # NonFiniteScaleWarning etc.: the record says it
         batches = batch_order(len(train), batch, s.steps, task.dataset, task.seed)
         for step, idx in enumerate(batches, 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             x = train[torch.as_tensor(idx)]
             loss = nll(flow, x).mean()
             if task.alpha:
@@ -171,6 +174,7 @@ def train_one(task: Task) -> dict[str, Any]:
             total.backward()
             optimiser.step()
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.thread_time() - c0)
             done = step
             last_nll, last_klj = float(loss.detach()), float(klj)
         train_seconds = time.perf_counter() - start
@@ -211,6 +215,7 @@ def train_one(task: Task) -> dict[str, Any]:
         "monitor_first_flag_step": flags[0].step if flags else None,
         "monitor_first_flag_layer": flags[0].layer if flags else None,
         "step_ms_median": 1e3 * float(np.median(times)) if times else math.nan,
+        "step_cpu_ms_median": 1e3 * float(np.median(cpu_times)) if cpu_times else math.nan,
         "train_seconds": train_seconds,
         **run_metadata("cpu", ("freia", "nflows", "normflows", "zuko", "scikit-learn")),
     }
