@@ -1,9 +1,10 @@
 """klj-reg: the KL-Jacobian regulariser for normalizing flows (Song et al., AAAI 2024).
 
-loss = nll + klj_reg.penalty(model, x)
+loss = -model.log_prob(x).mean() + klj_reg.penalty(model, x)   # both per sample
 """
 
 from .capture import Capture, attach, capturing, clear, detach
+from .choose import ALPHAS, AlphaChoice, choose_alpha, pick_alpha
 from .divergence import divergence, klj_sum, klj_terms
 from .errors import (
     AdapterMismatchError,
@@ -22,7 +23,9 @@ from .registry import register_adapter, register_runner
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALPHAS",
     "AdapterMismatchError",
+    "AlphaChoice",
     "Capture",
     "CaptureError",
     "CompileOrderError",
@@ -37,6 +40,7 @@ __all__ = [
     "UnsupportedModelError",
     "attach",
     "capturing",
+    "choose_alpha",
     "clear",
     "detach",
     "divergence",
@@ -44,6 +48,7 @@ __all__ = [
     "klj_terms",
     "layer_divergence",
     "penalty",
+    "pick_alpha",
     "register_adapter",
     "register_runner",
 ]

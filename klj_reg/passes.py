@@ -239,7 +239,10 @@ def _check_shape(found: Pass, x: Tensor, model: str) -> None:
     batch, dim = batch_and_dim(found)
     per_sample = x.shape[1:].numel() if x.dim() > 1 else 1
     last = x.shape[-1] if x.dim() else 1
-    if x.numel() != batch * dim or dim not in (per_sample, last):
+    # the model's first input (an image around a flow prior, a condition before x) or the
+    # flow's own dimension, as its captured layers saw it
+    dims = {dim, _shape_of(found)[1]} if found.records else {dim}
+    if not any(x.numel() == batch * d and d in (per_sample, last) for d in dims):
         shape = "?" if found.inputs is None else tuple(found.inputs.shape)
         raise CaptureError(
             f"x has shape {tuple(x.shape)} but the captured pass of {model} ran on {batch} "

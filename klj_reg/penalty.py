@@ -8,9 +8,10 @@ r"""The regulariser users add to their loss.
 
 over captured layers :math:`i` and their Jacobian diagonal entries :math:`j` (paper Eq. 10-11
 with :math:`s_i` the true diagonal; summed over layers the log terms are the model's
-log-determinant, the paper's R3). The default normaliser is the data dimension :math:`D`, which
-puts the penalty on the scale of a per-dimension NLL so that one ``alpha`` suits models of
-any size.
+log-determinant, the paper's R3). The default normaliser is 1: the penalty is per sample, in
+the units of ``-log_prob(x).mean()``, and ``loss = nll_per_sample + penalty`` (or
+``(nll_per_sample + penalty) / D`` for a per-dimension loss) gives ``alpha`` the same
+relative strength for any :math:`D`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from .divergence import FORMS, divergence, mean_divergence
 from .errors import CaptureError, UnsupportedModelError
 from .fallback import exact_klj, hutchinson_klj
 from .fused import fused_divergence
-from .passes import Pass, batch_and_dim
-from .records import LayerRecord
+from .passes import Pass
+from .records import LayerRecord, flow_dim
 
 ESTIMATORS = ("capture", "exact", "hutchinson")
 NORMALISERS = ("dim", "layers", "none")
@@ -53,8 +54,11 @@ def _validate(alpha: float, tau: float, form: str, estimator: str, reduction: st
 
 
 def _normaliser(normaliser: str | float | None, form: str, dim: int, layers: int) -> float:
+    """The divisor of the summed divergence. The default keeps the penalty in the units of
+    a per-sample NLL: none for ``"jacobian"``; ``layers / D`` for ``"released-code"``, so that
+    ``(nll + penalty) / D`` is the authors' ``L_x + alpha * KLJ / layers``."""
     if normaliser is None:
-        normaliser = "dim" if form == "jacobian" else "layers"
+        return 1.0 if form == "jacobian" else layers / dim
     if isinstance(normaliser, str):
         if normaliser not in NORMALISERS:
             raise ValueError(f"normaliser must be one of {NORMALISERS} or a number > 0")
@@ -233,16 +237,21 @@ def penalty(
             by identity of the tensor given to the model; otherwise the only grad-mode pass
             waiting, if ``x`` has its shape). ``None``: the latest grad-mode pass. If there
             is no pass to read, the penalty runs the model on ``x`` itself, which doubles the
-            cost (warned once). :math:`D` is the pass's data dimension.
-        alpha: Weight :math:`\alpha \ge 0`.
+            cost (warned once).
+        alpha: Weight :math:`\alpha \ge 0` against a per-sample NLL: add the penalty to
+            ``-log_prob(x).mean()`` (for a per-dimension loss, divide the sum by D). See
+            :func:`klj_reg.choose_alpha` to pick it on validation data.
         tau: Weight :math:`\tau \ge 0` of :math:`\sum\|W\|_F^2` over coupling subnetworks
             (the paper's R1; weight decay plays the same role).
         form: ``"jacobian"``: :math:`d^2 - 1 - 2\log|d|` on the true Jacobian diagonal.
             ``"released-code"``: the authors' code, squared raw pre-activations minus twice
             the log-det (see :mod:`klj_reg.divergence`).
-        normaliser: ``"dim"`` (data dimension :math:`D`, default for ``"jacobian"``),
-            ``"layers"`` (number of captured layers, default for ``"released-code"``, as the
-            authors divided by the number of blocks), ``"none"``, or a number.
+        normaliser: ``None`` (default): 1 for ``"jacobian"`` (per sample); for
+            ``"released-code"`` the number of captured layers over :math:`D`, so that
+            ``(nll + penalty) / D`` is the authors' per-dimension loss at their ``alpha``.
+            ``"dim"``: the flow's dimension :math:`D` (the longest Jacobian diagonal among
+            the captured layers, whatever else the model's call takes); ``"layers"``: the
+            number of captured layers; ``"none"``: 1; or a number > 0.
         reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` for the
             per-sample vector (without the ``tau`` term).
         context: Conditioning input, used only when the penalty runs its own pass.
@@ -278,7 +287,7 @@ def penalty(
     found, capture = _captured(model, x, context, direction=direction)
     records = list(found.records.values())
     batch = _batch_of(records)
-    _, dim = batch_and_dim(found)
+    dim = flow_dim(records)
     if batch == 0 or (found.batch == 0):
         value = _empty(records, reduction)
     else:

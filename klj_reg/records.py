@@ -91,3 +91,10 @@ class LayerRecord(NamedTuple):
     factors: tuple[Factor, ...]
     log_det: Tensor | None
     dim: int
+
+
+def flow_dim(records: list[LayerRecord]) -> int:
+    """The flow's dimension :math:`D` as its captured layers see it: the longest Jacobian
+    diagonal of any layer (a multi-scale flow's later layers see part of it), whatever
+    module the flow sits in and whatever else (a condition) the model's call takes."""
+    return max((r.dim for r in records), default=1)

@@ -145,7 +145,12 @@ def step_terms(
     logged = {"loss": terms.loss, "l_x": terms.l_x, "l_y": terms.l_y, "l_cnll": terms.l_cnll}
     logged["accuracy"] = 100.0 * (out.zz.argmin(1) == y).float().mean()
     if objective.alpha > 0:
-        pen = klj_reg.penalty(flow_model, x, alpha=objective.alpha, form=objective.form)
+        # the objectives are per dimension: so is the penalty ("layers" is the authors' own
+        # weighting of the released-code term next to their per-dimension L_x)
+        normaliser = "dim" if objective.form == "jacobian" else "layers"
+        pen = klj_reg.penalty(
+            flow_model, x, alpha=objective.alpha, form=objective.form, normaliser=normaliser
+        )
         total = total + pen
         logged["penalty"] = pen
     return total, {k: v.detach() for k, v in logged.items()}
@@ -313,7 +318,7 @@ def score(
         out["l_x"].append(l_x.cpu())
         out["logits"].append(logits.cpu())
         if klj:
-            pen = klj_reg.penalty(clf.flow.model, xb, alpha=1.0, reduction="none")
+            pen = klj_reg.penalty(clf.flow.model, xb, alpha=1.0, reduction="none", normaliser="dim")
             out["klj"].append(pen.float().cpu())
     klj_reg.clear(clf.flow.model)
     return {k: torch.cat(v) for k, v in out.items() if v}

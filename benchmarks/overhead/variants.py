@@ -92,9 +92,9 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
     def penalty() -> Tensor:
         with torch.profiler.record_function("klj_penalty"):
             if variant in ("capture", "capture+check"):
-                return klj_reg.penalty(model, x, alpha=alpha)
+                return klj_reg.penalty(model, x, alpha=alpha, normaliser="dim")
             if variant == "fused":
-                return klj_reg.penalty(model, x, alpha=alpha, fused=True)
+                return klj_reg.penalty(model, x, alpha=alpha, normaliser="dim", fused=True)
             if variant == "floor":
                 assert floor is not None
                 per_sample, shared = floor
@@ -106,8 +106,8 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
                 return total
             if variant == "second-pass":
                 klj_reg.clear(model)  # discard the user's pass: the penalty runs its own
-                return klj_reg.penalty(model, x, alpha=alpha)
-            return klj_reg.penalty(model, x, alpha=alpha, estimator=variant)
+                return klj_reg.penalty(model, x, alpha=alpha, normaliser="dim")
+            return klj_reg.penalty(model, x, alpha=alpha, normaliser="dim", estimator=variant)
 
     def step(clock: PhaseClock | None = None) -> None:
         if variant == "capture+check":
@@ -191,7 +191,7 @@ def make_reverse_step(variant: str, flow: BackendFlow, settings: Settings) -> St
         elif variant in ("capture", "second-pass"):
             with torch.profiler.record_function("klj_penalty"):
                 loss = loss + klj_reg.penalty(
-                    model, x if variant == "second-pass" else None, alpha=alpha
+                    model, x if variant == "second-pass" else None, alpha=alpha, normaliser="dim"
                 )
         mark()
         backward_and_step(loss, optimiser, mark)

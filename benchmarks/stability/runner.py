@@ -195,7 +195,8 @@ def train_one(run: Run) -> dict[str, Any]:
             at += batch
             loss = nll_per_dim(flow, x).mean()
             if run.alpha:
-                loss = loss + klj_reg.penalty(flow.model, x, alpha=run.alpha)  # feeds the monitor
+                # per dimension, like the NLL; it feeds the monitor
+                loss = loss + klj_reg.penalty(flow.model, x, alpha=run.alpha, normaliser="dim")
             else:
                 monitor.step(x)
             value = float(loss.detach())
@@ -292,7 +293,6 @@ def choose_alpha(results: list[dict[str, Any]]) -> float:
     as +inf; ties go to the smaller alpha). Reads only selection runs' results."""
     if any(r["split"] != "validation" for r in results):
         raise ValueError("choose_alpha reads validation runs only")
-    scored = sorted(
-        (r["final_nll"] if r["final_nll"] is not None else math.inf, r["alpha"]) for r in results
+    return klj_reg.pick_alpha(
+        {r["alpha"]: r["final_nll"] if r["final_nll"] is not None else math.inf for r in results}
     )
-    return float(scored[0][1])

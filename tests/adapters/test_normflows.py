@@ -116,7 +116,8 @@ def test_released_code_form_of_affine_coupling() -> None:
     attach(block)
     _, log_det = block.inverse(x)
     raw = block.flows[1].param_map(x[:, :3])[:, 1::2]
-    expected = (raw.square().sum(1) + 3 - 2 * log_det).mean()  # ones on the pass-through half
+    # ones on the pass-through half; weight D / layers = 6 (per-sample units of the authors')
+    expected = 6 * (raw.square().sum(1) + 3 - 2 * log_det).mean()
     got = klj_reg.penalty(block, x, alpha=1.0, form="released-code")
     torch.testing.assert_close(got, expected)
 

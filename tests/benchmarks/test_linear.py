@@ -223,8 +223,10 @@ def test_exact_and_hutchinson_estimators_against_closed_form_kl() -> None:
         fn, x[:5], estimator="exact", normaliser="none", reduction="none", alpha=1.0
     )
     torch.testing.assert_close(exact, torch.full((5,), truth, dtype=F64))
-    scaled = klj_reg.penalty(fn, x[:5], estimator="exact", alpha=0.1)  # default: divided by d
-    torch.testing.assert_close(float(scaled), 0.1 * truth / d)
+    scaled = klj_reg.penalty(fn, x[:5], estimator="exact", alpha=0.1)  # default: per sample
+    torch.testing.assert_close(float(scaled), 0.1 * truth)
+    per_dim = klj_reg.penalty(fn, x[:5], estimator="exact", alpha=0.1, normaliser="dim")
+    torch.testing.assert_close(float(per_dim), 0.1 * truth / d)
 
     torch.manual_seed(0)
     probes = klj_reg.penalty(
