@@ -82,14 +82,28 @@ def alphas_of(cell: Cell) -> list[float]:
     return sorted(next(iter(cell.values())))
 
 
-def seed_mean(cell: Cell, alpha: float, field: str = "test_nll") -> float:
-    """Mean over the cell's seeds; ``+inf`` if any seed's value is not finite."""
-    values = [inf_if_not_finite(by_alpha[alpha][field]) for by_alpha in cell.values()]
+def value(record: dict[str, Any], field: str = "score") -> float:
+    """A record's ``field``, non-finite as ``+inf``. ``"score"``: the test mean NLL, ``+inf``
+    for a blow-up (non-finite training loss, or test mean non-finite or above 10 nats/dim);
+    ``"val_score"``: the validation mean NLL, ``+inf`` where the training loss went
+    non-finite (what a user sees; the test-set criterion is not used for choosing)."""
+    if field == "score":
+        return math.inf if record["blow_up"] else inf_if_not_finite(record["test_nll"])
+    if field == "val_score":
+        stopped = record.get("blow_up_step") is not None
+        return math.inf if stopped else inf_if_not_finite(record["val_nll"])
+    return inf_if_not_finite(record[field])
+
+
+def seed_mean(cell: Cell, alpha: float, field: str = "score") -> float:
+    """Mean over the cell's seeds (the *cell score* for ``"score"``); ``+inf`` if any seed's
+    value is not finite."""
+    values = [value(by_alpha[alpha], field) for by_alpha in cell.values()]
     return math.inf if any(math.isinf(v) for v in values) else statistics.fmean(values)
 
 
 def paired(
-    cell: Cell, alpha: float, against: float | dict[int, float | None], field: str = "test_nll"
+    cell: Cell, alpha: float, against: float | dict[int, float | None], field: str = "score"
 ) -> tuple[float, int, int, int]:
     """``alpha``'s value minus ``against``'s (an alpha, or the alpha per seed), per seed:
     (mean difference over the seeds where both are finite, seeds lower, seeds compared,
@@ -99,8 +113,8 @@ def paired(
         other = against if isinstance(against, float) else against.get(seed)
         if other is None:
             continue
-        a = inf_if_not_finite(by_alpha[alpha][field])
-        b = inf_if_not_finite(by_alpha[other][field])
+        a = value(by_alpha[alpha], field)
+        b = value(by_alpha[other], field)
         n += 1
         lower += a < b
         if math.isfinite(a) and math.isfinite(b):
@@ -112,7 +126,7 @@ def paired(
 def chosen(cell: Cell) -> dict[int, float | None]:
     """The validation-chosen alpha per seed."""
     return {
-        seed: pick_alpha({a: r["val_nll"] for a, r in by_alpha.items()})
+        seed: pick_alpha({a: value(r, "val_score") for a, r in by_alpha.items()})
         for seed, by_alpha in cell.items()
     }
 
@@ -197,74 +211,140 @@ def provenance(records: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def best_alpha(cell: Cell) -> float:
+    """The cell's best alpha: lowest cell score, ties to the smaller alpha."""
+    scores = {a: seed_mean(cell, a) for a in alphas_of(cell)}
+    return min(sorted(scores), key=lambda a: scores[a])
+
+
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile by the nearest-rank rule (a value of ``values``)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 def rank_section(grouped: dict[tuple[str, str], Cell], alphas: list[float]) -> list[str]:
-    per_alpha: dict[float, list[float]] = {a: [] for a in alphas}
-    for cell in grouped.values():
-        if alphas_of(cell) != alphas:
-            continue
-        for a, r in ranks({a: seed_mean(cell, a) for a in alphas}).items():
-            per_alpha[a].append(r)
-    n = len(next(iter(per_alpha.values()), []))
-    rows = [
-        [
-            alpha_text(a),
-            num(statistics.median(v), 1) if v else "n/a",
-            num(statistics.fmean(v), 2) if v else "n/a",
-            str(sum(r == 1 for r in v)),
-        ]
-        for a, v in per_alpha.items()
-    ]
+    full = [cell for cell in grouped.values() if alphas_of(cell) == alphas]
+    rows = []
+    for a in alphas:
+        rank = [ranks({b: seed_mean(cell, b) for b in alphas})[a] for cell in full]
+        score = [seed_mean(cell, a) for cell in full]
+        best = [min(seed_mean(cell, b) for b in alphas) for cell in full]
+        near = sum(s - b <= 0.05 for s, b in zip(score, best, strict=True) if math.isfinite(s))
+        blown = sum(bool(by[a]["blow_up"]) for cell in full for by in cell.values())
+        added = sum(
+            bool(by[a]["blow_up"]) and not by[0.0]["blow_up"] if 0.0 in by else False
+            for cell in full
+            for by in cell.values()
+        )
+        lower = (
+            sum(seed_mean(cell, a) < seed_mean(cell, 0.0) for cell in full)
+            if 0.0 in alphas and a != 0.0
+            else None
+        )
+        rows.append(
+            [
+                alpha_text(a),
+                num(statistics.median(rank), 1) if rank else "n/a",
+                num(statistics.fmean(rank), 2) if rank else "n/a",
+                str(sum(r == 1 for r in rank)),
+                "" if lower is None else f"{lower}/{len(full)}",
+                f"{near}/{len(full)}",
+                str(blown),
+                "" if a == 0.0 else str(added),
+            ]
+        )
+    winners = [best_alpha(cell) for cell in full]
+    counts = Counter(winners)
+    spread = (
+        f"10th-90th percentile (nearest rank) {alpha_text(nearest_rank(winners, 0.1))} to "
+        f"{alpha_text(nearest_rank(winners, 0.9))}"
+        if winners
+        else "no complete cells"
+    )
     return [
-        "## Rank of each alpha",
+        "## Rank of each alpha (the pre-registered quantities)",
         "",
-        f"Within each (data set, model) cell ({n} cells with every alpha), the alphas ranked by "
-        "seed-mean test NLL (1 = best, non-finite last, ties share their mean rank).",
+        f"{len(full)} (data set, model) cells with every alpha. *Cell score*: the mean over "
+        "seeds of the test mean NLL, a blow-up counting +inf. Within each cell the alphas "
+        "are ranked by cell score (1 = best, ties share their mean rank). Per alpha: its "
+        "median and mean rank over the cells, the cells it ranks 1 in, the cells where its "
+        "cell score is lower than alpha = 0's (the seed-mean paired difference is < 0), the "
+        "cells where it is within 0.05 nats/dim of the cell's best alpha, its blow-ups (runs) "
+        "and those whose (cell, seed) did not blow up at alpha = 0.",
         "",
-        *table(["alpha", "median rank", "mean rank", "cells ranked 1"], rows),
+        *table(
+            [
+                "alpha",
+                "median rank",
+                "mean rank",
+                "cells ranked 1",
+                "cells below alpha = 0",
+                "cells within 0.05 of best",
+                "blow-ups",
+                "blow-ups not at alpha = 0",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+        "Best alpha per cell (lowest cell score, ties to the smaller): "
+        + ", ".join(f"{alpha_text(a)}: {counts[a]}" for a in sorted(counts))
+        + f"; {spread}.",
         "",
     ]
 
 
 def chosen_section(grouped: dict[tuple[str, str], Cell], alphas: list[float]) -> list[str]:
     picks: Counter[str] = Counter()
-    against: dict[float, list[tuple[float, int, int, int, int]]] = {a: [] for a in alphas}
+    pairs: dict[float, list[float]] = {a: [] for a in alphas}
     for cell in grouped.values():
         if alphas_of(cell) != alphas:
             continue
         choice = chosen(cell)
         picks.update(alpha_text(c) for c in choice.values())
-        for a in alphas:
-            against[a].append(_chosen_vs(cell, choice, a))
+        for seed, by_alpha in cell.items():
+            c = choice[seed]
+            for a in alphas:
+                pairs[a].append(
+                    math.inf if c is None else difference(value(by_alpha[c]), value(by_alpha[a]))
+                )
     rows = []
-    for a, diffs in against.items():
-        d = [x for x in diffs if x[2]]
-        finite = [x[0] for x in d if not math.isnan(x[0])]
-        lower = sum(x[1] for x in d)
-        higher = sum(x[4] for x in d)
-        total = sum(x[2] for x in d)
+    for a, diffs in pairs.items():
+        finite = [d for d in diffs if math.isfinite(d)]
         rows.append(
             [
                 alpha_text(a),
                 num(statistics.fmean(finite)) if finite else "n/a",
-                f"{lower}/{total}",
-                f"{higher}/{total}",
+                num(statistics.median(diffs)) if diffs else "n/a",
+                f"{sum(d < 0 for d in diffs)}/{len(diffs)}",
+                f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
             ]
         )
     return [
         "## Validation-chosen alpha",
         "",
         "Per (cell, seed), the alpha with the lowest validation NLL (`klj_reg.pick_alpha`: "
-        "non-finite = +inf, ties to the smaller alpha). Chosen: "
+        "non-finite, or a training loss that went non-finite, = +inf; ties to the smaller "
+        "alpha; none where every alpha failed). Chosen: "
         + ", ".join(f"{a}: {n}" for a, n in sorted(picks.items(), key=lambda x: _as_float(x[0])))
         + " (cell-seeds).",
         "",
-        "Its test NLL against each fixed alpha, paired by (cell, seed): mean of the cell "
-        "means of (chosen - fixed), and in how many (cell, seed) pairs the chosen one is "
-        "lower / higher.",
+        "Its test score against each fixed alpha's, paired by (cell, seed): the mean "
+        "difference over the pairs where both are finite, the median over all pairs (a "
+        "blow-up on one side: -inf or +inf; on both: 0), and the pairs where the chosen one "
+        "is lower / higher.",
         "",
-        *table(["fixed alpha", "chosen - fixed", "chosen lower", "chosen higher"], rows),
+        *table(
+            ["fixed alpha", "mean chosen - fixed", "median", "chosen lower", "chosen higher"],
+            rows,
+        ),
         "",
     ]
+
+
+def difference(a: float, b: float) -> float:
+    """``a - b`` with ``inf - inf = 0`` (both blew up: a tie)."""
+    return 0.0 if math.isinf(a) and math.isinf(b) else a - b
 
 
 def _as_float(text: str) -> float:
@@ -281,8 +361,8 @@ def _chosen_vs(
         c = choice.get(seed)
         if c is None:
             continue
-        a = inf_if_not_finite(by_alpha[c]["test_nll"])
-        b = inf_if_not_finite(by_alpha[alpha]["test_nll"])
+        a = value(by_alpha[c])
+        b = value(by_alpha[alpha])
         n += 1
         lower += a < b
         higher += a > b
@@ -339,12 +419,13 @@ def dataset_section(
     lines = [
         f"## {dataset} ({d_text} train/val/test, {n_text})",
         "",
-        "Test NLL (nats/dim, mean over seeds), and against alpha = 0: the mean paired "
-        "difference and the seeds where it is lower.",
+        "Cell score (test mean NLL in nats/dim, mean over seeds, a blow-up = +inf), and "
+        "against alpha = 0: the mean paired difference (over the seeds where both are "
+        "finite) and the seeds where it is lower.",
         "",
         *table(["model", *alpha_head], rows_mean),
         "",
-        "Median / worst-sample test NLL (mean over seeds).",
+        "Median / worst-sample test NLL (mean over seeds, blow-ups included as they are).",
         "",
         *table(["model", *alpha_head], rows_spread),
         "",
@@ -354,7 +435,7 @@ def dataset_section(
     else:
         lines += ["No blow-ups.", ""]
     lines += [
-        "Validation-chosen alpha per seed, and its test NLL minus each fixed alpha's "
+        "Validation-chosen alpha per seed, and its test score minus each fixed alpha's "
         "(mean over seeds, seeds where the chosen one is lower).",
         "",
         *table(["model", "chosen", *[f"vs {alpha_text(a)}" for a in head_alphas]], rows_choice),
@@ -445,8 +526,10 @@ def markdown(records: list[dict[str, Any]]) -> str:
         "",
         "Written by `python -m benchmarks tabular` (design: `benchmarks/tabular/__init__.py`). "
         "NLLs in nats per dimension of the standardised data (lower is better); non-finite "
-        "counts as +inf. Differences are paired by seed (same split, initial flow and "
-        "batches for every alpha). \u2020: the mean leaves out seeds with a non-finite NLL.",
+        "counts as +inf. A run's *score* is its test mean NLL, +inf for a blow-up "
+        "(non-finite training loss, or test mean non-finite or above 10 nats/dim). "
+        "Differences are paired by seed (same split, initial flow and batches for every "
+        "alpha). \u2020: the mean leaves out seeds with a non-finite score.",
         "",
         *provenance(records),
         *rank_section(grouped, alphas),
@@ -471,9 +554,12 @@ def figure(records: list[dict[str, Any]], path: Path) -> None:
     grouped = cells(records)
     datasets = _order({d for d, _ in grouped}, DATASETS)
     models = _order({m for _, m in grouped}, list(MODELS))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.6), squeeze=False)
+    columns = min(3, len(datasets) + 1)
+    rows = -(-(len(datasets) + 1) // columns)  # one panel more for the legend
+    fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    axes = list(grid.flat)
     colours = plt.get_cmap("tab10")
-    for ax, dataset in zip(axes[0], datasets, strict=True):
+    for ax, dataset in zip(axes, datasets, strict=False):
         finite: list[float] = []
         lines = []
         for i, model in enumerate(models):
@@ -503,11 +589,14 @@ def figure(records: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(dataset)
         ax.set_xlabel("alpha")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test NLL (nats/dim, mean over seeds)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
-    fig.suptitle("Test NLL vs alpha (\u25b2: off the scale or non-finite)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    for ax in axes[::columns]:
+        ax.set_ylabel("test NLL (nats/dim)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[len(datasets) :]:
+        ax.axis("off")
+    axes[-1].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+    fig.suptitle("Test NLL vs alpha, mean over seeds (\u25b2: off the scale or a blow-up)")
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -200,15 +200,35 @@ def test_report_arithmetic() -> None:
 
 def test_report_text() -> None:
     text = report.markdown(synthetic())
-    # ranks: m1 (0.1 best, 0 second, 1 non-finite), m2 (1, 0.1, 0): medians 2, 1.5, 2
-    assert "| 0 | 2.5 | 2.50 | 0 |" in text
-    assert "| 0.1 | 1.5 | 1.50 | 1 |" in text
-    assert "| 1 | 2.0 | 2.00 | 1 |" in text
+    # ranks: m1 (0.1 best, 0 second, 1 non-finite), m2 (1, 0.1, 0): medians 2.5, 1.5, 2
+    assert "| 0 | 2.5 | 2.50 | 0 |  | 0/2 | 0 |  |" in text
+    assert "| 0.1 | 1.5 | 1.50 | 1 | 2/2 | 1/2 | 0 | 0 |" in text
+    assert "| 1 | 2.0 | 2.00 | 1 | 1/2 | 1/2 | 1 | 1 |" in text
+    assert "Best alpha per cell (lowest cell score, ties to the smaller): 0.1: 1, 1: 1;" in text
     assert "| m1 | 0.1, 0.1, 0 |" in text and "| m2 | 1, 1, 1 |" in text
-    assert "| m1 | 1.100 | 1.033 (\u22120.067, 2/3 lower) | inf (+0.125\u2020, 1/3 lower) |" in text
+    row = "| m1 | 1.100 | 1.033 (\u22120.067, 2/3 lower) | inf (+0.125\u2020, 1/3 lower) |"
+    assert row in text
     assert "| m1 | 0.1, 0.1, 0 | \u22120.100, 2/3 lower |" in text
     assert "Chosen: 0: 1, 0.1: 2, 1: 3" in text
+    # chosen vs alpha = 1 per (cell, seed): -0.05, -0.5, -inf (m1), 0, 0, 0 (m2)
+    assert "| 1 | \u22120.110 | \u22120.025 | 3/6 | 0/6 |" in text
     assert "Warning" not in text
     dirty = synthetic()
     dirty[0]["commit"] = {"commit": "b" * 40, "dirty": True}
     assert "**Warning" in report.markdown(dirty)
+
+
+def test_a_blow_up_scores_inf_and_a_failed_training_is_not_chosen() -> None:
+    records = synthetic()
+    for r in records:
+        if r["model"] == "m2" and r["alpha"] == 1.0 and r["seed"] == 0:
+            r["blow_up"] = True  # test mean above the threshold: finite but a blow-up
+        if r["model"] == "m2" and r["alpha"] == 1.0 and r["seed"] == 1:
+            r["blow_up"], r["blow_up_step"] = True, 7  # training loss went non-finite
+    m2 = report.cells(records)["iris", "m2"]
+    assert math.isinf(report.seed_mean(m2, 1.0))
+    assert report.best_alpha(m2) == 0.1
+    # seed 0: the validation NLL knows nothing of the test threshold; seed 1: training failed
+    assert report.chosen(m2) == {0: 1.0, 1: 0.1, 2: 1.0}
+    assert report.nearest_rank([0.0, 0.1, 0.1, 1.0, 10.0], 0.1) == 0.0
+    assert report.nearest_rank([0.0, 0.1, 0.1, 1.0, 10.0], 0.9) == 10.0
