@@ -21,7 +21,8 @@ parameters (``torch.manual_seed`` and numpy's seed from the cell before the flow
 and the same batches for every alpha, so comparisons are paired. Adam, learning rate 1e-3,
 batches of 64 from a seeded epoch shuffle of the training split, 1,000 steps (``--steps``),
 no early stopping, loss = mean NLL per sample (nats) + ``klj_reg.penalty(model, x,
-alpha=alpha, normaliser="none")``, the penalty in the units of a per-sample NLL. alpha in {0,
+alpha=alpha)``, the penalty per sample (the library's convention: summed over layers and
+dimensions, not divided by D). alpha in {0,
 0.001, 0.01, 0.1, 1, 10} (``--alphas``); at alpha = 0 the loss is the NLL alone and the
 penalty is read without gradient. Every run has a ``klj_reg.Monitor(model, warn=False)``
 with its default arguments. A non-finite training loss stops the run (a blow-up at that

@@ -160,12 +160,12 @@ def train_one(task: Task) -> dict[str, Any]:
             x = train[torch.as_tensor(idx)]
             loss = nll(flow, x).mean()
             if task.alpha:
-                penalty = klj_reg.penalty(model, x, alpha=task.alpha, normaliser="none")
+                penalty = klj_reg.penalty(model, x, alpha=task.alpha)
                 klj = penalty.detach() / task.alpha
                 total = loss + penalty
             else:  # plain training; the penalty is read (no gradient) for the monitor and record
                 with torch.no_grad():
-                    klj = klj_reg.penalty(model, x, alpha=1.0, normaliser="none")
+                    klj = klj_reg.penalty(model, x, alpha=1.0)
                 total = loss
             if not torch.isfinite(total):
                 blow_up_step = step

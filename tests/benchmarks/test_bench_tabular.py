@@ -70,6 +70,16 @@ def test_every_model_is_captured_on_an_odd_dimension(model: str) -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_the_penalty_is_per_sample_not_per_dimension() -> None:
+    flow = models.build("nflows-maf", 5, 2, 8, seed=1)
+    x = torch.randn(16, 5)
+    flow(x)
+    default = klj_reg.penalty(flow.model, x, alpha=1.0)
+    flow(x)
+    summed = klj_reg.penalty(flow.model, x, alpha=1.0, normaliser="none")
+    torch.testing.assert_close(default, summed, rtol=0, atol=0)
+
+
 def test_batches_are_the_same_for_every_alpha_and_model() -> None:
     a = list(run.batch_order(90, 64, 5, "iris", 0))
     b = list(run.batch_order(90, 64, 5, "iris", 0))
