@@ -21,12 +21,33 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
 from . import hooks, registry
 from .errors import CompileOrderError, UnsupportedModelError
 from .kit import Handle, Site, TapRelease, module_entry
 from .passes import DIRECTIONS, Pass, PassBook
 from .records import LayerRecord
+
+
+def not_a_module_fix(model: Any) -> str:
+    """The fix for a model that is not an ``nn.Module``: a zuko flow called on its context
+    (``flow(c)``, a distribution) instead of the flow module, or a plain function."""
+    if registry.framework_of(type(model)) == "zuko":
+        return (
+            f"{type(model).__name__} is the distribution that a zuko flow builds for one context "
+            "(flow(c)): pass the zuko.flows.Flow module itself, klj_reg.penalty(flow, x) (with "
+            "context=c if the penalty runs its own pass), not klj_reg.penalty(flow(c), x)."
+        )
+    if isinstance(model, Distribution):
+        return (
+            f"pass the nn.Module that builds or holds this {type(model).__name__}, not the "
+            "distribution."
+        )
+    return (
+        "for a plain function x -> (z, log_det) use penalty(fn, x, estimator='exact' or "
+        "'hutchinson')."
+    )
 
 
 class Capture:
@@ -215,8 +236,8 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
     model = inner
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
-            f"klj_reg.attach needs a torch.nn.Module, not {type(model).__name__}; for a plain "
-            "function x -> (z, log_det) use penalty(fn, x, estimator='exact' or 'hutchinson')."
+            f"klj_reg.attach needs a torch.nn.Module, not {type(model).__name__}; "
+            + not_a_module_fix(model)
         )
     hooks.strip_inert(model)
     capture = Capture(model, direction)

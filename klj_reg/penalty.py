@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import registry
-from .capture import Capture, attach, get_capture, unwrap
+from .capture import Capture, attach, get_capture, not_a_module_fix, unwrap
 from .checks import FiniteWatch, check
 from .divergence import FORMS, divergence, mean_divergence
 from .errors import CaptureError, UnsupportedModelError
@@ -37,6 +37,26 @@ from .records import LayerRecord, flow_dim
 ESTIMATORS = ("capture", "exact", "hutchinson")
 NORMALISERS = ("dim", "layers", "none")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def _number(name: str, value: Any) -> float:
+    """A 0-d real tensor ``alpha`` or ``tau`` as a float; anything else as it is (checked by
+    :func:`_validate`). A tensor that requires grad is refused: its float would cut the
+    gradient the caller expects to flow into it."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be a number or a 0-d real tensor, got a {value.dtype} tensor of shape "
+            f"{tuple(value.shape)}"
+        )
+    if value.requires_grad:
+        learn = f", or, to learn it, {name} * klj_reg.penalty(model, x, {name}=1.0)"
+        raise ValueError(
+            f"{name} is a tensor that requires grad, but klj-reg takes {name} as a constant and "
+            f"would cut its gradient: pass {name}.item()" + (learn if name == "alpha" else "")
+        )
+    return float(value)
 
 
 def _validate(alpha: float, tau: float, form: str, estimator: str, reduction: str) -> None:
@@ -85,7 +105,9 @@ def _flow_fn(model: Any, context: Any) -> Callable[[Tensor], tuple[Tensor, Tenso
     if runner is not None:
         return lambda x: runner(target, x, context)
     if not callable(model):
-        raise UnsupportedModelError(f"{type(model).__name__} is not callable")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not callable; " + not_a_module_fix(model)
+        )
     if context is None:
         return model
     return lambda x: model(x, context)
@@ -210,8 +232,8 @@ def penalty(
     model: Any,
     x: Tensor | None = None,
     *,
-    alpha: float = 1e-2,
-    tau: float = 0.0,
+    alpha: float | Tensor = 1e-2,
+    tau: float | Tensor = 0.0,
     form: str = "jacobian",
     normaliser: str | float | None = None,
     reduction: str = "mean",
@@ -240,7 +262,8 @@ def penalty(
             cost (warned once).
         alpha: Weight :math:`\alpha \ge 0` against a per-sample NLL: add the penalty to
             ``-log_prob(x).mean()`` (for a per-dimension loss, divide the sum by D). See
-            :func:`klj_reg.choose_alpha` to pick it on validation data.
+            :func:`klj_reg.choose_alpha` to pick it on validation data. A number or a 0-d
+            tensor that does not require grad (as for ``tau``).
         tau: Weight :math:`\tau \ge 0` of :math:`\sum\|W\|_F^2` over coupling subnetworks
             (the paper's R1; weight decay plays the same role).
         form: ``"jacobian"``: :math:`d^2 - 1 - 2\log|d|` on the true Jacobian diagonal.
@@ -272,6 +295,7 @@ def penalty(
     Returns:
         A scalar tensor (or ``(B,)`` with ``reduction="none"``) connected to the graph.
     """
+    alpha, tau = _number("alpha", alpha), _number("tau", tau)
     _validate(alpha, tau, form, estimator, reduction)
     if estimator != "capture":
         if x is None:

@@ -53,7 +53,7 @@ from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 from torch.distributions.utils import _sum_rightmost
 
-from ..errors import AdapterMismatchError
+from ..errors import AdapterMismatchError, CaptureError
 from ..kit import Door, Handle, Site, mismatch, on_forward, warn_left_out
 from ..records import Factor
 from ..registry import Registrar, register_installer
@@ -405,9 +405,34 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
 @framework.runner("Flow")
 def run_flow(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     """A Flow's data-to-latent pass, as in ``log_prob``: ``(z, ladj)``."""
-    dist: Any = model(context)
-    z, ladj = dist.transform.call_and_ladj(x)
+    try:
+        dist: Any = model(context)  # a conditional flow's transforms need c (zuko's GF: phi)
+        z, ladj = dist.transform.call_and_ladj(x)  # or its hyper-networks fail on x alone
+    except (RuntimeError, TypeError, AttributeError) as error:
+        if context is None and _fits(model, x):
+            raise _conditional(model, error) from error
+        raise
     return z, _sum_rightmost(ladj, dist.reinterpreted)
+
+
+def _fits(model: nn.Module, x: Tensor) -> bool:
+    """Whether ``x`` has the flow's event shape (its unconditional base's): then a pass that
+    fails without a context failed for want of one, not for the shape of ``x``."""
+    base: Any = model.base
+    try:
+        shape = base(None).event_shape
+    except Exception:  # a conditional base, or a custom one
+        return False
+    return len(shape) > 0 and tuple(x.shape[x.dim() - len(shape) :]) == tuple(shape)
+
+
+def _conditional(model: nn.Module, error: Exception) -> CaptureError:
+    return CaptureError(
+        f"{type(model).__name__} is conditional (built with context > 0): running it on x "
+        f"without a context failed ({str(error).splitlines()[0]}). Pass the context, "
+        "klj_reg.penalty(flow, x, context=c), or call the penalty after your own "
+        "flow(c).log_prob(x) on the same x, whose pass it reads without running another."
+    )
 
 
 @framework.runner("LazyTransform")
