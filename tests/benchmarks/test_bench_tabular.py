@@ -3,6 +3,7 @@ resuming, and the report's arithmetic on a synthetic records file."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_short_run_records(short_run: Path) -> None:
     records = run.read_records(short_run / run.RUNS_FILE)
     assert len(records) == 4
@@ -132,6 +134,7 @@ def test_short_run_records(short_run: Path) -> None:
     assert (short_run / "figure.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_runs(short_run: Path) -> None:
     path = short_run / run.RUNS_FILE
     before = path.read_text()
@@ -242,3 +245,15 @@ def test_a_blow_up_scores_inf_and_a_failed_training_is_not_chosen() -> None:
     assert report.chosen(m2) == {0: 1.0, 1: 0.1, 2: 1.0}
     assert report.nearest_rank([0.0, 0.1, 0.1, 1.0, 10.0], 0.1) == 0.0
     assert report.nearest_rank([0.0, 0.1, 0.1, 1.0, 10.0], 0.9) == 10.0
+
+
+def test_report_command_on_a_records_file(tmp_path: Path) -> None:
+    path = tmp_path / run.RUNS_FILE
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic()))
+    assert run.main(["--report", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        "| m2 | 2.000 | 1.950 (\u22120.050, 3/3 lower) | 1.500 (\u22120.500, 3/3 lower) |" in text
+    )
+    assert (tmp_path / "figure.png").stat().st_size > 1000
+    assert run.main(["--report", "--out", str(tmp_path / "empty")]) == 1
