@@ -7,17 +7,25 @@ In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the run
 brief), ``curves`` (learning curves of ``ood`` runs), ``selection`` (alpha chosen on a
 validation split), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``. Figures
 are linked as ``figures/<path under benchmarks/results>``.
+
+Math is rendered at build time: every formula (``$...$``, ``$$...$$`` through
+``pymdownx.arithmatex``, and the docstrings' ``:math:`` and ``.. math::``) becomes MathML,
+which browsers draw without a script or a network; a formula the converter leaves
+unrendered fails the strict build.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from html import unescape
 from typing import Any
 
+from latex2mathml.converter import convert as tex_to_mathml
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,13 +192,44 @@ MATH_BLOCK = re.compile(r"\.\. math::\s*(.*?)</p>", re.S)
 
 def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
     """The docstrings are written in reStructuredText's inline roles; in the API reference
-    show ``:func:`x``` as code and ``:math:`` as math (MathJax), and ``Example::`` as
-    ``Example:``."""
+    show ``:func:`x``` as code and ``:math:`` as math, and ``Example::`` as ``Example:``; then
+    render every formula as MathML."""
     html = ROLE.sub(r"<code>\1</code>", html)
     html = MATH_ROLE.sub(r'<span class="arithmatex">\(\1\)</span>', html)
     html = MATH_CODE.sub(r'<div class="arithmatex">\\[\1\\]</div>', html)
     html = MATH_BLOCK.sub(r'</p><div class="arithmatex">\[\1\]</div>', html)
-    return html.replace("::</p>", ":</p>")
+    return mathml(html.replace("::</p>", ":</p>"), page.file.src_uri)
+
+
+# pymdownx.arithmatex's generic output (and the API reference's, above): TeX, HTML-escaped.
+TEX = re.compile(
+    r'<(span|div) class="arithmatex">\\(?:\((.*?)\\\)|\[(.*?)\\\])</\1>', re.S
+)
+TEXT_ESCAPE = re.compile(r"(<mtext>[^<]*)\\([_%&$#])")
+LOG = logging.getLogger("mkdocs.hooks.math")
+
+
+def mathml(html: str, where: str = "") -> str:
+    """Every arithmatex formula in ``html`` as MathML (``display="block"`` for ``\\[...\\]``);
+    a formula the converter cannot render is left as TeX with a warning (an error under
+    ``--strict``)."""
+
+    def render(m: re.Match[str]) -> str:
+        tag, inline, block = m.groups()
+        tex = unescape(re.sub(r"<[^>]+>", "", inline if block is None else block)).strip()
+        try:
+            out = tex_to_mathml(tex, display="inline" if block is None else "block")
+        except Exception as error:  # the converter's own exceptions have no common base
+            LOG.warning("%s: cannot render $%s$ as MathML: %s", where, tex, error)
+            return m.group(0)
+        while TEXT_ESCAPE.search(out):  # \_ in \text{...}
+            out = TEXT_ESCAPE.sub(r"\1\2", out)
+        if "\\" in re.sub(r"<[^>]+>", "", out):
+            LOG.warning("%s: $%s$ has a command the MathML converter does not know", where, tex)
+            return m.group(0)
+        return f'<{tag} class="arithmatex">{out}</{tag}>'
+
+    return TEX.sub(render, html)
 
 
 def on_files(files: Files, config: Any) -> Files:
