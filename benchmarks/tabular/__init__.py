@@ -4,7 +4,8 @@ validation-chosen alpha (:func:`klj_reg.pick_alpha`).
 
 Data (:mod:`.data`): scikit-learn's bundled tables, read from files inside the package (no
 download): iris (D = 4), wine (13), breast_cancer (30), diabetes (its 10 features and the
-target, 11) and digits (64 integer pixels, ``U[0, 1)`` dequantisation noise added once). Per
+target, 11) and digits (64 integer pixels); every column dequantised at its own resolution
+(``U[0, g)`` noise, ``g`` the smallest gap between its values: :mod:`.data`). Per
 seed ``s`` in {0, 1, 2}: a permutation of the rows (generator seeded by ``s`` and the data
 set) cut 60/20/20 into train/validation/test; every column standardised with the training
 split's mean and standard deviation.

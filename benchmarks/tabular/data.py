@@ -3,8 +3,14 @@
 ``load(name)`` returns the raw ``(n, D)`` float64 table; ``split(name, seed)`` a
 :class:`Split`: a random permutation of the rows (generator seeded by ``seed`` and the data
 set's name) cut 60/20/20 into train/validation/test, every column standardised with the
-training split's mean and standard deviation. digits' integer pixels get ``U[0, 1)``
-dequantisation noise (one fixed draw per seed, from the same generator) before standardising.
+training split's mean and standard deviation. Every column is dequantised before
+standardising: it gets ``U[0, g)`` noise, ``g`` the column's resolution (the smallest gap
+between its distinct values: 1 for digits' integer pixels and diabetes' integer columns,
+0.1 cm for iris, 1 for diabetes' two-valued sex column), one fixed draw per seed from the
+same generator. Without it a flow can put unbounded density on a column's few values
+(diabetes' sex: a plain NSF reached -0.18 nats/dim training NLL) and a likelihood benchmark
+measures that instead of the density; on continuous columns (breast_cancer's) ``g`` is tiny
+and the noise negligible.
 
 scikit-learn's ``load_iris``, ``load_wine``, ``load_breast_cancer``, ``load_diabetes`` and
 ``load_digits`` read CSV files inside the installed package (``sklearn/datasets/data/``,
@@ -21,7 +27,13 @@ import numpy as np
 DATASETS = ("iris", "wine", "breast_cancer", "diabetes", "digits")
 DIMS = {"iris": 4, "wine": 13, "breast_cancer": 30, "diabetes": 11, "digits": 64}
 FRACTIONS = (0.6, 0.2, 0.2)  # train, validation, test
-DEQUANTISED = ("digits",)
+
+
+def resolution(table: np.ndarray) -> np.ndarray:
+    """Each column's resolution: the smallest gap between its distinct values (1 for a
+    constant column)."""
+    gaps = [np.diff(np.unique(column)) for column in table.T]
+    return np.array([g.min() if len(g) else 1.0 for g in gaps])
 
 
 def load(name: str) -> np.ndarray:
@@ -65,8 +77,7 @@ def split(name: str, seed: int, table: np.ndarray | None = None) -> Split:
     raw = load(name) if table is None else table
     rng = np.random.default_rng([seed, name_code(name)])
     order = rng.permutation(len(raw))
-    if name in DEQUANTISED:
-        raw = raw + rng.random(raw.shape)
+    raw = raw + rng.random(raw.shape) * resolution(raw)
     n_train = int(round(FRACTIONS[0] * len(raw)))
     n_val = int(round(FRACTIONS[1] * len(raw)))
     parts = np.split(raw[order], [n_train, n_train + n_val])

@@ -34,10 +34,21 @@ def test_tables_load_without_download_and_split_60_20_20(name: str) -> None:
     assert len(s.train) == round(0.6 * n) and len(s.val) == round(0.2 * n)
     np.testing.assert_allclose(s.train.mean(0), 0, atol=1e-9)
     np.testing.assert_allclose(s.train.std(0), 1, atol=1e-9)
-    # the rows are a permutation of the table, standardised with the training statistics
+    # the rows are a permutation of the table plus dequantisation noise within one
+    # resolution step of each column, standardised with the training statistics
     rows = np.concatenate([s.train, s.val, s.test]) * s.std + s.mean
-    if name not in data.DEQUANTISED:
-        assert sorted(map(tuple, rows.round(6))) == sorted(map(tuple, table.round(6)))
+    order = np.random.default_rng([0, data.name_code(name)]).permutation(n)
+    noise = rows - table[order]
+    assert (noise >= -1e-9).all() and (noise < data.resolution(table) + 1e-9).all()
+    assert noise.std() > 0
+
+
+def test_resolution_is_the_smallest_gap_per_column() -> None:
+    table = np.array([[0.0, 1.0, 5.0], [0.2, 2.0, 5.0], [0.5, 2.0, 5.0]])
+    np.testing.assert_allclose(data.resolution(table), [0.2, 1.0, 1.0])
+    sex = data.load("diabetes")[:, 1]
+    assert set(np.unique(sex)) == {1.0, 2.0}  # two values: dequantised over [1, 3)
+    assert data.resolution(data.load("diabetes"))[1] == 1.0
 
 
 def test_splits_are_seeded_and_digits_dequantised() -> None:
