@@ -69,3 +69,40 @@ def test_the_api_reference_covers_the_public_api() -> None:
         re.findall(r"^::: klj_reg\.(?:\w+\.)?(\w+)$", (DOCS / "api.md").read_text(), re.M)
     )
     assert set(klj_reg.__all__) <= documented, set(klj_reg.__all__) - documented
+
+
+# An NLL divided by D: ``....mean() / 8``, ``/ dim`` or ``/ D`` after a mean.
+PER_DIM_NLL = re.compile(r"\.mean\(\)\s*/\s*(\d+|dim|D)\b")
+
+
+def convention_breaks(code: str) -> list[str]:
+    """Lines of ``code`` that add a penalty to a per-dimension NLL without making the penalty
+    per dimension too (``normaliser="dim"``), and penalties added to such an NLL later."""
+    per_dim = {m.group(0) for m in PER_DIM_NLL.finditer(code)}
+    if not per_dim:
+        return []
+    return [
+        line.strip()
+        for line in code.splitlines()
+        if "penalty(" in line and "normaliser" not in line and "=" in line
+    ]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [*PAGES, ROOT / "README.md"],
+    ids=[*(p.relative_to(DOCS).as_posix() for p in PAGES), "README.md"],
+)
+def test_one_loss_convention(source: Path) -> None:
+    """Every code block adds the penalty to a per-sample NLL, or makes it per dimension
+    (``normaliser="dim"``) next to a per-dimension one: never a per-sample penalty next to a
+    per-dimension NLL."""
+    blocks = python_blocks(source.read_text())
+    assert not [line for block in blocks for line in convention_breaks(block)]
+
+
+def test_the_convention_check_catches_a_mixed_loss() -> None:
+    mixed = "nll = flow.log_prob(x).mean() / 8\nloss = nll + klj_reg.penalty(flow, x)\n"
+    assert convention_breaks(mixed)
+    fixed = mixed.replace("penalty(flow, x)", 'penalty(flow, x, normaliser="dim")')
+    assert not convention_breaks(fixed)
