@@ -8,7 +8,7 @@ STAMP = $(VENV)/.installed
 
 FRAMEWORKS ?= FrEIA==0.2 nflows==0.14 normflows==1.7.3 zuko==1.6.0
 
-.PHONY: demo test docs lint venv clean gpu-site compat
+.PHONY: demo test docs lint venv clean gpu-site compat dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/ruff check klj_reg benchmarks tests
 	$(BIN)/ruff format --check klj_reg benchmarks tests
 	$(BIN)/mypy klj_reg
-	$(BIN)/python -m pytest
+	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/python -m pytest
 
 # The four frameworks' own test suites (../shared/peer-tests, run from there) with klj-reg
 # attached to every model they build: tests/peer/klj_peer_plugin.py. Skipped, with a
@@ -44,6 +44,13 @@ compat:
 # The documentation site (MkDocs + Material + mkdocstrings), strict: a warning fails the build.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
+
+# The release artefacts in dist/: the sdist, and the wheel built from it, checked by twine.
+# tests/release/test_wheel.py installs that wheel in a clean venv (KLJ_WHEEL=dist/...).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 # The four frameworks (pure Python, no dependencies) for a GPU machine that has torch but not
 # them: carry .gpu there and run benchmarks/gpu_check.sh.
