@@ -25,9 +25,10 @@ no early stopping, loss = mean NLL per sample (nats) + ``klj_reg.penalty(model, 
 alpha=alpha)``, the penalty per sample (the library's convention: summed over layers and
 dimensions, not divided by D). alpha in {0,
 0.001, 0.01, 0.1, 1, 10} (``--alphas``); at alpha = 0 the loss is the NLL alone and the
-penalty is read without gradient. Every run has a ``klj_reg.Monitor(model, warn=False)``
-with its default arguments. A non-finite training loss stops the run (a blow-up at that
-step); a test mean NLL that is non-finite or above 10 nats/dim is a blow-up too.
+penalty is read (in grad mode, for the monitor) but left out of it. Every run has a
+``klj_reg.Monitor(model, warn=False)`` with its default arguments. A non-finite training loss
+stops the run (a blow-up at that step); a test mean NLL that is non-finite or above 10
+nats/dim is a blow-up too.
 
 Recorded per run (one JSON line in ``benchmarks/results/tabular/runs.jsonl``, written as each
 run ends; a rerun skips the finished (data set, model, seed, alpha, steps) keys): sizes,

@@ -163,9 +163,9 @@ def train_one(task: Task) -> dict[str, Any]:
                 penalty = klj_reg.penalty(model, x, alpha=task.alpha)
                 klj = penalty.detach() / task.alpha
                 total = loss + penalty
-            else:  # plain training; the penalty is read (no gradient) for the monitor and record
-                with torch.no_grad():
-                    klj = klj_reg.penalty(model, x, alpha=1.0)
+            else:  # plain training; the penalty is read for the monitor and record, in grad
+                # mode (the monitor skips no_grad penalties) but left out of the loss
+                klj = klj_reg.penalty(model, x, alpha=1.0).detach()
                 total = loss
             if not torch.isfinite(total):
                 blow_up_step = step
