@@ -223,6 +223,103 @@ def nearest_rank(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def decision(grouped: dict[tuple[str, str], Cell], alphas: list[float]) -> dict[str, Any]:
+    """The pre-registered rule (``benchmarks/tabular/preregistration.md``), applied as written.
+
+    Over the cells with every alpha: the candidate is the nonzero alpha with the lowest median
+    rank (ties to the smaller); it is *better than plain* if its median rank is lower than
+    alpha = 0's and its cell score is lower than alpha = 0's in more than half of the cells;
+    it *serves* if its cell score is within 0.05 nats/dim of the cell's best in at least 3/4
+    of the cells (30 of 40) and it adds no blow-up that alpha = 0 did not have. The helper
+    (validation choice per (cell, seed)) is recommended over the candidate if its test score
+    is lower in more than half of the pairs and the median paired difference is below 0.
+    """
+    full = [cell for cell in grouped.values() if alphas_of(cell) == alphas]
+    nonzero = [a for a in alphas if a]
+    if not full or 0.0 not in alphas or not nonzero:
+        return {"outcome": "not enough runs", "cells": len(full)}
+    cell_ranks = [ranks({b: seed_mean(cell, b) for b in alphas}) for cell in full]
+    median_rank = {a: statistics.median(r[a] for r in cell_ranks) for a in alphas}
+    candidate = min(sorted(nonzero), key=lambda a: median_rank[a])
+    below = sum(seed_mean(cell, candidate) < seed_mean(cell, 0.0) for cell in full)
+    better = median_rank[candidate] < median_rank[0.0] and below > len(full) / 2
+    best = [min(seed_mean(cell, b) for b in alphas) for cell in full]
+    near = sum(
+        seed_mean(cell, candidate) - b <= 0.05
+        for cell, b in zip(full, best, strict=True)
+        if math.isfinite(seed_mean(cell, candidate))
+    )
+    added = sum(
+        bool(by[candidate]["blow_up"]) and not by[0.0]["blow_up"]
+        for cell in full
+        for by in cell.values()
+    )
+    serves = better and near >= 0.75 * len(full) and added == 0
+    winners = [best_alpha(cell) for cell in full]
+    diffs = []
+    for cell in full:
+        choice = chosen(cell)
+        for seed, by_alpha in cell.items():
+            c = choice[seed]
+            a = math.inf if c is None else value(by_alpha[c])
+            diffs.append(difference(a, value(by_alpha[candidate])))
+    helper_lower = sum(d < 0 for d in diffs)
+    helper_wins = helper_lower > len(diffs) / 2 and statistics.median(diffs) < 0
+    if serves:
+        outcome = f"default alpha = {alpha_text(candidate)}"
+    elif better:
+        outcome = "no single default serves"
+    else:
+        outcome = "no fixed alpha beats plain training"
+    return {
+        "outcome": outcome,
+        "cells": len(full),
+        "candidate": candidate,
+        "median_rank": median_rank,
+        "below_plain": below,
+        "better_than_plain": better,
+        "within_0.05": near,
+        "added_blow_ups": added,
+        "serves": serves,
+        "best_alpha_range": (nearest_rank(winners, 0.1), nearest_rank(winners, 0.9)),
+        "helper_lower": helper_lower,
+        "helper_pairs": len(diffs),
+        "helper_median": statistics.median(diffs),
+        "helper_recommended": helper_wins,
+    }
+
+
+def decision_section(grouped: dict[tuple[str, str], Cell], alphas: list[float]) -> list[str]:
+    d = decision(grouped, alphas)
+    if "candidate" not in d:
+        return ["## The pre-registered rule", "", f"Not applied: {d['outcome']}.", ""]
+    n = d["cells"]
+    low, high = d["best_alpha_range"]
+    ranks_text = ", ".join(f"{alpha_text(a)}: {num(r, 1)}" for a, r in d["median_rank"].items())
+    return [
+        "## The pre-registered rule",
+        "",
+        "Applied as written in `benchmarks/tabular/preregistration.md` "
+        f"(`benchmarks.tabular.report.decision`), over {n} complete cells.",
+        "",
+        f"- Median rank per alpha: {ranks_text}. Candidate: alpha = {alpha_text(d['candidate'])}.",
+        f"- Better than plain: median rank {num(d['median_rank'][d['candidate']], 1)} against "
+        f"{num(d['median_rank'][0.0], 1)}, cell score lower in {d['below_plain']}/{n} cells: "
+        f"**{'yes' if d['better_than_plain'] else 'no'}**.",
+        f"- Serves: within 0.05 nats/dim of the cell's best in {d['within_0.05']}/{n} cells "
+        f"(needs {math.ceil(0.75 * n)}), blow-ups added over alpha = 0: "
+        f"{d['added_blow_ups']}: **{'yes' if d['serves'] else 'no'}**.",
+        f"- Best alpha per cell, 10th-90th percentile: {alpha_text(low)} to {alpha_text(high)}.",
+        f"- The validation choice against alpha = {alpha_text(d['candidate'])}: lower in "
+        f"{d['helper_lower']}/{d['helper_pairs']} (cell, seed) pairs, median paired "
+        f"difference {num(d['helper_median'])}: "
+        f"**{'recommended' if d['helper_recommended'] else 'not better than the fixed value'}**.",
+        "",
+        f"**Outcome: {d['outcome']}.**",
+        "",
+    ]
+
+
 def rank_section(grouped: dict[tuple[str, str], Cell], alphas: list[float]) -> list[str]:
     full = [cell for cell in grouped.values() if alphas_of(cell) == alphas]
     rows = []
@@ -532,6 +629,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         "alpha). \u2020: the mean leaves out seeds with a non-finite score.",
         "",
         *provenance(records),
+        *decision_section(grouped, alphas),
         *rank_section(grouped, alphas),
         *chosen_section(grouped, alphas),
     ]

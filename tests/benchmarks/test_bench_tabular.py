@@ -242,6 +242,30 @@ def test_report_text() -> None:
     assert "**Warning" in report.markdown(dirty)
 
 
+def test_the_pre_registered_rule() -> None:
+    """Median ranks 0: 2.5, 0.1: 1.5, 1: 2.0, so the candidate is 0.1; lower than plain in
+    both cells (better), but within 0.05 of the best only in m1 (1/2 < 3/4): no single
+    default serves. The validation choice against 0.1: 0, 0, -0.1 (m1), -0.45 x 3 (m2)."""
+    grouped = report.cells(synthetic())
+    d = report.decision(grouped, [0.0, 0.1, 1.0])
+    assert d["candidate"] == 0.1
+    assert d["median_rank"] == {0.0: 2.5, 0.1: 1.5, 1.0: 2.0}
+    assert (d["below_plain"], d["better_than_plain"]) == (2, True)
+    assert (d["within_0.05"], d["added_blow_ups"], d["serves"]) == (1, 0, False)
+    assert d["outcome"] == "no single default serves"
+    assert (d["helper_lower"], d["helper_pairs"]) == (4, 6)
+    assert d["helper_median"] == pytest.approx(-0.275) and d["helper_recommended"]
+    assert "**Outcome: no single default serves.**" in report.markdown(synthetic())
+    # only m2: alpha 1 is best everywhere and serves
+    only = report.cells([r for r in synthetic() if r["model"] == "m2"])
+    assert report.decision(only, [0.0, 0.1, 1.0])["outcome"] == "default alpha = 1"
+    # only m1 with alpha 0 the best: no fixed alpha beats plain
+    worse = [r for r in synthetic() if r["model"] == "m1" and r["alpha"] != 0.1]
+    assert report.decision(report.cells(worse), [0.0, 1.0])["outcome"] == (
+        "no fixed alpha beats plain training"
+    )
+
+
 def test_a_blow_up_scores_inf_and_a_failed_training_is_not_chosen() -> None:
     records = synthetic()
     for r in records:
