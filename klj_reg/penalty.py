@@ -9,9 +9,9 @@ r"""The regulariser users add to their loss.
 over captured layers :math:`i` and their Jacobian diagonal entries :math:`j` (paper Eq. 10-11
 with :math:`s_i` the true diagonal; summed over layers the log terms are the model's
 log-determinant, the paper's R3). The default normaliser is 1: the penalty is per sample, in
-the units of ``-log_prob(x).mean()``, and ``loss = nll_per_sample + penalty`` (or
-``(nll_per_sample + penalty) / D`` for a per-dimension loss) gives ``alpha`` the same
-relative strength for any :math:`D`.
+the units of ``-log_prob(x).mean()``, and ``loss = nll_per_sample + penalty`` (or, for a
+per-dimension loss, ``nll_per_sample / D + penalty(..., normaliser="dim")``) gives ``alpha``
+the same relative strength for any :math:`D`.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def penalty(
             is no pass to read, the penalty runs the model on ``x`` itself, which doubles the
             cost (warned once).
         alpha: Weight :math:`\alpha \ge 0` against a per-sample NLL: add the penalty to
-            ``-log_prob(x).mean()`` (for a per-dimension loss, divide the sum by D). See
+            ``-log_prob(x).mean()`` (next to a per-dimension loss, ``normaliser="dim"``). See
             :func:`klj_reg.choose_alpha` to pick it on validation data. A number or a 0-d
             tensor that does not require grad (as for ``tau``).
         tau: Weight :math:`\tau \ge 0` of :math:`\sum\|W\|_F^2` over coupling subnetworks
@@ -270,8 +270,9 @@ def penalty(
             ``"released-code"``: the authors' code, squared raw pre-activations minus twice
             the log-det (see :mod:`klj_reg.divergence`).
         normaliser: ``None`` (default): 1 for ``"jacobian"`` (per sample); for
-            ``"released-code"`` the number of captured layers over :math:`D`, so that
-            ``(nll + penalty) / D`` is the authors' per-dimension loss at their ``alpha``.
+            ``"released-code"`` the number of captured layers over :math:`D`, the authors'
+            weighting in per-sample units (``"layers"`` next to a per-dimension NLL is their
+            loss at their ``alpha``).
             ``"dim"``: the flow's dimension :math:`D` (the longest Jacobian diagonal among
             the captured layers, whatever else the model's call takes); ``"layers"``: the
             number of captured layers; ``"none"``: 1; or a number > 0.
