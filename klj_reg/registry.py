@@ -26,6 +26,7 @@ FRAMEWORKS = {
     "nflows": "klj_reg.adapters.nflows",
     "normflows": "klj_reg.adapters.normflows",
     "zuko": "klj_reg.adapters.zuko",
+    "sbi": "klj_reg.adapters.sbi",  # its estimators wrap an nflows or zuko flow
 }
 
 _installers: dict[type, Installer] = {}
