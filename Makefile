@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(BIN)/python -m benchmarks demo
 
 test: $(STAMP)
-	$(BIN)/ruff check klj_reg benchmarks tests
-	$(BIN)/ruff format --check klj_reg benchmarks tests
+	$(BIN)/ruff check klj_reg benchmarks tests examples
+	$(BIN)/ruff format --check klj_reg benchmarks tests examples
 	$(BIN)/mypy klj_reg
 	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/python -m pytest
 

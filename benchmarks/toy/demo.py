@@ -314,6 +314,13 @@ def _fmt(cell: dict[str, Any], key: str, digits: int) -> str:
     return text + (f" ± {cell[key + '_std']:.{digits}f}" if cell["seeds"] > 1 else "")
 
 
+LEGEND = (
+    "r: fraction of training images with N(0, 1) noise added (outliers); p: class-balanced "
+    "fraction of the training images kept (small sets); bits/dim lower, AUROC % higher is better"
+)
+"""Printed under the table (one line): what the settings' r and p are."""
+
+
 def table(summary: list[dict[str, Any]], alpha: float) -> str:
     """Markdown: one row per (backend, setting), plain vs KLJ side by side."""
     lookup = {(c["backend"], c["ratio"], c["fraction"], c["alpha"]): c for c in summary}
@@ -514,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md").write_text(summary_md(payload))
     figure(summary, args.alpha, args.out / "demo.png")
     print(table(summary, args.alpha))
+    print(LEGEND)
     print("\n" + effects(summary, args.alpha))
     print(f"\n{len(results)} runs in {payload['wall_seconds']:.0f} s; wrote {args.out}/demo.json, "
           "summary.md, demo.png")  # fmt: skip

@@ -3,6 +3,8 @@ corruption counts, exact class-balanced subsets), and reproducibility."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -26,7 +28,9 @@ pytestmark = pytest.mark.skipif(not BACKENDS, reason="no flow framework installe
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("demo")
-    assert demo.main(["--quick", "--out", str(out), "--jobs", "2"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert demo.main(["--quick", "--out", str(out), "--jobs", "2"]) == 0
+    (out / "printed.txt").write_text(printed.getvalue())
     return json.loads((out / "demo.json").read_text()), out
 
 
@@ -117,6 +121,11 @@ def test_quick_demo_outputs(quick: tuple[dict[str, Any], Path]) -> None:
     summary = (out / "summary.md").read_text()
     for backend in BACKENDS:
         assert f"| {backend} | r = 0.15 |" in summary and f"| {backend} | p = 0.2 |" in summary
+    # the printed table is followed by a one-line legend of its settings' r and p
+    printed = (out / "printed.txt").read_text().splitlines()
+    last_row = max(i for i, line in enumerate(printed) if line.startswith("| "))
+    assert printed[last_row + 1] == demo.LEGEND
+    assert demo.LEGEND.startswith("r: ") and "; p: " in demo.LEGEND
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
