@@ -8,7 +8,8 @@ match it directly (no normaliser).
 (a) A custom loop around the estimator: ``estimator.loss(theta, x)`` (sbi's per-sample NLL)
     plus ``klj_reg.penalty(estimator, theta, alpha=...)``, which reads the pass ``loss`` ran.
 (b) sbi's own ``.train()``: a subclass of ``NPE`` overrides ``_loss`` (as sbi's BNRE does for
-    its balancing term) to add the per-sample penalty to sbi's per-sample loss.
+    its balancing term) to add the per-sample penalty to sbi's per-sample training loss (not
+    to its validation loss, on which sbi stops early).
 
 Either way the posterior is built and sampled as usual. klj-reg recognises sbi's
 estimators (``NFlowsFlow``, ``ZukoFlow``: no ``forward`` of their own): attaching is
@@ -39,9 +40,10 @@ class KLJNPE(NPE):
 
     def _loss(self, theta, x, *args, **kwargs):
         losses = super()._loss(theta, x, *args, **kwargs)  # one NLL per sample
-        # per sample too (reduction="none"); context=x only for the very first call, when
-        # the penalty attaches and runs its own pass; validation batches (no_grad) get the
-        # validation penalty, which sbi's early stopping then sees as well
+        if not torch.is_grad_enabled():
+            return losses  # validation batches: sbi's early stopping sees its own NLL
+        # per sample too (reduction="none"); context=x is used only by the very first call,
+        # when the penalty attaches and runs a pass of its own
         klj = klj_reg.penalty(
             self._neural_net, theta, alpha=self.alpha, reduction="none", context=x
         )

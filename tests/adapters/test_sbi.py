@@ -82,3 +82,21 @@ def test_sampling_records_nothing_and_no_context_is_named() -> None:
     ):
         klj_reg.penalty(est, theta)
     klj_reg.detach(est)
+
+
+def test_an_unconditional_zuko_estimator() -> None:
+    import zuko
+    from sbi.neural_nets.estimators import ZukoUnconditionalFlow
+
+    flow = zuko.flows.MAF(features=2, transforms=2)
+    est = ZukoUnconditionalFlow(flow, input_shape=torch.Size([2]))
+    theta = torch.randn(16, 2)
+    first = klj_reg.penalty(est, theta, alpha=1.0)  # first use: a pass of its own
+    est.loss(theta)
+    again = klj_reg.penalty(est, theta, alpha=1.0)  # the pass of loss
+    klj_reg.detach(est)
+    with klj_reg.capturing(flow):
+        flow().log_prob(theta)
+        expected = klj_reg.penalty(flow, theta, alpha=1.0)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(again, expected)
