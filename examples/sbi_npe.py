@@ -1,7 +1,8 @@
 """Neural posterior estimation (sbi's NPE) with klj-reg, two ways.
 
-The simulator is a 2-parameter Gaussian (x = theta + noise, uniform prior); sbi's estimator
-is a conditional nflows MAF. sbi's loss is the negative log-probability of theta given x
+The simulator is a 2-parameter Gaussian (x = theta + noise, uniform prior); sbi's estimators
+are conditional nflows flows (a MAF in the custom loop, a spline flow in ``.train()``, which
+stops early on its validation loss). sbi's loss is the negative log-probability of theta given x
 summed over theta's dimensions, one value per sample: the penalty's default per-sample units
 match it directly (no normaliser).
 
@@ -10,6 +11,12 @@ match it directly (no normaliser).
 (b) sbi's own ``.train()``: a subclass of ``NPE`` overrides ``_loss`` (as sbi's BNRE does for
     its balancing term) to add the per-sample penalty to sbi's per-sample training loss (not
     to its validation loss, on which sbi stops early).
+
+A posterior much narrower than the prior needs layers that contract far from volume
+preservation, which the penalty pulls against: on this example (one seed, 2000 simulations)
+the posterior's standard deviations were 0.10-0.13 at alpha 0, 0.11-0.14 at alpha 0.01 and
+0.14-0.19 at alpha 0.1 (the exact posterior's: about 0.1). Keep alpha small here, or choose it
+on held-out simulations (``klj_reg.choose_alpha``).
 
 Either way the posterior is built and sampled as usual. klj-reg recognises sbi's
 estimators (``NFlowsFlow``, ``ZukoFlow``: no ``forward`` of their own): attaching is
@@ -34,7 +41,7 @@ def simulate(n: int, prior: BoxUniform) -> tuple[torch.Tensor, torch.Tensor]:
 class KLJNPE(NPE):
     """sbi's NPE with the KL-Jacobian penalty in its training loss."""
 
-    def __init__(self, *args, alpha: float = 0.1, **kwargs) -> None:
+    def __init__(self, *args, alpha: float = 0.01, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.alpha = alpha
 
@@ -69,15 +76,15 @@ def custom_loop(theta, x, prior, steps: int, alpha: float):
 
 def sbi_train(theta, x, prior, epochs: int, alpha: float):
     torch.manual_seed(0)
-    builder = posterior_nn(model="maf", hidden_features=32, num_transforms=3)
+    builder = posterior_nn(model="nsf", hidden_features=32, num_transforms=3)
     inference = KLJNPE(prior=prior, density_estimator=builder, alpha=alpha)
     inference.append_simulations(theta, x).train(
-        max_num_epochs=epochs, training_batch_size=128, show_train_summary=False
+        max_num_epochs=epochs, training_batch_size=128, learning_rate=1e-3
     )
     return inference.build_posterior()
 
 
-def main(n: int = 2000, steps: int = 500, epochs: int = 20, alpha: float = 0.1) -> dict:
+def main(n: int = 2000, steps: int = 2000, epochs: int = 200, alpha: float = 0.01) -> dict:
     torch.manual_seed(0)
     prior = BoxUniform(low=-2 * torch.ones(2), high=2 * torch.ones(2))
     theta, x = simulate(n, prior)

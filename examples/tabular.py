@@ -45,7 +45,7 @@ def nll(flow: zuko.flows.Flow, data: torch.Tensor) -> float:
         return float(-flow().log_prob(data).mean())
 
 
-def main(steps: int = 1000, alphas: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)) -> dict:
+def main(steps: int = 300, alphas: tuple[float, ...] = (0.0, 0.01, 0.1, 1.0)) -> dict:
     train, val, test = load()
 
     def score(alpha: float) -> float:  # validation NLL of a flow trained at alpha
