@@ -81,8 +81,9 @@ def test_reverse_kl() -> None:
     assert result["klj"] >= 0
 
 
-def test_sbi_npe() -> None:
+def test_sbi_npe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     example = load("sbi_npe", "sbi")
+    monkeypatch.chdir(tmp_path)  # sbi's training writes its TensorBoard logs to ./sbi-logs
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Maximum number of epochs", UserWarning)
         warnings.filterwarnings("ignore", "torch.triangular_solve is deprecated")  # nflows' LU
