@@ -4,8 +4,9 @@ after the forward pass.
 ``accelerator.prepare`` may wrap the model (DDP on several processes, mixed precision): the
 flow is attached first, as before ``torch.compile`` or DDP, and the penalty is given the
 prepared model and the batch the forward ran on. A ``klj_reg.Monitor`` logs the per-layer
-values through ``accelerator.log``. Run: ``python examples/accelerate_loop.py`` (or ``accelerate
-launch examples/accelerate_loop.py``).
+values through ``accelerator.log`` (recorded by the trackers of ``Accelerator(log_with=...)``
+after ``accelerator.init_trackers``; none here). Run: ``python examples/accelerate_loop.py``
+(or ``accelerate launch examples/accelerate_loop.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def main(steps: int = 300, alpha: float = 0.1, every: int = 10, shuffle: bool = 
     klj_reg.attach(flow)  # before prepare
     monitor = klj_reg.Monitor(
         flow,
-        log=lambda values, step: accelerator.log({f"klj/{k}": float(v) for k, v in values.items()}),
+        log=lambda values, step: accelerator.log(
+            {f"klj/{k}": float(v) for k, v in values.items()}, step=step
+        ),
         every=every,
     )
     optimizer = torch.optim.Adam(flow.parameters(), lr=1e-3)
