@@ -5,7 +5,8 @@ served from there (nothing is copied into ``docs/`` by hand).
 In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the runs in
 ``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
 brief), ``curves`` (learning curves of ``ood`` runs), ``selection`` (alpha chosen on a
-validation split), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``. Figures
+validation split), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``,
+``tabular`` (the alpha grid's rule, ranks and validation choice). Figures
 are linked as ``figures/<path under benchmarks/results>``.
 
 Math is rendered at build time: every formula (``$...$``, ``$$...$$`` through
@@ -118,6 +119,13 @@ def _stability(folder: Path) -> str:
     return stability.summary_md(json.loads((folder / "stability.json").read_text()))
 
 
+def _tabular(folder: Path) -> str:
+    from benchmarks.tabular import report
+
+    lines = (folder / "runs.jsonl").read_text().splitlines()
+    return report.summary([json.loads(line) for line in lines if line.strip()])
+
+
 def _curves(folder: Path) -> str:
     from benchmarks.cifar import curves
 
@@ -162,6 +170,7 @@ RENDER: dict[str, Callable[[Path], str]] = {
     "sweep": _sweep,
     "overhead": _overhead,
     "stability": _stability,
+    "tabular": _tabular,
 }
 
 

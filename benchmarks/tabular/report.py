@@ -639,6 +639,21 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def summary(records: list[dict[str, Any]]) -> str:
+    """The provenance, the pre-registered rule's outcome, the ranks and the validation
+    choice: what the documentation shows (the per-table sections stay in ``report.md``)."""
+    records = latest(records)
+    grouped = cells(records)
+    alphas = sorted({float(r["alpha"]) for r in records})
+    lines = [
+        *provenance(records),
+        *decision_section(grouped, alphas),
+        *rank_section(grouped, alphas),
+        *chosen_section(grouped, alphas),
+    ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def figure(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
