@@ -39,6 +39,16 @@ NORMALISERS = ("dim", "layers", "none")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+NO_DEFAULT = (
+    "klj_reg.penalty needs alpha=...: it has no default, because no single value served on "
+    "the tabular benchmark (the best alpha per data set and flow ranged from 0.1 to 10, "
+    "python -m benchmarks tabular). Choose it on validation data with "
+    "klj_reg.choose_alpha (docs/choosing-alpha.md), or start from alpha=1 and sweep by "
+    "decades."
+)
+"""The message when ``alpha`` is left out."""
+
+
 def _number(name: str, value: Any) -> float:
     """A 0-d real tensor ``alpha`` or ``tau`` as a float; anything else as it is (checked by
     :func:`_validate`). A tensor that requires grad is refused: its float would cut the
@@ -232,7 +242,7 @@ def penalty(
     model: Any,
     x: Tensor | None = None,
     *,
-    alpha: float | Tensor = 1e-2,
+    alpha: float | Tensor | None = None,
     tau: float | Tensor = 0.0,
     form: str = "jacobian",
     normaliser: str | float | None = None,
@@ -261,9 +271,11 @@ def penalty(
             is no pass to read, the penalty runs the model on ``x`` itself, which doubles the
             cost (warned once).
         alpha: Weight :math:`\alpha \ge 0` against a per-sample NLL: add the penalty to
-            ``-log_prob(x).mean()`` (next to a per-dimension loss, ``normaliser="dim"``). See
-            :func:`klj_reg.choose_alpha` to pick it on validation data. A number or a 0-d
-            tensor that does not require grad (as for ``tau``).
+            ``-log_prob(x).mean()`` (next to a per-dimension loss, ``normaliser="dim"``).
+            Required: no single value served on the tabular benchmark (the best per data
+            set and flow ranged from 0.1 to 10); pick it on validation data with
+            :func:`klj_reg.choose_alpha`. A number or a 0-d tensor that does not require
+            grad (as for ``tau``).
         tau: Weight :math:`\tau \ge 0` of :math:`\sum\|W\|_F^2` over coupling subnetworks
             (the paper's R1; weight decay plays the same role).
         form: ``"jacobian"``: :math:`d^2 - 1 - 2\log|d|` on the true Jacobian diagonal.
@@ -296,6 +308,8 @@ def penalty(
     Returns:
         A scalar tensor (or ``(B,)`` with ``reduction="none"``) connected to the graph.
     """
+    if alpha is None:
+        raise TypeError(NO_DEFAULT)
     alpha, tau = _number("alpha", alpha), _number("tau", tau)
     _validate(alpha, tau, form, estimator, reduction)
     if estimator != "capture":

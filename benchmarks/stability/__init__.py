@@ -9,7 +9,8 @@ small image flow on a CIFAR-10 subset. Per configuration and seed, seven methods
 same data, initialisation and batches (:mod:`.runner`):
 
 - ``plain``: Adam on the NLL;
-- ``klj``: + ``klj_reg.penalty(model, x)`` at alpha = 1e-2, the library default;
+- ``klj``: + ``klj_reg.penalty(model, x, alpha=1e-2, normaliser="dim")``, the library's
+  default when the gallery was made (it has none now: docs/choosing-alpha.md);
 - ``klj-val``: + the penalty at the alpha of {1e-3, 1e-2, 1e-1, 1} whose run ends with the
   lowest NLL on a validation split carved from seed 0's training data (20 %, one run per
   alpha; the test split is never read), then trained on each seed's whole training split;

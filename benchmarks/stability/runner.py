@@ -42,7 +42,7 @@ from ..common.backends import BackendFlow
 from ..common.records import parameter_count
 from . import configs
 
-DEFAULT_ALPHA = 1e-2  # klj_reg.penalty's default
+DEFAULT_ALPHA = 1e-2  # klj_reg.penalty's default when the gallery was made (it has none now)
 ALPHA_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 CLIP = 1.0  # max gradient norm of the clipping methods
 WEIGHT_DECAY = 1e-2  # AdamW's (decoupled) weight decay: torch.optim.AdamW's default
@@ -56,7 +56,7 @@ WARNING_WINDOW = 50  # a flag at most this many steps before a failure counts as
 METHODS = ("plain", "klj", "klj-val", "clip", "wd", "low-lr", "clip+klj")
 METHOD_TEXT = {
     "plain": "Adam, plain maximum likelihood",
-    "klj": f"+ klj_reg.penalty, alpha = {DEFAULT_ALPHA:g} (the default)",
+    "klj": f"+ klj_reg.penalty, alpha = {DEFAULT_ALPHA:g} (the former default)",
     "klj-val": "+ klj_reg.penalty, alpha chosen on a validation split",
     "clip": f"gradient-norm clipping at {CLIP:g}",
     "wd": f"AdamW, weight decay {WEIGHT_DECAY:g}",

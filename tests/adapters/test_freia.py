@@ -257,11 +257,11 @@ def test_penalty_is_zero_at_identity_and_positive_otherwise() -> None:
     inn.append(Fm.GLOWCouplingBlock, subnet_constructor=zero)
     x = torch.randn(8, 6)
     inn(x)
-    assert klj_reg.penalty(inn, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert klj_reg.penalty(inn, x, alpha=1e-2).item() == pytest.approx(0.0, abs=1e-6)
     nonzero = sequence().float()
     nonzero(x)
     nonzero(x)
-    assert klj_reg.penalty(nonzero, x).item() > 1e-3
+    assert klj_reg.penalty(nonzero, x, alpha=1e-2).item() > 1e-3
 
 
 def test_backward_reaches_the_scale_subnetworks() -> None:
@@ -270,7 +270,7 @@ def test_backward_reaches_the_scale_subnetworks() -> None:
     inn(x)
     inn.zero_grad()
     inn(x)
-    klj_reg.penalty(inn, x).backward()
+    klj_reg.penalty(inn, x, alpha=1e-2).backward()
     for name in (
         "module_list.1.subnet",
         "module_list.2.subnet1",

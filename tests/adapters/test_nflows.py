@@ -166,7 +166,7 @@ def test_scales_not_computed_in_the_call_are_an_error_not_a_stale_read() -> None
     klj_reg.attach(flow)
     x = torch.randn(8, FEATURES)
     flow.log_prob(x)
-    klj_reg.penalty(flow, x)
+    klj_reg.penalty(flow, x, alpha=1e-2)
     flow.sample(5)  # the inverse runs the watched subnetwork: its output is stashed
     shape = (layer.num_identity_features, 2 * layer.num_transform_features)
     layer.transform_net = perturb(net_maker()(*shape))  # no klj-reg hook on this one
@@ -190,7 +190,7 @@ def test_version_drift_is_detected() -> None:
     klj_reg.attach(flow)
     flow.log_prob(x)
     with pytest.raises(klj_reg.AdapterMismatchError, match="Drifted"):
-        klj_reg.penalty(flow, x)
+        klj_reg.penalty(flow, x, alpha=1e-2)
 
 
 @pytest.mark.parametrize("context", [0, CONTEXT_FEATURES])
@@ -540,7 +540,7 @@ def test_penalty_is_zero_at_identity_and_positive_otherwise() -> None:
     z, log_det = model._transform(x)
     assert log_det.abs().max() < 1e-5  # it really is volume-preserving
     model.log_prob(x)
-    assert klj_reg.penalty(model, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert klj_reg.penalty(model, x, alpha=1e-2).item() == pytest.approx(0.0, abs=1e-6)
     # A zero coupling output (what nflows' zero-init aims at) is scale sigmoid(2) + 1e-3.
     coupling = T.AffineCouplingTransform(MASK, net_maker())
     nn.init.zeros_(coupling.transform_net.final_layer.weight)
@@ -549,11 +549,11 @@ def test_penalty_is_zero_at_identity_and_positive_otherwise() -> None:
     zero.log_prob(x)
     s = torch.sigmoid(torch.tensor(2.0)).item() + 1e-3
     expected = 3 * (s**2 - 1 - 2 * math.log(s)) * 1e-2  # per sample: no division by D
-    assert klj_reg.penalty(zero, x).item() == pytest.approx(expected, rel=1e-5)
+    assert klj_reg.penalty(zero, x, alpha=1e-2).item() == pytest.approx(expected, rel=1e-5)
     perturbed = flow().float()
     perturbed.log_prob(x)
     perturbed.log_prob(x)
-    per_sample = klj_reg.penalty(perturbed, x, reduction="none")
+    per_sample = klj_reg.penalty(perturbed, x, reduction="none", alpha=1e-2)
     assert (per_sample >= 0).all() and per_sample.mean().item() > 1e-3
 
 
@@ -563,7 +563,7 @@ def test_penalty_backward_reaches_every_scale_network() -> None:
     model.log_prob(x)
     model.zero_grad()
     model.log_prob(x)
-    klj_reg.penalty(model, x).backward()
+    klj_reg.penalty(model, x, alpha=1e-2).backward()
     for net in transform_nets(model):
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), type(net).__name__
@@ -599,7 +599,7 @@ def test_one_transform_net_pass_per_layer_per_step() -> None:
         n.register_forward_hook(lambda m, a, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
         for n in nets
     ]
-    loss = -model.log_prob(x, c).mean() + klj_reg.penalty(model, x)
+    loss = -model.log_prob(x, c).mean() + klj_reg.penalty(model, x, alpha=1e-2)
     loss.backward()
     for h in hooks:
         h.remove()
@@ -618,16 +618,16 @@ def test_runner_gives_the_flows_transform_and_the_exact_fallback() -> None:
     model.log_prob(x)
     with torch.no_grad():
         model._transform.log_scale.add_(0.3 * torch.randn(FEATURES))
-    exact = klj_reg.penalty(model, x, estimator="exact")
-    captured = klj_reg.penalty(model, x)  # first use: runs the runner
+    exact = klj_reg.penalty(model, x, estimator="exact", alpha=1e-2)
+    captured = klj_reg.penalty(model, x, alpha=1e-2)  # first use: runs the runner
     torch.testing.assert_close(captured, exact)
     conditional = flow(CONTEXT_FEATURES).float()
     x, (c,) = inputs(CONTEXT_FEATURES, batch=8)
     x, c = x.float(), c.float()
     conditional.log_prob(x, c)
-    first = klj_reg.penalty(conditional, x, context=c)
+    first = klj_reg.penalty(conditional, x, context=c, alpha=1e-2)
     conditional.log_prob(x, c)
-    torch.testing.assert_close(klj_reg.penalty(conditional, x), first)
+    torch.testing.assert_close(klj_reg.penalty(conditional, x, alpha=1e-2), first)
 
 
 def test_uncaptured_invertible_layers_are_warned_about() -> None:
@@ -713,7 +713,7 @@ def test_training_model_trains_with_the_penalty(context: bool) -> None:
         warnings.simplefilter("error")  # no "ran its own pass", no uncaptured layer
         for _ in range(3):
             optimiser.zero_grad()
-            loss = loss_fn(x, c) + klj_reg.penalty(model, x, context=c)
+            loss = loss_fn(x, c) + klj_reg.penalty(model, x, context=c, alpha=1e-2)
             loss.backward()
             optimiser.step()
     assert torch.isfinite(loss)
@@ -745,7 +745,9 @@ def test_maf_reads_the_log_scale_the_layer_summed() -> None:
     flow.sample_and_log_prob(5)
     (sampled,) = only(capture.records).factors
     assert sampled.log_abs is not None  # the MADE output's unconstrained half
-    penalty = klj_reg.penalty(flow, direction="sample")  # checked against nflows' log-det
+    penalty = klj_reg.penalty(
+        flow, direction="sample", alpha=1e-2
+    )  # checked against nflows' log-det
     assert penalty.requires_grad and torch.isfinite(penalty)
     klj_reg.detach(flow)
 

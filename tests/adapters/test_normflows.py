@@ -154,13 +154,13 @@ def test_a_layer_attached_as_the_model_records_into_the_pass_its_inverse_began(
     x1, x2 = torch.randn(4, DIM), torch.randn(5, DIM)
     layer.inverse(x1)
     assert [p.inputs is x1 for p in capture.book.grad if p.records] == [True]
-    want1 = klj_reg.penalty(layer, x1)
+    want1 = klj_reg.penalty(layer, x1, alpha=1e-2)
     layer.inverse(x2)
-    want2 = klj_reg.penalty(layer, x2)
+    want2 = klj_reg.penalty(layer, x2, alpha=1e-2)
     layer.inverse(x1)
     layer.inverse(x2)
-    torch.testing.assert_close(klj_reg.penalty(layer, x1), want1)
-    torch.testing.assert_close(klj_reg.penalty(layer, x2), want2)
+    torch.testing.assert_close(klj_reg.penalty(layer, x1, alpha=1e-2), want1)
+    torch.testing.assert_close(klj_reg.penalty(layer, x2, alpha=1e-2), want2)
 
 
 @pytest.mark.parametrize("context", [0, CONTEXT_DIM])
@@ -351,8 +351,10 @@ def test_a_spline_layer_attached_on_its_own_and_in_a_flow_records_for_both(kind:
     attach(model)
     x = 2.5 * torch.rand(4, DIM) * 2 - 2.5
     model.log_prob(x)
-    each = [klj_reg.penalty(layer, reduction="none", normaliser=1.0) for layer in layers]
-    whole = klj_reg.penalty(model, x, reduction="none", normaliser=1.0)
+    each = [
+        klj_reg.penalty(layer, reduction="none", normaliser=1.0, alpha=1e-2) for layer in layers
+    ]
+    whole = klj_reg.penalty(model, x, reduction="none", normaliser=1.0, alpha=1e-2)
     assert all((p > 0).all() for p in each)
     torch.testing.assert_close(whole, each[0] + each[1])  # the same calls' own tensors
 
@@ -454,7 +456,7 @@ def test_whole_model_log_det_and_penalty(context: bool) -> None:
     total = sum(implied_log_det(r) for r in recs.values())
     torch.testing.assert_close(torch.broadcast_to(total, log_det.shape), log_det)
     loss_fn(x, c)
-    assert klj_reg.penalty(model, x).item() > 1e-3
+    assert klj_reg.penalty(model, x, alpha=1e-2).item() > 1e-3
 
 
 @pytest.mark.parametrize("context", [False, True])
@@ -475,7 +477,7 @@ def test_training_call_runs_each_subnet_as_often_as_normflows(context: bool) -> 
     attach(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "ran its own pass" warning
-        captured = count(lambda: (loss_fn(x, c) + klj_reg.penalty(model, x)).backward())
+        captured = count(lambda: (loss_fn(x, c) + klj_reg.penalty(model, x, alpha=1e-2)).backward())
     assert captured == plain
     for name, n in captured.items():  # couplings once, MAF D times (normflows' own inverse)
         maf_net = name.endswith("autoregressive_net") and "mprqat" not in name
@@ -490,7 +492,7 @@ def test_backward_reaches_the_scale_subnetworks(context: bool) -> None:
     attach(model)
     loss_fn(x, c)
     model.zero_grad()
-    klj_reg.penalty(model, x).backward()
+    klj_reg.penalty(model, x, alpha=1e-2).backward()
     for name, net in subnets(model).items():
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), name
@@ -549,7 +551,9 @@ def test_a_deepcopy_records_nothing_into_the_original() -> None:
     twin.forward_kld(x)
     assert len(twin_capture.records) == 5 and capture.records == {}
     model.forward_kld(x)
-    torch.testing.assert_close(klj_reg.penalty(twin, x), klj_reg.penalty(model, x))
+    torch.testing.assert_close(
+        klj_reg.penalty(twin, x, alpha=1e-2), klj_reg.penalty(model, x, alpha=1e-2)
+    )
 
 
 @pytest.mark.parametrize("context", [False, True])
@@ -557,10 +561,12 @@ def test_penalty_without_a_user_pass_runs_the_model_runner(context: bool) -> Non
     model, loss_fn = random_model(context)
     x, c = batch(context)
     loss_fn(x, c)
-    own = klj_reg.penalty(model, x, context=c)  # first use: attaches and runs inverse_and_log_det
+    own = klj_reg.penalty(
+        model, x, context=c, alpha=1e-2
+    )  # first use: attaches and runs inverse_and_log_det
     detach_later(model)
     loss_fn(x, c)
-    torch.testing.assert_close(own, klj_reg.penalty(model, x))
+    torch.testing.assert_close(own, klj_reg.penalty(model, x, alpha=1e-2))
 
 
 def test_runners_of_class_conditional_flow_and_single_layer() -> None:
@@ -573,10 +579,10 @@ def test_runners_of_class_conditional_flow_and_single_layer() -> None:
         (model, lambda: model.forward_kld(x, y)),
         (layer, lambda: layer.inverse(x)),
     ):
-        own = klj_reg.penalty(target, x)  # first use: attaches and runs the runner
+        own = klj_reg.penalty(target, x, alpha=1e-2)  # first use: attaches and runs the runner
         detach_later(target)
         forward()
-        torch.testing.assert_close(own, klj_reg.penalty(target, x))
+        torch.testing.assert_close(own, klj_reg.penalty(target, x, alpha=1e-2))
         assert own.item() > 1e-4
 
 
@@ -630,12 +636,12 @@ def test_penalty_is_zero_at_identity_and_positive_otherwise() -> None:
     torch.testing.assert_close(z.sort(1).values, x.sort(1).values)
     torch.testing.assert_close(log_det, torch.zeros(16), atol=1e-12, rtol=0)
     assert len(klj_reg.attach(model).records) == 8
-    assert klj_reg.penalty(model, x).item() == pytest.approx(0.0, abs=1e-12)
+    assert klj_reg.penalty(model, x, alpha=1e-2).item() == pytest.approx(0.0, abs=1e-12)
     noisy(model, 0.1)
     model.forward_kld(x)
-    assert klj_reg.penalty(model, x, reduction="none").min() > 0
+    assert klj_reg.penalty(model, x, reduction="none", alpha=1e-2).min() > 0
     model.forward_kld(x)
-    assert klj_reg.penalty(model, x).item() > 1e-4
+    assert klj_reg.penalty(model, x, alpha=1e-2).item() > 1e-4
 
 
 def glow_block(channels: int = 4) -> nn.Module:
@@ -702,7 +708,7 @@ def test_multiscale_glow() -> None:
     torch.testing.assert_close(torch.broadcast_to(total, log_det.shape), log_det)
     model.zero_grad()
     model.forward_kld(x, y)
-    klj_reg.penalty(model, x).backward()
+    klj_reg.penalty(model, x, alpha=1e-2).backward()
     for level in model.flows:
         glow = level[0]
         param_map = glow.flows[0].flows[1].param_map
@@ -713,9 +719,9 @@ def test_multiscale_glow() -> None:
     model.sample(2, y=torch.tensor([0, 2]))
     assert capture.records == {} and all(s.state == {} for s in capture.sites.values())
     with pytest.warns(UserWarning, match="ran its own"):
-        own = klj_reg.penalty(model, x)  # via the runner (inverse_and_log_det)
+        own = klj_reg.penalty(model, x, alpha=1e-2)  # via the runner (inverse_and_log_det)
     model.forward_kld(x, y)
-    torch.testing.assert_close(own, klj_reg.penalty(model, x))
+    torch.testing.assert_close(own, klj_reg.penalty(model, x, alpha=1e-2))
 
 
 def test_version_drift_is_caught_by_the_layer_log_det() -> None:
@@ -725,4 +731,4 @@ def test_version_drift_is_caught_by_the_layer_log_det() -> None:
     block.flows[1].scale_map = "sigmoid"  # the layer now computes what the adapter does not
     block.inverse(x)
     with pytest.raises(klj_reg.AdapterMismatchError, match="AffineCoupling"):
-        klj_reg.penalty(block, x)
+        klj_reg.penalty(block, x, alpha=1e-2)

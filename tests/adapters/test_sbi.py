@@ -80,7 +80,7 @@ def test_sampling_records_nothing_and_no_context_is_named() -> None:
         pytest.warns(UserWarning, match="ran its own"),
         pytest.raises(klj_reg.CaptureError, match="context="),
     ):
-        klj_reg.penalty(est, theta)
+        klj_reg.penalty(est, theta, alpha=1e-2)
     klj_reg.detach(est)
 
 

@@ -165,7 +165,7 @@ def test_unconditional_elementwise_transforms(inverse: bool) -> None:
     # the learnable scale gets gradients from the penalty
     klj_reg.attach(affine)
     affine().call_and_ladj(x)
-    klj_reg.penalty(affine, x).backward()
+    klj_reg.penalty(affine, x, alpha=1e-2).backward()
     assert affine._1.grad.abs().sum() > 0
 
 
@@ -260,7 +260,7 @@ def test_whole_flow_records_every_layer_once_and_matches_its_ladj(context: int) 
     for r in recs.values():
         if r.log_det is not None:
             assert_log_det(r, r.log_det)
-    value = klj_reg.penalty(flow, x)
+    value = klj_reg.penalty(flow, x, alpha=1e-2)
     assert torch.isfinite(value) and value > 1e-4
 
 
@@ -271,11 +271,11 @@ def test_penalty_zero_at_identity_and_positive_otherwise(make: Any, context: int
     flow = identity_init(make(FEATURES, context, transforms=3, **HIDDEN)).double()
     klj_reg.attach(flow)
     flow(c).log_prob(x)
-    assert klj_reg.penalty(flow, x).item() == pytest.approx(0.0, abs=1e-12)
+    assert klj_reg.penalty(flow, x, alpha=1e-2).item() == pytest.approx(0.0, abs=1e-12)
     flow = randomise(make(FEATURES, context, transforms=3, **HIDDEN), 0.3).double()
     klj_reg.attach(flow)
     flow(c).log_prob(x)
-    assert klj_reg.penalty(flow, x).item() > 1e-4
+    assert klj_reg.penalty(flow, x, alpha=1e-2).item() > 1e-4
 
 
 def test_penalty_is_mean_of_klj_terms_over_the_exact_layer_diagonals() -> None:
@@ -299,7 +299,7 @@ def test_backward_reaches_every_hyper_network() -> None:
     x, c = batch(3, 5)
     capture = klj_reg.attach(flow)
     flow(c).log_prob(x)
-    klj_reg.penalty(flow, x).backward()
+    klj_reg.penalty(flow, x, alpha=1e-2).backward()
     hypers = [m for m in flow.modules() if isinstance(getattr(m, "hyper", None), nn.Module)]
     assert len(hypers) == 6
     weights = {id(p) for m in hypers for p in m.hyper.parameters() if p.dim() >= 2}
@@ -342,7 +342,7 @@ def test_training_step_runs_each_hyper_network_once(context: int) -> None:
         counts = count_calls([t.hyper for t in model.transform.transforms])
         x = torch.randn(8, FEATURES)
         c = torch.randn(8, context) if context else None
-        loss = -model(c).log_prob(x).mean() + klj_reg.penalty(model, x)
+        loss = -model(c).log_prob(x).mean() + klj_reg.penalty(model, x, alpha=1e-2)
         assert counts == [1] * len(counts)
         loss.backward()
 
@@ -352,14 +352,16 @@ def test_penalty_runs_its_own_pass_with_the_runner() -> None:
     x, c = batch(3, 5)
     klj_reg.attach(flow)
     flow(c).log_prob(x)
-    after_user_pass = klj_reg.penalty(flow, x)
+    after_user_pass = klj_reg.penalty(flow, x, alpha=1e-2)
     with pytest.warns(UserWarning, match="ran its own"):
-        own = klj_reg.penalty(flow, x, context=c)
+        own = klj_reg.penalty(flow, x, context=c, alpha=1e-2)
     torch.testing.assert_close(own, after_user_pass)
     layer = randomise(GeneralCouplingTransform(FEATURES, 3, **HIDDEN), 0.4).double()
-    own_layer = klj_reg.penalty(layer, x, context=c)  # LazyTransform runner, on first use
+    own_layer = klj_reg.penalty(
+        layer, x, context=c, alpha=1e-2
+    )  # LazyTransform runner, on first use
     layer(c).call_and_ladj(x)
-    torch.testing.assert_close(own_layer, klj_reg.penalty(layer, x))
+    torch.testing.assert_close(own_layer, klj_reg.penalty(layer, x, alpha=1e-2))
 
 
 def test_exact_estimator_uses_the_runner() -> None:
@@ -384,7 +386,7 @@ def test_version_drift_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(8, FEATURES)
     flow().log_prob(x)
     with pytest.raises(klj_reg.AdapterMismatchError, match="zuko"):
-        klj_reg.penalty(flow, x)
+        klj_reg.penalty(flow, x, alpha=1e-2)
 
 
 def test_missing_univariate_ladj_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -415,9 +417,9 @@ def test_batch_shapes_are_flattened() -> None:
     flow(c).log_prob(x)
     for r in capture.records.values():
         assert r.factors[0].source.shape == (6, FEATURES)
-    flat = klj_reg.penalty(flow, x.reshape(6, FEATURES))
+    flat = klj_reg.penalty(flow, x.reshape(6, FEATURES), alpha=1e-2)
     flow(c.reshape(6, 3)).log_prob(x.reshape(6, FEATURES))
-    torch.testing.assert_close(flat, klj_reg.penalty(flow, x.reshape(6, FEATURES)))
+    torch.testing.assert_close(flat, klj_reg.penalty(flow, x.reshape(6, FEATURES), alpha=1e-2))
 
 
 def test_attach_then_compile_gives_the_same_loss() -> None:
@@ -428,9 +430,9 @@ def test_attach_then_compile_gives_the_same_loss() -> None:
     def nll(x: Tensor, c: Tensor) -> Tensor:
         return -flow(c).log_prob(x).mean()
 
-    eager = nll(x, c) + klj_reg.penalty(flow, x)
+    eager = nll(x, c) + klj_reg.penalty(flow, x, alpha=1e-2)
     compiled = torch.compile(nll, backend="aot_eager")
-    value = compiled(x, c) + klj_reg.penalty(flow, x)
+    value = compiled(x, c) + klj_reg.penalty(flow, x, alpha=1e-2)
     torch.testing.assert_close(value, eager)
     grads = torch.autograd.grad(value, list(flow.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -474,7 +476,7 @@ def test_training_model_trains_with_the_penalty(context: bool) -> None:
     x = torch.randn(32, FEATURES) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
     c = torch.randn(32, 3) if context else None
     for _ in range(3):
-        loss = loss_fn(x, c) + klj_reg.penalty(flow, x)
+        loss = loss_fn(x, c) + klj_reg.penalty(flow, x, alpha=1e-2)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -76,3 +76,17 @@ def test_choose_alpha_on_a_flow_that_overfits_a_tiny_set() -> None:
     assert choice.alpha == min(choice.scores, key=lambda a: (choice.scores[a], a))
     assert all(math.isfinite(s) for s in choice.scores.values())
     assert kljs[10.0] < kljs[0.0]
+
+
+def test_penalty_has_no_default_alpha_and_says_how_to_choose_it() -> None:
+    """The pre-registered rule gave 'no single default serves' (benchmarks/results/tabular):
+    leaving alpha out is an error that names the range and the helper."""
+    flow = torch.nn.Linear(3, 3)
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return flow(x), torch.linalg.slogdet(flow.weight)[1].expand(x.shape[0])
+
+    with pytest.raises(TypeError, match="choose_alpha") as caught:
+        klj_reg.penalty(fn, torch.randn(4, 3), estimator="exact")
+    assert "0.1 to 10" in str(caught.value)
+    assert klj_reg.penalty(fn, torch.randn(4, 3), estimator="exact", alpha=1.0).isfinite()

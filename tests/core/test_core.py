@@ -64,7 +64,7 @@ def _user_adapter() -> None:
 def train_step(model: Stack, x: Tensor, **kw: object) -> Tensor:
     z, log_det = model(x)
     nll = (0.5 * z.square().sum(1) - log_det).mean()
-    return nll + klj_reg.penalty(model, x, **kw)
+    return nll + klj_reg.penalty(model, x, **{"alpha": 1e-2, **kw})  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- the math
@@ -351,10 +351,10 @@ def test_first_use_without_attach_runs_one_pass_silently_then_warns_on_doubling(
     model = Stack()
     klj_reg.register_runner(Stack, lambda m, x, c: m(x))
     x = torch.randn(8, 4)
-    klj_reg.penalty(model, x)  # attaches now: one own pass, expected
+    klj_reg.penalty(model, x, alpha=1e-2)  # attaches now: one own pass, expected
     assert not [w for w in recwarn if "doubles" in str(w.message)]
     with pytest.warns(UserWarning, match="doubles the cost"):
-        klj_reg.penalty(model, x)  # attached but no forward ran: doubling
+        klj_reg.penalty(model, x, alpha=1e-2)  # attached but no forward ran: doubling
 
 
 def test_records_do_not_grow_and_are_released_after_penalty() -> None:
@@ -377,7 +377,7 @@ def test_penalty_without_capture_or_x_raises() -> None:
     model = Stack()
     klj_reg.attach(model)
     with pytest.raises(klj_reg.CaptureError, match="no captured forward pass"):
-        klj_reg.penalty(model)
+        klj_reg.penalty(model, alpha=1e-2)
 
 
 def test_batch_mismatch_is_detected() -> None:
@@ -385,7 +385,7 @@ def test_batch_mismatch_is_detected() -> None:
     klj_reg.attach(model)
     model(torch.randn(8, 4))
     with pytest.raises(klj_reg.CaptureError, match="ran on 8 samples"):
-        klj_reg.penalty(model, torch.randn(4, 4))
+        klj_reg.penalty(model, torch.randn(4, 4), alpha=1e-2)
 
 
 def test_detach_removes_every_hook_and_capturing_is_scoped() -> None:
@@ -449,7 +449,7 @@ def test_invalid_arguments_raise_value_error(kwargs: dict[str, object]) -> None:
     klj_reg.attach(model)
     model(torch.randn(2, 4))
     with pytest.raises(ValueError):
-        klj_reg.penalty(model, torch.randn(2, 4), **kwargs)  # type: ignore[arg-type]
+        klj_reg.penalty(model, torch.randn(2, 4), **{"alpha": 1e-2, **kwargs})  # type: ignore[arg-type]
 
 
 def test_wrong_adapter_is_caught_by_the_log_det_check() -> None:
@@ -469,7 +469,7 @@ def test_wrong_adapter_is_caught_by_the_log_det_check() -> None:
     klj_reg.attach(model)
     model(torch.randn(4, 4))
     with pytest.raises(klj_reg.AdapterMismatchError, match=r"layers\.1 \(Wrong"):
-        klj_reg.penalty(model)
+        klj_reg.penalty(model, alpha=1e-2)
 
 
 def test_non_finite_scale_names_the_layer() -> None:
@@ -479,10 +479,10 @@ def test_non_finite_scale_names_the_layer() -> None:
         model.layers[2].net[-1].bias.fill_(float("nan"))
     model(torch.randn(4, 4))
     with pytest.warns(klj_reg.NonFiniteScaleWarning, match=r"layers\.2 \(Coupling"):
-        assert klj_reg.penalty(model).isnan()  # returned as it is, like the NLL
+        assert klj_reg.penalty(model, alpha=1e-2).isnan()  # returned as it is, like the NLL
     model(torch.randn(4, 4))
     with pytest.raises(klj_reg.NonFiniteScaleError, match=r"layers\.2 \(Coupling"):
-        klj_reg.penalty(model, check_finite=True)
+        klj_reg.penalty(model, check_finite=True, alpha=1e-2)
 
 
 def test_attach_after_compile_is_detected() -> None:
@@ -499,7 +499,7 @@ def test_attach_then_compile_gives_the_same_penalty() -> None:
     eager = train_step(model, x)
     compiled = torch.compile(model, backend="aot_eager")
     z, log_det = compiled(x)
-    value = (0.5 * z.square().sum(1) - log_det).mean() + klj_reg.penalty(compiled, x)
+    value = (0.5 * z.square().sum(1) - log_det).mean() + klj_reg.penalty(compiled, x, alpha=1e-2)
     torch.testing.assert_close(value, eager)
 
 
@@ -516,7 +516,7 @@ def test_penalty_under_bf16_autocast_is_float32_and_finite() -> None:
     x = torch.randn(16, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
-        value = klj_reg.penalty(model, x)
+        value = klj_reg.penalty(model, x, alpha=1e-2)
     assert value.dtype == torch.float32 and torch.isfinite(value)
 
 
@@ -553,7 +553,7 @@ def test_fallback_works_on_a_plain_function_and_backpropagates() -> None:
         return x @ weight, torch.linalg.slogdet(weight)[1].expand(x.shape[0])
 
     x = torch.randn(5, 3, dtype=torch.float64)
-    value = klj_reg.penalty(flow, x, estimator="hutchinson", n_samples=8)
+    value = klj_reg.penalty(flow, x, estimator="hutchinson", n_samples=8, alpha=1e-2)
     value.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
 
@@ -581,7 +581,7 @@ def test_tau_on_a_plain_function_is_a_value_error() -> None:
         return 2 * x, torch.full((x.shape[0],), 3 * math.log(2.0))
 
     with pytest.raises(ValueError, match="tau"):
-        klj_reg.penalty(flow, torch.randn(4, 3), estimator="exact", tau=0.1)
+        klj_reg.penalty(flow, torch.randn(4, 3), estimator="exact", tau=0.1, alpha=1e-2)
 
 
 def test_tau_adds_the_subnetwork_weight_norm() -> None:
@@ -589,8 +589,8 @@ def test_tau_adds_the_subnetwork_weight_norm() -> None:
     klj_reg.attach(model)
     x = torch.randn(4, 4)
     model(x)
-    base = klj_reg.penalty(model, x)
+    base = klj_reg.penalty(model, x, alpha=1e-2)
     model(x)
-    with_tau = klj_reg.penalty(model, x, tau=0.5)
+    with_tau = klj_reg.penalty(model, x, tau=0.5, alpha=1e-2)
     weights = [m.weight for layer in model.layers for m in layer.net if isinstance(m, nn.Linear)]
     torch.testing.assert_close(with_tau - base, 0.5 * sum(w.square().sum() for w in weights))

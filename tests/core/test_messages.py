@@ -25,6 +25,7 @@ def linear_penalty(**kwargs: object) -> Tensor:
     """The exact-estimator penalty of the same linear flow on the same batch."""
     torch.manual_seed(0)
     model, x = Linear(), torch.randn(4, 3)
+    kwargs = {"alpha": 1e-2, **kwargs}
     return klj_reg.penalty(model, x, estimator="exact", **kwargs)  # type: ignore[arg-type]
 
 
@@ -71,7 +72,7 @@ def test_a_zuko_distribution_is_not_the_flow() -> None:
     x, c = torch.randn(16, 4), torch.randn(16, 3)
     for estimator in ("capture", "exact"):
         with pytest.raises(klj_reg.UnsupportedModelError) as caught:
-            klj_reg.penalty(flow(c), x, estimator=estimator)
+            klj_reg.penalty(flow(c), x, estimator=estimator, alpha=1e-2)
         message = str(caught.value)
         assert "NormalizingFlow" in message
         assert "pass the zuko.flows.Flow module itself" in message
@@ -85,19 +86,19 @@ def test_a_conditional_zuko_flow_without_its_context(name: str) -> None:
     flow = getattr(zuko.flows, name)(features=4, context=3)
     x, c = torch.randn(16, 4), torch.randn(16, 3)
     with pytest.raises(klj_reg.CaptureError, match="is conditional") as caught:
-        klj_reg.penalty(flow, x)
+        klj_reg.penalty(flow, x, alpha=1e-2)
     assert "context=c" in str(caught.value)
     assert "flow(c).log_prob(x)" in str(caught.value)
     # Either fix works: the user's own pass first, or the context for the penalty's own pass.
-    loss = -flow(c).log_prob(x).mean() + klj_reg.penalty(flow, x)
+    loss = -flow(c).log_prob(x).mean() + klj_reg.penalty(flow, x, alpha=1e-2)
     loss.backward()
     with pytest.warns(UserWarning, match="ran its own"):
-        assert torch.isfinite(klj_reg.penalty(flow, x, context=c))
+        assert torch.isfinite(klj_reg.penalty(flow, x, context=c, alpha=1e-2))
 
 
 def test_an_unconditional_zuko_flow_on_the_wrong_shape_is_not_called_conditional() -> None:
     zuko = pytest.importorskip("zuko")
     flow = zuko.flows.MAF(features=4)
     with pytest.raises(RuntimeError) as caught:
-        klj_reg.penalty(flow, torch.randn(16, 5))
+        klj_reg.penalty(flow, torch.randn(16, 5), alpha=1e-2)
     assert not isinstance(caught.value, klj_reg.CaptureError)

@@ -175,7 +175,7 @@ def test_the_monitor_is_fed_by_the_penalty_and_logs() -> None:
     x = torch.randn(8, 3)
     for _ in range(5):
         model(x)
-        klj_reg.penalty(model, x)
+        klj_reg.penalty(model, x, alpha=1e-2)
     assert [s for _, s in logged] == [1, 3, 5]  # every second penalty
     model(x)
     expected = {k: float(v) for k, v in klj_reg.layer_divergence(model, x).items()}
@@ -213,7 +213,7 @@ def test_the_monitor_flags_a_constructed_blow_up() -> None:
             with torch.no_grad():
                 model.layers[1].log_scale.fill_(s_of[t])
             model(x)
-            klj_reg.penalty(model, x)
+            klj_reg.penalty(model, x, alpha=1e-2)
     assert [(f.step, f.layer) for f in monitor.flags] == [(expected, "layers.1")]
     assert any(w.category is klj_reg.DivergenceGrowthWarning for w in caught)
     with torch.no_grad():
@@ -232,7 +232,7 @@ def test_layer_divergence_reads_and_takes_the_pass() -> None:
     values = klj_reg.layer_divergence(model, x)
     assert set(values) == {"layers.0", "layers.1", "layers.2"}
     with pytest.raises(klj_reg.CaptureError, match="no captured forward pass"):
-        klj_reg.penalty(model)
+        klj_reg.penalty(model, alpha=1e-2)
     with torch.no_grad():
         model(x)
     again = klj_reg.layer_divergence(model)  # a no-grad pass: fine for a diagnostic
@@ -252,14 +252,14 @@ def test_warmup_observations_are_logged_but_never_flagged() -> None:
         with torch.no_grad():
             model.layers[0].log_scale.fill_(min(0.6 * t, 1.8))
         model(x)
-        klj_reg.penalty(model, x)
+        klj_reg.penalty(model, x, alpha=1e-2)
     assert logged == list(range(1, 9)) and monitor.flags == []
     unwarmed = klj_reg.Monitor(Chain(dim=3), window=3, warn=False)
     for t in range(8):
         with torch.no_grad():
             unwarmed.model.layers[0].log_scale.fill_(min(0.6 * t, 1.8))
         unwarmed.model(x)
-        klj_reg.penalty(unwarmed.model, x)
+        klj_reg.penalty(unwarmed.model, x, alpha=1e-2)
     assert [f.layer for f in unwarmed.flags] == ["layers.0"]  # the false alarm it avoids
 
 
@@ -293,7 +293,7 @@ def test_the_floor_is_per_entry_so_it_scales_with_the_layers_dimension(dim: int)
             with torch.no_grad():
                 model.layers[0].log_scale.fill_(s)
             model(x)
-            klj_reg.penalty(model, x)
+            klj_reg.penalty(model, x, alpha=1e-2)
         assert monitor.dims == {"layers.0": dim}
         assert monitor.latest["layers.0"] == pytest.approx(per_entry * dim, rel=1e-4)
         assert [(f.step, f.layer) for f in monitor.flags] == ([(3, "layers.0")] if flagged else [])
@@ -309,11 +309,13 @@ def test_penalties_without_gradients_are_not_observed() -> None:
     x, held_out = torch.randn(8, 3), torch.randn(8, 3)
     for _ in range(4):
         model(x)
-        klj_reg.penalty(model, x)  # training: observed
+        klj_reg.penalty(model, x, alpha=1e-2)  # training: observed
         with torch.no_grad():
             model.layers[0].log_scale.add_(20.0)
             model(held_out)
-            assert torch.isfinite(klj_reg.penalty(model, held_out))  # computed, not observed
+            assert torch.isfinite(
+                klj_reg.penalty(model, held_out, alpha=1e-2)
+            )  # computed, not observed
             model.layers[0].log_scale.sub_(20.0)
     assert logged == [1, 2, 3, 4] and monitor.seen == 4 and monitor.flags == []
     with torch.no_grad():
@@ -359,7 +361,7 @@ def test_the_defaults_raise_no_flag_on_a_healthy_run() -> None:
         warnings.simplefilter("error", klj_reg.DivergenceGrowthWarning)
         for _ in range(150):
             x = data[torch.randint(len(data), (64,))]
-            loss = model.forward_kld(x) + klj_reg.penalty(model, x)
+            loss = model.forward_kld(x) + klj_reg.penalty(model, x, alpha=1e-2)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -396,7 +398,7 @@ def test_a_layer_whose_scales_run_away_is_flagged_before_the_loss_is_lost() -> N
                     out.weight.mul_(1.2)
                     out.bias.mul_(1.2)
             x = data[torch.randint(len(data), (64,))]
-            loss = model.forward_kld(x) + klj_reg.penalty(model, x)
+            loss = model.forward_kld(x) + klj_reg.penalty(model, x, alpha=1e-2)
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
                 break
@@ -437,7 +439,7 @@ def test_a_high_learning_rate_is_flagged_on_the_pass_whose_loss_jumps() -> None:
     for _ in range(10):
         x = data[torch.randint(len(data), (256,))]
         z, log_det = inn(x)
-        loss = (0.5 * z.square().sum(1) - log_det).mean() / 16 + klj_reg.penalty(inn, x)
+        loss = (0.5 * z.square().sum(1) - log_det).mean() / 16 + klj_reg.penalty(inn, x, alpha=1e-2)
         losses.append(float(loss.detach()))
         optimizer.zero_grad()
         loss.backward()

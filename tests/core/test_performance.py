@@ -168,7 +168,7 @@ def test_no_extra_forward_pass(backend: str, context: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "penalty ran its own pass"
         with call_counts(model) as penalised:
-            loss = loss_fn(x, c) + klj_reg.penalty(model, x)
+            loss = loss_fn(x, c) + klj_reg.penalty(model, x, alpha=1e-2)
     # Every module with parameters (subnetworks and their layers) runs as often as in the
     # loss alone; parameter-free helpers (e.g. FrEIA's Softplus for the global scale) may
     # be reused by the penalty to turn stored tensors into log|d|.
@@ -213,7 +213,7 @@ def test_no_extra_pass_on_the_sampling_pass(backend: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with call_counts(model) as penalised:
-            total = loss() + klj_reg.penalty(model)
+            total = loss() + klj_reg.penalty(model, alpha=1e-2)
     weighted = {id(m) for m in model.modules() if any(True for _ in m.parameters())}
     assert {k: v for k, v in penalised.items() if k in weighted} == {
         k: v for k, v in plain.items() if k in weighted
@@ -233,7 +233,7 @@ def test_penalty_releases_records(backend: str) -> None:
     capture = klj_reg.attach(model)
     loss_fn(x, c)
     assert capture.records
-    klj_reg.penalty(model, x)
+    klj_reg.penalty(model, x, alpha=1e-2)
     assert not capture.records
     assert all(not site.state for site in capture.sites.values())
 
@@ -261,7 +261,7 @@ def cyclic_garbage(model: nn.Module, loss_fn: Loss, x: Tensor, c: Any, attach: b
     try:
         loss = loss_fn(x, c)
         if attach:
-            loss = loss + klj_reg.penalty(model, x)
+            loss = loss + klj_reg.penalty(model, x, alpha=1e-2)
         loss.backward()
         del loss
         return gc.collect()
@@ -282,7 +282,7 @@ def test_training_loop_does_not_grow(backend: str, kind: str) -> None:
     snapshots = {}
     for step in range(1, 1001):
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_fn(x, c) + klj_reg.penalty(model, x)
+        loss = loss_fn(x, c) + klj_reg.penalty(model, x, alpha=1e-2)
         loss.backward()
         optimiser.step()
         assert not capture.records
@@ -348,7 +348,7 @@ def test_compiled_model_gives_the_eager_penalty(backend: str, compiler: str) -> 
     x, c = inputs(dim, features, batch=8)
     klj_reg.attach(model)  # before torch.compile, as documented
     loss_fn(x, c)
-    eager = klj_reg.penalty(model, x)
+    eager = klj_reg.penalty(model, x, alpha=1e-2)
     torch._dynamo.reset()
     compiled: Loss
     target: Any
@@ -364,7 +364,7 @@ def test_compiled_model_gives_the_eager_penalty(backend: str, compiler: str) -> 
         compiled, target = torch.compile(loss_fn, backend=compiler), model
     try:
         loss = compiled(x, c)
-        value = klj_reg.penalty(target, x)
+        value = klj_reg.penalty(target, x, alpha=1e-2)
         (loss + value).backward()
     finally:
         torch._dynamo.reset()
@@ -385,7 +385,7 @@ def test_penalty_is_float32_under_bf16_autocast(backend: str) -> None:
     klj_reg.attach(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_fn(x, c)
-        value = klj_reg.penalty(model, x)
+        value = klj_reg.penalty(model, x, alpha=1e-2)
     assert value.dtype == torch.float32
     assert torch.isfinite(value)
     (loss + value).backward()
@@ -421,12 +421,12 @@ def test_penalty_operators_do_not_grow_with_the_number_of_layers(backend: str) -
         capture = klj_reg.attach(flow.model)
         x = torch.randn(16, 8)
         flow(x)
-        klj_reg.penalty(flow.model, x)
+        klj_reg.penalty(flow.model, x, alpha=1e-2)
         for site in capture.sites.values():
             site.checks_left = 0
         flow(x)
         with ComputeOps() as ops:
-            value = klj_reg.penalty(flow.model, x)
+            value = klj_reg.penalty(flow.model, x, alpha=1e-2)
         assert value.item() > 0
         counts.append(ops.count)
     assert counts[0] == counts[1], f"{backend}: {counts[0]} operators (2 layers), {counts[1]} (6)"
@@ -441,9 +441,9 @@ def test_fused_penalty_compiles_once(backend: str) -> None:
     klj_reg.attach(model)
     for _ in range(4):
         loss_fn(x, c)
-        fused = klj_reg.penalty(model, x, fused=True)
+        fused = klj_reg.penalty(model, x, fused=True, alpha=1e-2)
     loss_fn(x, c)
-    eager = klj_reg.penalty(model, x)
+    eager = klj_reg.penalty(model, x, alpha=1e-2)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
     assert len(klj_reg.attach(model).compiled) == 1  # attach returns the existing capture
 
@@ -470,7 +470,7 @@ def test_fused_penalty_compiles_every_model_structure_of_a_process() -> None:
             x = torch.randn(8, dim)
             flow(x)
             before = counters["stats"]["unique_graphs"]
-            klj_reg.penalty(flow.model, x, fused=True).backward()
+            klj_reg.penalty(flow.model, x, fused=True, alpha=1e-2).backward()
             assert counters["stats"]["unique_graphs"] == before + 1, f"D = {dim} ran eagerly"
     torch._dynamo.reset()
 
@@ -491,9 +491,9 @@ def test_fused_penalty_compiles_once_beside_per_call_maps() -> None:
     for _ in range(4):
         x = torch.randn(16, 4)
         model.forward_kld(x)
-        fused = klj_reg.penalty(model, x, fused=True)
+        fused = klj_reg.penalty(model, x, fused=True, alpha=1e-2)
         model.forward_kld(x)
-        eager = klj_reg.penalty(model, x)
+        eager = klj_reg.penalty(model, x, alpha=1e-2)
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-7)
     assert len(capture.compiled) == 1
 
@@ -673,7 +673,7 @@ def test_zoo_no_extra_forward_pass(name: str) -> None:
         warnings.simplefilter("error", UserWarning)  # e.g. "penalty ran its own pass"
         warnings.filterwarnings("ignore", message=".*softmax.*")  # nflows' spline init note
         with call_counts(model) as penalised:
-            loss = loss_fn(x, None) + klj_reg.penalty(model, x)
+            loss = loss_fn(x, None) + klj_reg.penalty(model, x, alpha=1e-2)
     assert capture.sites, "no layer was captured"
     weighted = {id(m) for m in model.modules() if any(True for _ in m.parameters())}
     assert {k: v for k, v in penalised.items() if k in weighted} == {
@@ -707,12 +707,12 @@ def test_zoo_penalty_operators_do_not_grow_with_the_number_of_layers(name: str) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loss_fn(x, None)
-            klj_reg.penalty(model, x)
+            klj_reg.penalty(model, x, alpha=1e-2)
             for site in capture.sites.values():
                 site.checks_left = 0
             loss_fn(x, None)
             with ComputeOps() as ops:
-                value = klj_reg.penalty(model, x)
+                value = klj_reg.penalty(model, x, alpha=1e-2)
         assert value.item() > 0
         counts.append(ops.count)
     assert counts[0] == counts[1], f"{name}: {counts[0]} operators (2 layers), {counts[1]} (6)"

@@ -262,7 +262,7 @@ def test_normflows_reverse_kld_penalty_needs_no_extra_pass() -> None:
     handle = model.flows[2].autoregressive_net.register_forward_hook(lambda *a: calls.append(1))
     loss = model.reverse_kld(B)
     n = len(calls)
-    value = klj_reg.penalty(model)
+    value = klj_reg.penalty(model, alpha=1e-2)
     assert len(calls) == n == 1  # one MADE pass in the sampling direction, none by the penalty
     handle.remove()
     (loss + value).backward()
@@ -476,11 +476,11 @@ def test_default_attach_ignores_sampling_passes() -> None:
     attach(flow, "data")
     flow().rsample_and_log_prob((B,))
     with pytest.raises(klj_reg.CaptureError, match="direction='sample'"):
-        klj_reg.penalty(flow)
+        klj_reg.penalty(flow, alpha=1e-2)
     x = torch.randn(B, 3)
     flow().log_prob(x)
     flow().rsample_and_log_prob((B,))
-    assert klj_reg.penalty(flow, x) > 0  # the data pass on x, as before
+    assert klj_reg.penalty(flow, x, alpha=1e-2) > 0  # the data pass on x, as before
 
 
 def test_normflows_default_attach_ignores_sample_and_reverse_kld() -> None:
@@ -491,7 +491,7 @@ def test_normflows_default_attach_ignores_sample_and_reverse_kld() -> None:
     model.reverse_kld(B)
     assert capture.book.latest() is None
     with pytest.raises(klj_reg.CaptureError, match="no captured forward pass"):
-        klj_reg.penalty(model)
+        klj_reg.penalty(model, alpha=1e-2)
 
 
 def test_wrong_direction_errors_name_the_fix() -> None:
@@ -499,12 +499,12 @@ def test_wrong_direction_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match="direction must be one of"):
         klj_reg.attach(flow, direction="reverse")
     with pytest.raises(klj_reg.CaptureError, match=r"attach\(model, direction='sample'\)"):
-        klj_reg.penalty(flow, direction="sample")  # not attached yet
+        klj_reg.penalty(flow, direction="sample", alpha=1e-2)  # not attached yet
     attach(flow, "data")
     with pytest.raises(ValueError, match=r"klj_reg.detach\(model\)"):
         klj_reg.attach(flow, direction="sample")
     with pytest.raises(klj_reg.CaptureError, match=r"direction='sample'"):
-        klj_reg.penalty(flow, direction="sample")
+        klj_reg.penalty(flow, direction="sample", alpha=1e-2)
 
 
 def test_sample_only_attach_cannot_run_a_pass_of_its_own() -> None:
@@ -513,7 +513,7 @@ def test_sample_only_attach_cannot_run_a_pass_of_its_own() -> None:
     x = torch.randn(B, 2)
     flow().log_prob(x)  # not recorded
     with pytest.raises(klj_reg.CaptureError, match="cannot run a sampling pass itself"):
-        klj_reg.penalty(flow, x)
+        klj_reg.penalty(flow, x, alpha=1e-2)
 
 
 def test_both_directions_are_read_apart() -> None:
@@ -522,8 +522,8 @@ def test_both_directions_are_read_apart() -> None:
     x = torch.randn(B, 4)
     flow().log_prob(x)
     samples, _ = flow().rsample_and_log_prob((B,))
-    on_sample = klj_reg.penalty(flow, direction="sample")
-    on_data = klj_reg.penalty(flow, x)  # still there: reading the sampling pass kept it
+    on_sample = klj_reg.penalty(flow, direction="sample", alpha=1e-2)
+    on_data = klj_reg.penalty(flow, x, alpha=1e-2)  # still there: reading the sampling pass kept it
     assert on_sample > 0 and on_data > 0 and not torch.isclose(on_sample, on_data)
 
 
@@ -546,13 +546,13 @@ def test_no_grad_sample_is_kept_apart() -> None:
     attach(flow)
     flow().rsample((B,))  # computes no log-det: nothing to read
     with pytest.raises(klj_reg.CaptureError, match="rsample_and_log_prob"):
-        klj_reg.penalty(flow)
+        klj_reg.penalty(flow, alpha=1e-2)
     with torch.no_grad():
         flow().rsample_and_log_prob((B,))
-        value = klj_reg.penalty(flow)
+        value = klj_reg.penalty(flow, alpha=1e-2)
     assert torch.isfinite(value)
     with pytest.raises(klj_reg.CaptureError):
-        klj_reg.penalty(flow)  # no grad-mode sampling pass to give a gradient
+        klj_reg.penalty(flow, alpha=1e-2)  # no grad-mode sampling pass to give a gradient
 
 
 # The self-check runs on the sampling pass -----------------------------------------------------
@@ -562,7 +562,7 @@ def test_sampling_records_are_checked_against_the_layers_own_log_det() -> None:
     inn = freia_model(4, ["AllInOneBlock", "RNVPCouplingBlock", "ActNorm"])
     capture = attach(inn, "both")
     inn(torch.randn(B, 4), rev=True, jac=True)
-    klj_reg.penalty(inn)
+    klj_reg.penalty(inn, alpha=1e-2)
     for site in capture.sites.values():
         assert site.sample_checks_left < MAX_CHECKS  # checked on the sampling pass
         assert site.checks_left == MAX_CHECKS  # the data-side count is its own
@@ -575,7 +575,7 @@ def test_sampling_check_catches_a_wrong_direction(monkeypatch: pytest.MonkeyPatc
     attach(inn)
     inn(torch.randn(B, 4), rev=True, jac=True)
     with pytest.raises(klj_reg.AdapterMismatchError, match="module_list.0"):
-        klj_reg.penalty(inn)
+        klj_reg.penalty(inn, alpha=1e-2)
 
 
 def test_normflows_conditional_sample_reads_its_dimension_from_the_layers() -> None:
@@ -603,12 +603,12 @@ def test_a_sampling_pass_on_z_is_found_by_z() -> None:
     z1, z2 = torch.randn(B, 2), torch.randn(B, 2)
     model.forward_and_log_det(z1)
     model.forward_and_log_det(z2)
-    first = klj_reg.penalty(model, z1, reduction="none")
-    second = klj_reg.penalty(model, z2, reduction="none")
+    first = klj_reg.penalty(model, z1, reduction="none", alpha=1e-2)
+    second = klj_reg.penalty(model, z2, reduction="none", alpha=1e-2)
     assert not torch.allclose(first, second)
     inn = freia_model(3, ["AffineCouplingOneSided", "ActNorm"])
     attach(inn)
     inn(z1.new_ones(B, 3), rev=True)
     inn(torch.randn(B, 3), rev=True)
-    value = klj_reg.penalty(inn, direction="sample")  # the latest
+    value = klj_reg.penalty(inn, direction="sample", alpha=1e-2)  # the latest
     assert value.shape == ()

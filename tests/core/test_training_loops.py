@@ -53,7 +53,7 @@ def reference(
     """The penalty right after a plain pass on ``x``."""
     klj_reg.clear(model)
     loss(x, c)
-    return value_and_grads(klj_reg.penalty(model, x), model)
+    return value_and_grads(klj_reg.penalty(model, x, alpha=1e-2), model)
 
 
 def assert_same(got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, list[Tensor]]) -> None:
@@ -90,7 +90,7 @@ def test_a_copy_never_writes_into_the_original(backend: str, make_copy: str) -> 
     loss(x, c)
     _call(twin, torch.randn_like(x), c)  # e.g. an EMA evaluation between forward and penalty
     assert get_capture(twin) is None
-    assert_same(value_and_grads(klj_reg.penalty(model, x), model), want)
+    assert_same(value_and_grads(klj_reg.penalty(model, x, alpha=1e-2), model), want)
 
 
 def _call(model: nn.Module, x: Tensor, c: Tensor | None) -> Tensor:
@@ -120,7 +120,9 @@ def test_deepcopy_after_a_forward_pass_gives_an_unattached_working_copy(backend:
     torch.testing.assert_close(_call(best, x, c), _call(model, x, c))
     klj_reg.attach(best)
     _call(best, x, c)
-    torch.testing.assert_close(klj_reg.penalty(best, x), klj_reg.penalty(model, x))
+    torch.testing.assert_close(
+        klj_reg.penalty(best, x, alpha=1e-2), klj_reg.penalty(model, x, alpha=1e-2)
+    )
 
 
 # 3. Saving ----------------------------------------------------------------------------------
@@ -147,7 +149,9 @@ def test_an_attached_model_saves_and_loads_unattached(backend: str, how: str) ->
     torch.testing.assert_close(_call(loaded, x, c), _call(model, x, c))
     klj_reg.attach(loaded)
     _call(loaded, x, c)
-    torch.testing.assert_close(klj_reg.penalty(loaded, x), klj_reg.penalty(model, x))
+    torch.testing.assert_close(
+        klj_reg.penalty(loaded, x, alpha=1e-2), klj_reg.penalty(model, x, alpha=1e-2)
+    )
 
 
 # 4. The latest pass does not win ----------------------------------------------------------------
@@ -160,8 +164,8 @@ def test_gradient_accumulation_reads_each_micro_batch(backend: str) -> None:
     want1, want2 = reference(model, loss, x1, c1), reference(model, loss, x2, c2)
     loss(x1, c1)
     loss(x2, c2)
-    assert_same(value_and_grads(klj_reg.penalty(model, x1), model), want1)
-    assert_same(value_and_grads(klj_reg.penalty(model, x2), model), want2)
+    assert_same(value_and_grads(klj_reg.penalty(model, x1, alpha=1e-2), model), want1)
+    assert_same(value_and_grads(klj_reg.penalty(model, x2, alpha=1e-2), model), want2)
 
 
 def test_a_validation_pass_in_between_changes_nothing(backend: str) -> None:
@@ -173,12 +177,12 @@ def test_a_validation_pass_in_between_changes_nothing(backend: str) -> None:
     loss(x, c)
     with torch.no_grad():
         loss(val, val_c)
-    assert_same(value_and_grads(klj_reg.penalty(model, x), model), want)
+    assert_same(value_and_grads(klj_reg.penalty(model, x, alpha=1e-2), model), want)
     # ... and its own value, for logging, under no_grad
     loss(x, c)
     with torch.no_grad():
         loss(val, val_c)
-        logged = klj_reg.penalty(model, val)
+        logged = klj_reg.penalty(model, val, alpha=1e-2)
     torch.testing.assert_close(logged, reference(model, loss, val, val_c)[0])
 
 
@@ -189,7 +193,7 @@ def test_x_that_is_no_pass_among_several_raises(backend: str) -> None:
     loss(x1, c1)
     loss(x2, c2)
     with pytest.raises(klj_reg.CaptureError, match="same tensor object"):
-        klj_reg.penalty(model, x1.clone())
+        klj_reg.penalty(model, x1.clone(), alpha=1e-2)
 
 
 # 5. Checkpointing ----------------------------------------------------------------------------
@@ -201,7 +205,7 @@ def test_checkpoint_non_reentrant_gives_value_and_gradient(backend: str) -> None
     x, c = inputs(dim, features)
     want = reference(model, loss, x, c)
     checkpoint(loss, x, c, use_reentrant=False)
-    assert_same(value_and_grads(klj_reg.penalty(model, x), model), want)
+    assert_same(value_and_grads(klj_reg.penalty(model, x, alpha=1e-2), model), want)
 
 
 def test_checkpoint_reentrant_raises_naming_the_fix(backend: str) -> None:
@@ -212,7 +216,7 @@ def test_checkpoint_reentrant_raises_naming_the_fix(backend: str) -> None:
         warnings.simplefilter("ignore")  # "None of the inputs have requires_grad=True"
         checkpoint(loss, x, c, use_reentrant=True)
     with pytest.raises(klj_reg.CaptureError, match="use_reentrant=False"):
-        klj_reg.penalty(model, x)
+        klj_reg.penalty(model, x, alpha=1e-2)
 
 
 # 6. D comes from the pass --------------------------------------------------------------------
@@ -224,7 +228,7 @@ def test_x_with_another_feature_count_raises(backend: str) -> None:
     x, c = inputs(dim, features)
     loss(x.clone(), c)  # not the same object: matched by shape
     with pytest.raises(klj_reg.CaptureError, match="dimension"):
-        klj_reg.penalty(model, torch.randn(x.shape[0], dim + 2))
+        klj_reg.penalty(model, torch.randn(x.shape[0], dim + 2), alpha=1e-2)
 
 
 # 7. Compile, then attach --------------------------------------------------------------------
@@ -336,10 +340,10 @@ def test_an_empty_batch_gives_zero(backend: str) -> None:
     klj_reg.attach(model)
     x = torch.randn(0, 4)
     loss(x)
-    value = klj_reg.penalty(model, x)
+    value = klj_reg.penalty(model, x, alpha=1e-2)
     assert value.shape == () and value.item() == 0.0
     loss(x)
-    assert klj_reg.penalty(model, x, reduction="none").shape == (0,)
+    assert klj_reg.penalty(model, x, reduction="none", alpha=1e-2).shape == (0,)
 
 
 # 10. A layer shared by several attached models ----------------------------------------------------
@@ -375,18 +379,18 @@ def test_a_layer_shared_by_two_attached_models_records_for_each(order: str) -> N
         klj_reg.attach(second)
         first.log_prob(x)
         second.log_prob(x)
-        assert_same(value_and_grads(klj_reg.penalty(first, x), first), want_first)
-        assert_same(value_and_grads(klj_reg.penalty(second, x), second), want_second)
+        assert_same(value_and_grads(klj_reg.penalty(first, x, alpha=1e-2), first), want_first)
+        assert_same(value_and_grads(klj_reg.penalty(second, x, alpha=1e-2), second), want_second)
     else:
         klj_reg.attach(spline)
         klj_reg.attach(first)
         first.log_prob(x)
-        assert_same(value_and_grads(klj_reg.penalty(first, x), first), want_first)
+        assert_same(value_and_grads(klj_reg.penalty(first, x, alpha=1e-2), first), want_first)
         spline(x)
-        assert klj_reg.penalty(spline, x) > 0
+        assert klj_reg.penalty(spline, x, alpha=1e-2) > 0
 
 
 def _fresh_penalty(model: nn.Module, x: Tensor) -> Tensor:
     with klj_reg.capturing(model):
         model.log_prob(x)
-        return klj_reg.penalty(model, x)
+        return klj_reg.penalty(model, x, alpha=1e-2)

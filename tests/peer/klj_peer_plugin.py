@@ -318,7 +318,7 @@ def check_pass(model: nn.Module, ended: Pass) -> Tensor:
     if torch.is_grad_enabled() and ended.untracked:
         STATS.untracked += 1  # klj-reg refuses a gradient there, by design: value only
     with torch.set_grad_enabled(with_grad):
-        value = klj_reg.penalty(model, ended.inputs, check_finite=False)
+        value = klj_reg.penalty(model, ended.inputs, check_finite=False, alpha=1e-2)
     STATS.penalties += 1
     STATS.checked[type(model).__name__] += 1
     if not bool(torch.isfinite(value.detach()).all()):

@@ -130,7 +130,7 @@ assert (here.parent / "py.typed").is_file()
 print("frameworks:", [m for m in {frameworks!r} if importlib.util.find_spec(m) is not None])
 
 try:
-    klj_reg.penalty(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), torch.randn(4, 3))
+    klj_reg.penalty(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), torch.randn(4, 3), alpha=1.0)
 except klj_reg.UnsupportedModelError as error:
     print("error:", error)
 
