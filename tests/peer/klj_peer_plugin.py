@@ -68,7 +68,12 @@ KNOWN_FAILURES: dict[str, tuple[str, ...]] = {
         "tests/transforms/splines/linear_test.py::LinearSplineTest::"
         "test_forward_inverse_are_consistent",
     ),
-    "freia": ("tests/test_gaussian_mixture.py::GMMTest::test_inverse_all_components",),
+    "freia": (
+        "tests/test_gaussian_mixture.py::GMMTest::test_inverse_all_components",
+        # float32 inversion error 2.9e-4 against its tolerance 1e-4, at random in the whole
+        # suite with and without klj-reg (--klj-baseline: 1 of 2 runs; attached: 3 of 5)
+        "tests/test_conditioning.py::ConditioningTest::test_inverse",
+    ),
 }
 """Node-id prefixes deselected per suite: failures that are not klj-reg's."""
 
