@@ -31,14 +31,12 @@ from .records import LayerRecord
 
 
 def not_a_module_fix(model: Any) -> str:
-    """The fix for a model that is not an ``nn.Module``: a zuko flow called on its context
-    (``flow(c)``, a distribution) instead of the flow module, or a plain function."""
-    if registry.framework_of(type(model)) == "zuko":
-        return (
-            f"{type(model).__name__} is the distribution that a zuko flow builds for one context "
-            "(flow(c)): pass the zuko.flows.Flow module itself, klj_reg.penalty(flow, x) (with "
-            "context=c if the penalty runs its own pass), not klj_reg.penalty(flow(c), x)."
-        )
+    """The fix for a model that is not an ``nn.Module``: what its framework's adapter says
+    (e.g. zuko's, for the distribution ``flow(c)`` builds), else for a distribution or a
+    plain function."""
+    fix = registry.misuse_for(type(model))
+    if fix is not None:
+        return fix
     if isinstance(model, Distribution):
         return (
             f"pass the nn.Module that builds or holds this {type(model).__name__}, not the "

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .errors import CaptureError
 from .kit import Site
-from .records import LayerRecord
+from .records import LayerRecord, flow_dim
 
 MAX_PASSES = 8
 """Grad-mode passes kept, not yet read by a penalty; the oldest goes first."""
@@ -241,7 +241,7 @@ def _check_shape(found: Pass, x: Tensor, model: str) -> None:
     last = x.shape[-1] if x.dim() else 1
     # the model's first input (an image around a flow prior, a condition before x) or the
     # flow's own dimension, as its captured layers saw it
-    dims = {dim, _shape_of(found)[1]} if found.records else {dim}
+    dims = {dim, flow_dim(list(found.records.values()))}
     if not any(x.numel() == batch * d and d in (per_sample, last) for d in dims):
         shape = "?" if found.inputs is None else tuple(found.inputs.shape)
         raise CaptureError(
@@ -255,7 +255,7 @@ def _shape_of(found: Pass) -> tuple[int, int]:
     """``(batch, D)`` of an implicit pass, from its records."""
     records = list(found.records.values())
     sizes = {f.batch for r in records for f in r.factors} - {1}
-    return (max(sizes) if sizes else 1), max(r.dim for r in records)
+    return (max(sizes) if sizes else 1), flow_dim(records)
 
 
 def batch_and_dim(found: Pass) -> tuple[int, int]:

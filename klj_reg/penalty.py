@@ -85,8 +85,8 @@ def _validate(alpha: float, tau: float, form: str, estimator: str, reduction: st
 
 def _normaliser(normaliser: str | float | None, form: str, dim: int, layers: int) -> float:
     """The divisor of the summed divergence. The default keeps the penalty in the units of
-    a per-sample NLL: none for ``"jacobian"``; ``layers / D`` for ``"released-code"``, so that
-    ``(nll + penalty) / D`` is the authors' ``L_x + alpha * KLJ / layers``."""
+    a per-sample NLL: 1 for ``"jacobian"``; ``layers / D`` for ``"released-code"``, the
+    authors' ``alpha * KLJ / layers`` next to a per-dimension NLL, times D."""
     if normaliser is None:
         return 1.0 if form == "jacobian" else layers / dim
     if isinstance(normaliser, str):

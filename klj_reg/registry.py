@@ -34,6 +34,7 @@ _runners: dict[type, Runner] = {}
 _entries: dict[type, Entry] = {}
 _neutral: set[type] = set()
 _flow_bases: dict[type, str] = {}
+_misuses: dict[type, str] = {}
 _loaded: set[str] = set()
 
 
@@ -79,6 +80,14 @@ def entry_for(cls: type) -> Entry | None:
     ``__call__``)."""
     load_adapters(cls)
     return _lookup(_entries, cls)
+
+
+def misuse_for(cls: type) -> str | None:
+    """What to pass instead of an object of ``cls`` that is not a model (e.g. the
+    distribution a flow builds), as its framework's adapter says; ``None`` if it says
+    nothing."""
+    load_adapters(cls)
+    return _lookup(_misuses, cls)
 
 
 def is_neutral(cls: type) -> bool:
@@ -131,6 +140,12 @@ class Registrar:
         """Decorate how to run these models' data-to-latent pass (for a penalty with no
         captured pass)."""
         return self._register(_runners, names)
+
+    def misuse(self, fix: str, *classes: type) -> None:
+        """``fix``: what to pass instead of an object of ``classes`` (or of a subclass),
+        objects of this framework that users pass to klj-reg by mistake."""
+        for cls in classes:
+            _misuses[cls] = fix
 
     def entry(self, *names: str) -> Callable[[Entry], Entry]:
         """Decorate where these models' data-to-latent pass begins and ends."""

@@ -46,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import zuko.distributions
 import zuko.flows
 import zuko.transforms
 from torch import Tensor, nn
@@ -68,6 +69,12 @@ def _lazy_module() -> ModuleType:
 
 
 framework = Registrar("zuko", _lazy_module(), zuko.flows, zuko.transforms)
+framework.misuse(
+    "it is the distribution that a zuko flow builds for one context (flow(c)): pass the "
+    "zuko.flows.Flow module itself, klj_reg.penalty(flow, x) (with context=c if the penalty "
+    "runs its own pass), not klj_reg.penalty(flow(c), x).",
+    zuko.distributions.NormalizingFlow,
+)
 
 
 def _classes(*names: str) -> tuple[Any, ...]:
