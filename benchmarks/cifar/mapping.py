@@ -308,12 +308,7 @@ def run_model(
         x = train.prepare_batch(x_train[idx], augment, noise_gen)
         clf.train()
         loss, logged = train.step_terms(clf, clf.flow.model, x, y_train[idx], objective, clf.dim)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        if per_step:
-            sched.step()
+        train.update(loss, opt, params, cfg.clip, sched if per_step else None)
         train_terms = {k: float(v) for k, v in logged.items()}
         if not all(math.isfinite(v) for v in train_terms.values()):
             raise FloatingPointError(f"{size}@{side} diverged at step {step + 1}: {train_terms}")

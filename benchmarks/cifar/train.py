@@ -156,6 +156,23 @@ def step_terms(
     return total, {k: v.detach() for k, v in logged.items()}
 
 
+def update(
+    loss: Tensor,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    clip: float,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """One optimisation step on ``loss``: backward, gradient-norm clipping at ``clip``, the
+    optimiser's step and, if given, the scheduler's (one that steps per batch)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
 def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -225,12 +242,7 @@ def fit(
             idx = perm[i * cfg.batch_size + rank * per_rank :][:per_rank]
             x = prepare_batch(x_train[idx], augment, noise_gen)
             loss, logged = step_terms(model, flow_model, x, y_train[idx], objective, clf.dim)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-            if per_step:
-                sched.step()
+            update(loss, opt, params, cfg.clip, sched if per_step else None)
             for k, v in logged.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
             bar.update()

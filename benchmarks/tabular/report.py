@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import klj_reg
+
 from ..common.records import commit_text, machine_text
 
 Cell = dict[int, dict[float, dict[str, Any]]]  # seed -> alpha -> record
@@ -25,20 +27,9 @@ Cell = dict[int, dict[float, dict[str, Any]]]  # seed -> alpha -> record
 def pick_alpha(scores: Mapping[float, float]) -> float | None:
     """:func:`klj_reg.pick_alpha` (``None`` where every score is non-finite)."""
     try:
-        from klj_reg import pick_alpha as pick
-    except ImportError:  # an older klj_reg: the same rule
-        pick = _pick_alpha
-    try:
-        return float(pick(scores))
+        return klj_reg.pick_alpha(scores)
     except ValueError:
         return None
-
-
-def _pick_alpha(scores: Mapping[float, float]) -> float:
-    clean = {float(a): inf_if_not_finite(s) for a, s in scores.items()}
-    if not clean or not any(math.isfinite(v) for v in clean.values()):
-        raise ValueError("no finite score")
-    return min(sorted(clean), key=lambda a: clean[a])
 
 
 def inf_if_not_finite(value: Any) -> float:
