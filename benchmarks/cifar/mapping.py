@@ -236,15 +236,28 @@ def measure(clf: GenerativeClassifier, x: Tensor, seed: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the training run
 
 
-def parse_models(spec: str) -> list[tuple[str, int]]:
-    """``"paper@32,small@16"`` -> ``[("paper", 32), ("small", 16)]``."""
+def parse_models(spec: str) -> list[tuple[str, str, int]]:
+    """``"paper@32,normflows:small@16"`` -> ``[("freia", "paper", 32), ("normflows",
+    "small", 16)]``: ``[BACKEND:]SIZE@SIDE``, the backend FrEIA unless named."""
     out = []
     for item in spec.split(","):
-        size, _, side = item.strip().partition("@")
+        backend, _, model = item.strip().rpartition(":")
+        size, _, side = model.partition("@")
         if size not in image_flows.SIZES or not side.isdigit():
-            raise SystemExit(f"--models: {item!r} is not SIZE@SIDE (SIZE in {image_flows.SIZES})")
-        out.append((size, int(side)))
+            raise SystemExit(
+                f"--models: {item!r} is not [BACKEND:]SIZE@SIDE (SIZE in {image_flows.SIZES})"
+            )
+        out.append((backend or "freia", size, int(side)))
     return out
+
+
+def model_label(backend: str, size: str, side: int) -> str:
+    """``small@16`` for FrEIA (the mapping's first models), ``normflows:small@16`` else."""
+    return f"{size}@{side}" if backend == "freia" else f"{backend}:{size}@{side}"
+
+
+def _label(m: dict[str, Any]) -> str:
+    return str(m.get("label") or f"{m['size']}@{m['side']}")
 
 
 def checkpoints(steps: int, every: int) -> list[int]:
@@ -253,6 +266,7 @@ def checkpoints(steps: int, every: int) -> list[int]:
 
 
 def run_model(
+    backend: str,
     size: str,
     side: int,
     x_train: Tensor,
@@ -270,7 +284,7 @@ def run_model(
     steps measuring at :func:`checkpoints`; ``schedule_steps``: steps per epoch the optimiser's
     schedule is laid out for (the preset's run this one is the beginning of)."""
     shape = (3, side, side)
-    clf = GenerativeClassifier(image_flows.build("freia", size, shape, seed=seed), shape=shape)
+    clf = GenerativeClassifier(image_flows.build(backend, size, shape, seed=seed), shape=shape)
     order = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed + 1))
     gen = torch.Generator().manual_seed(seed + 2)
     x_measure = train.prepare_batch(x_train[order[:measure_batch]], None, gen)
@@ -313,6 +327,8 @@ def run_model(
         if not all(math.isfinite(v) for v in train_terms.values()):
             raise FloatingPointError(f"{size}@{side} diverged at step {step + 1}: {train_terms}")
     return {
+        "backend": backend,
+        "label": model_label(backend, size, side),
         "size": size,
         "side": side,
         "parameters": parameter_count(clf.flow),
@@ -383,7 +399,7 @@ def markdown(result: dict[str, Any]) -> str:
         su = m["summary"]
         eq = su["equivalent_alpha"]
         lines.append(
-            f"| {m['size']}@{m['side']} ({m['parameters'] / 1e6:.2f}M) | {m['dim']} | "
+            f"| {_label(m)} ({m['parameters'] / 1e6:.2f}M) | {m['dim']} | "
             f"{m['n_layers']} | {m['dim'] / m['n_layers']:.1f} | {su['r_init']:.1f} | "
             f"{su['r_last']:.1f} | {su['r']['median']:.1f} ({su['r']['min']:.1f}–"
             f"{su['r']['max']:.1f}) | {su['r_form']['median']:.3f} | "
@@ -393,7 +409,7 @@ def markdown(result: dict[str, Any]) -> str:
     for m in result["models"]:
         lines += [
             "",
-            f"## {m['size']}@{m['side']}: {m['parameters']:,} flow parameters, "
+            f"## {_label(m)}: {m['parameters']:,} flow parameters, "
             f"{m['n_layers']} captured layers, {m['cpu_seconds']:.0f} s CPU",
             "",
             "| step | lr | L_x | KLJ_jac | KLJ_rc | r_form | r | cosine | "
@@ -466,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = presets.get("cpu")
     cfg = preset.train
     if args.quick:
-        models = [("tiny", 8)]
+        models = [("freia", "tiny", 8)]
         steps, every, measure_batch = 3, 1, 8
         cfg = train.TrainConfig(
             optimizer="adam", epochs=1, lr=1e-3, batch_size=8, clip=8.0, augment=False
@@ -495,11 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         schedule_steps = x_all.shape[0] // cfg.batch_size
         out = pathlib.Path(args.out) if args.out else DEFAULT_OUT
     results = []
-    for size, side in models:
+    for backend, size, side in models:
         x_train = data.downsample(x_all, side) if side != x_all.shape[-1] else x_all
-        print(f"mapping: freia {size} at {side}x{side}, {steps} steps")
+        print(f"mapping: {backend} {size} at {side}x{side}, {steps} steps")
         results.append(
             run_model(
+                backend,
                 size,
                 side,
                 x_train,
@@ -515,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     what = (
         "tiny FrEIA stack, random data (quick mode: numbers are meaningless)"
         if args.quick
-        else f"FrEIA IB-INN classifiers, clamp 0.7; plain IB (gamma = 1) for {steps} steps "
+        else f"IB-INN classifiers ({', '.join(model_label(*m) for m in models)}); "
+        f"plain IB (gamma = 1) for {steps} steps "
         f"with the cpu preset's optimisation (Adam lr {cfg.lr:g}, warm-up and cosine laid out "
         f"for {preset.train.epochs} epochs of {schedule_steps} steps, weight decay "
         f"{cfg.weight_decay:g}, clip {cfg.clip:g}), measured every {every} steps"
@@ -526,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             "what": what,
             "quick": args.quick,
             "data": source,
-            "models": [f"{s}@{side}" for s, side in models],
+            "models": [model_label(*m) for m in models],
             "steps": steps,
             "every": every,
             "measure_batch": measure_batch,
@@ -547,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
             "authors_nodes": AUTHORS_NODES,
         },
         "models": results,
-        **run_metadata("cpu", ["freia"]),
+        **run_metadata("cpu", sorted({b for b, _, _ in models})),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "mapping.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
