@@ -20,6 +20,10 @@ COMMANDS = {
         "benchmarks.cifar.trainsize",
         "CIFAR-10 with a fraction of the training set (Fig. 6)",
     ),
+    "calibrated": (
+        "benchmarks.cifar.calibrated",
+        "the paper's OoD gain at its strengths, regimes A/B (pre-registered, resumable)",
+    ),
     "sweep": ("benchmarks.cifar.sweep", "alpha x IB beta sweep (Fig. 4)"),
     "mapping": ("benchmarks.cifar.mapping", "the paper's alpha in klj-reg's units, measured"),
     "tabular": ("benchmarks.tabular", "alpha grid on scikit-learn's tables, 8 flows (~70 min)"),

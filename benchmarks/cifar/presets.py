@@ -7,6 +7,10 @@
 - ``converged``: the paper's regime shrunk, not its training: images box-downsampled to 16x16
   (ID and OoD alike) so a small flow trains to a plateau on 2 CPU cores, with the paper's
   optimiser and learning-rate drops scaled to the epoch count; learning curves recorded.
+- ``overfit``: ``converged``'s flow, resolution and optimiser on a class-balanced 4,000
+  images for 150 epochs: the same number of steps on a set small enough to overfit (the
+  calibrated experiment's regime B); ``overfit2k``: 2,000 images for 300 epochs, without
+  augmentation (its fallback, should 4,000 images not overfit).
 - ``gpu``: the whole table, four backends, in about 8 minutes on one H200 with parallel runs.
 - ``paper``: the authors' protocol: IB-INN architecture (FrEIA; the other backends at their
   largest size), SGD lr 0.07 momentum 0.9, batch 128, 450 epochs, lr x0.1 at 150/250/350.
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from .train import TrainConfig
 
-PRESETS = ("smoke", "cpu", "converged", "gpu", "paper")
+PRESETS = ("smoke", "cpu", "converged", "overfit", "overfit2k", "gpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,37 @@ _PRESETS = {
         "lr 0.07, momentum 0.9, weight decay 1e-4, lr x0.1 at 1/3, 5/9, 7/9 of the epochs) "
         "over 30 epochs of a class-balanced 20,000 images (alpha chosen on 15-epoch runs); "
         "~8 min per run on one free core",
+    ),
+    "overfit": Preset(
+        name="overfit",
+        sizes=_all("small"),
+        train=TrainConfig(epochs=150, batch_size=64, bn_refresh=4000),
+        train_limit=4000,
+        test_limit=None,
+        ood_limit=1000,
+        parallel=2,
+        seeds=(0, 1, 2),
+        eval_batch=500,
+        resolution=16,
+        curves=True,
+        notes="converged's flow, 16x16 images and SGD schedule on a class-balanced 4,000 "
+        "images for 150 epochs: the same 9,375 steps as converged on a set small enough to "
+        "overfit",
+    ),
+    "overfit2k": Preset(
+        name="overfit2k",
+        sizes=_all("small"),
+        train=TrainConfig(epochs=300, batch_size=64, bn_refresh=2000, augment=False),
+        train_limit=2000,
+        test_limit=None,
+        ood_limit=1000,
+        parallel=2,
+        seeds=(0, 1, 2),
+        eval_batch=500,
+        resolution=16,
+        curves=True,
+        notes="the overfit preset's fallback: a class-balanced 2,000 images for 300 epochs "
+        "without augmentation (the same ~9,300 steps)",
     ),
     "gpu": Preset(
         name="gpu",

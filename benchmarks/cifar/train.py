@@ -11,6 +11,8 @@ averaged gradients are those of one process on the whole batch.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,6 +175,55 @@ def update(
         sched.step()
 
 
+def _save(
+    path: pathlib.Path,
+    epochs_done: int,
+    clf: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    order_gen: torch.Generator,
+    noise_gen: torch.Generator,
+    history: History,
+) -> None:
+    """Write a resumable checkpoint: to a temporary file, then renamed over ``path``."""
+    state = {
+        "epochs_done": epochs_done,
+        "model": clf.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "order_gen": order_gen.get_state(),
+        "noise_gen": noise_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": {"epochs": history.epochs, "seconds": history.seconds},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(
+    path: pathlib.Path,
+    clf: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    order_gen: torch.Generator,
+    noise_gen: torch.Generator,
+    history: History,
+) -> int:
+    """Load a checkpoint written by :func:`_save` into the live objects; the epochs done."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    clf.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    order_gen.set_state(state["order_gen"])
+    noise_gen.set_state(state["noise_gen"])
+    torch.set_rng_state(state["torch_rng"])
+    history.epochs = list(state["history"]["epochs"])
+    history.seconds = float(state["history"]["seconds"])
+    return int(state["epochs_done"])
+
+
 def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -188,12 +239,18 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     after_epoch: Callable[[], dict[str, float]] | None = None,
+    checkpoint: pathlib.Path | None = None,
 ) -> History:
     """Train ``clf`` in place on uint8 images ``x_train`` (already on the training device).
 
     Under torch.distributed, wraps ``clf`` in DistributedDataParallel and splits each global
     batch of ``cfg.batch_size`` images across ranks. ``after_epoch`` (e.g. a test-set
     evaluation for learning curves) adds its values to each epoch's history.
+
+    ``checkpoint``: after every epoch, the classifier, optimiser, scheduler, random streams
+    and history are saved there (atomically); if the file exists when ``fit`` starts, training
+    resumes after its last epoch, so a killed run loses at most one epoch and continues the
+    same batch order and noise. The caller deletes the file once the run's record is written.
     """
     from .augment import Augment
 
@@ -232,9 +289,13 @@ def fit(
     opt, sched, per_step = make_optimizer(clf, cfg, steps)
     params = [p for p in clf.parameters() if p.requires_grad]
     history = History()
-    start = time.perf_counter()
+    first = 0
+    if checkpoint is not None and checkpoint.is_file():
+        first = _resume(checkpoint, clf, opt, sched, order_gen, noise_gen, history)
+    start = time.perf_counter() - history.seconds
     bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=not progress or rank != 0, leave=False)
-    for epoch in range(cfg.epochs):
+    bar.update(first * steps)
+    for epoch in range(first, cfg.epochs):
         clf.train()
         perm = torch.randperm(n, generator=order_gen).to(device)
         sums: dict[str, Tensor] = {}
@@ -263,6 +324,9 @@ def fit(
         means["seconds"] = time.perf_counter() - start
         history.epochs.append(means)
         bar.set_postfix(loss=f"{means['loss']:.3f}")
+        if checkpoint is not None and rank == 0:
+            history.seconds = means["seconds"]
+            _save(checkpoint, epoch + 1, clf, opt, sched, order_gen, noise_gen, history)
     bar.close()
     history.seconds = time.perf_counter() - start
     klj_reg.clear(flow_model)
