@@ -87,6 +87,8 @@ def test_jobs_are_seed_major_skip_finished_and_checkpoint(tmp_path: pathlib.Path
     first = todo[0]
     assert first.config["regime"] == "A" and first.config["ood_at_resolution"] is True
     assert first.config["preset"] == "converged" and first.config["resolution"] == 16
+    nf = next(j for j in todo if j.config["backend"] == "normflows")
+    assert nf.config["train"]["optimizer"] == "adam" and first.config["train"]["optimizer"] == "sgd"
     b = next(j for j in todo if j.config["regime"] == "B")
     assert b.config["train_limit"] == 4000 and b.config["train"]["epochs"] == 150
     steps = {r: calibrated.presets.get(p).train_limit // 64 * calibrated.presets.get(p).train.epochs
