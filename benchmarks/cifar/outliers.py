@@ -105,8 +105,54 @@ def markdown(runs: Sequence[dict[str, Any]]) -> str:
                 stats = report.mean_std(report.value(x, "accuracy") for x in group)
                 cells.append(report.cell(stats, paper.get("accuracy")))
                 lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Numbers in brackets: the paper's Table 2 (alpha = 0.01, 450 epochs)."]
+            lines += report.paired_lines(rr, heading="####")
+        lines += pooled_lines(backend_runs)
+    lines += ["", "Numbers in brackets: the paper's Table 2 (alpha = 0.01, 450 epochs).", ""]
+    lines.append(report.PAIRED_NOTE)
     return "\n".join(lines) + "\n"
+
+
+def pooled(runs: Sequence[dict[str, Any]], row: str, column: str) -> report.Paired | None:
+    """``row`` minus its baseline row, paired by (outlier ratio, seed) over every ratio in
+    ``runs`` (one backend): each pair shares the ratio, the seed and so the corrupted subset,
+    initialisation and batches."""
+    base = report.baseline_of(row)
+    seeds: list[int] = []
+    diffs: list[float] = []
+    for r in sorted({_fraction(x) for x in runs}):
+        at = [x for x in runs if _fraction(x) == r]
+        p = report.paired(
+            [x for x in at if x["config"]["row"] == row],
+            [x for x in at if x["config"]["row"] == base],
+            column,
+        )
+        if p is not None:
+            seeds += p.seeds
+            diffs += p.diffs
+    return report.Paired(tuple(seeds), tuple(diffs)) if diffs else None
+
+
+def pooled_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown: every + KLJ row's paired differences pooled over the outlier ratios."""
+    rows = report.group(runs, "row")
+    keys = [k for k in report.ordered_rows(rows) if report.baseline_of(k) and
+            (report.baseline_of(k),) in rows]  # fmt: skip
+    if not keys:
+        return []
+    ratios = ", ".join(f"{r:g}" for r in sorted({_fraction(x) for x in runs}))
+    header = ["method", "minus", *(report.PAIRED_TITLES[c] for c in report.PAIRED_COLUMNS)]
+    lines = [
+        "",
+        f"### Paired differences pooled over r = {ratios} (pairs: ratio x seed)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for key in keys:
+        cells = [report.row_label(rows[(key,)]), report.row_label(rows[(report.baseline_of(key),)])]
+        cells += [report.paired_text(pooled(runs, key, c)) for c in report.PAIRED_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:

@@ -1,7 +1,10 @@
 """Results: one JSON per run, a Markdown table laid out like the paper's, a PNG chart.
 
 Each run's JSON holds its config, seed, commit, machine, data source, timings, parameter
-count and metrics. Tables show mean ± std over seeds, with the paper's number in brackets.
+count and metrics. Tables show mean ± std over seeds, with the paper's number in brackets,
+and, for every ``+ KLJ`` row, the paired difference against its baseline row (same backend,
+objective and seed: the same initialisation, training subset and batch order), with the sign
+count (:func:`paired`, :func:`paired_text`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import math
 import os
 import pathlib
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..common.records import parameters_text
+from ..common.records import commit_text, parameters_text
 
 OOD_SETS = ("rot_rgb", "quickdraw", "tinyimagenet", "noisy")
 OOD_TITLES = {
@@ -157,6 +161,134 @@ def cell(stats: tuple[float, float, int] | None, paper: float | None, digits: in
     return text
 
 
+# ------------------------------------------------------------------------ paired differences
+
+PAIRED_COLUMNS = (*OOD_SETS, "mean", "accuracy")
+"""Columns of the paired tables: each OoD set's typicality AUROC, their mean, accuracy."""
+PAIRED_TITLES = {**OOD_TITLES, "mean": "4-set mean", "accuracy": "Acc"}
+
+
+def column_value(run: dict[str, Any], column: str) -> float | None:
+    """A run's value in one :data:`PAIRED_COLUMNS` column: an OoD set's typicality AUROC %,
+    their mean over the four sets (``"mean"``; ``None`` unless all four are there), or the
+    accuracy %."""
+    if column == "accuracy":
+        return value(run, "accuracy")
+    if column == "mean":
+        sets = [value(run, "auroc_typical", o) for o in OOD_SETS]
+        return None if None in sets else sum(sets) / len(sets)  # type: ignore[arg-type]
+    return value(run, "auroc_typical", column)
+
+
+def baseline_of(row: str) -> str | None:
+    """The baseline row of a ``+ KLJ`` row (``ib1_klj`` -> ``ib1``, ``ibinf_klj_rc`` and
+    ``ibinf_klj_val`` -> ``ibinf``, ``cnll_klj`` -> ``cnll``); ``None`` for a baseline."""
+    head, klj, _ = row.partition("_klj")
+    return head if klj else None
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed differences ``treated - baseline`` of one metric, over the seeds both have."""
+
+    seeds: tuple[int, ...]
+    diffs: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.diffs))
+
+    @property
+    def low(self) -> float:
+        return min(self.diffs)
+
+    @property
+    def high(self) -> float:
+        return max(self.diffs)
+
+    @property
+    def positive(self) -> int:
+        """Seeds where the treated run is higher."""
+        return sum(d > 0 for d in self.diffs)
+
+    @property
+    def negative(self) -> int:
+        return sum(d < 0 for d in self.diffs)
+
+
+def by_seed(runs: Iterable[dict[str, Any]], metric: Any = "mean") -> dict[int, float]:
+    """``{seed: value}`` of finite values; ``metric`` is a :data:`PAIRED_COLUMNS` column or a
+    function of a run. Two runs of one seed are an error (the pairing would be ambiguous)."""
+    out: dict[int, float] = {}
+    for run in runs:
+        seed = int(run["config"]["seed"])
+        if seed in out:
+            raise ValueError(f"two runs of seed {seed} in one paired group")
+        v = metric(run) if callable(metric) else column_value(run, metric)
+        if v is not None and math.isfinite(v):
+            out[seed] = float(v)
+    return out
+
+
+def paired(
+    treated: Iterable[dict[str, Any]], baseline: Iterable[dict[str, Any]], metric: Any = "mean"
+) -> Paired | None:
+    """``treated - baseline`` per seed, over the seeds where both have a finite value
+    (``None`` if there is none); ``metric`` as in :func:`by_seed`."""
+    a, b = by_seed(treated, metric), by_seed(baseline, metric)
+    seeds = tuple(sorted(set(a) & set(b)))
+    if not seeds:
+        return None
+    return Paired(seeds, tuple(a[s] - b[s] for s in seeds))
+
+
+def paired_text(p: Paired | None, digits: int = 1) -> str:
+    """``"+2.1 [+1.0, +3.2] 2/2"``: the mean paired difference, [lowest, highest] per-seed
+    difference, and the seeds where the treated run is higher / seeds paired (`, k tied` when
+    some differences are exactly 0); ``n/a`` without a pair."""
+    if p is None:
+        return "n/a"
+    text = f"{p.mean:+.{digits}f} [{p.low:+.{digits}f}, {p.high:+.{digits}f}] {p.positive}/{p.n}"
+    ties = p.n - p.positive - p.negative
+    return text + (f", {ties} tied" if ties else "")
+
+
+PAIRED_NOTE = (
+    "Paired difference: each + KLJ run minus its baseline row's run of the same backend, "
+    "objective and seed (same initialisation, training subset and batch order), in AUROC or "
+    "accuracy points: mean [lowest, highest] over the seeds, then k/n = seeds where + KLJ is "
+    "higher / seeds paired. With two seeds the bracket is the two differences themselves: no "
+    "interval, and 2/2 or 0/2 happens by chance one time in two."
+)
+
+
+def paired_lines(runs: Sequence[dict[str, Any]], heading: str = "###") -> list[str]:
+    """Markdown: for each ``+ KLJ`` row of ``runs`` (one backend, one setting) whose baseline
+    row is there, its paired difference per :data:`PAIRED_COLUMNS` column."""
+    rows = group(runs, "row")
+    treated = [k for k in ordered_rows(rows) if baseline_of(k) and (baseline_of(k),) in rows]
+    if not treated:
+        return []
+    header = ["method", "minus", *(PAIRED_TITLES[c] for c in PAIRED_COLUMNS)]
+    lines = [
+        "",
+        f"{heading} Paired differences, + KLJ minus its baseline (same seed)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for key in treated:
+        base = rows[(baseline_of(key),)]
+        cells = [row_label(rows[(key,)]), row_label(base)]
+        cells += [paired_text(paired(rows[(key,)], base, c)) for c in PAIRED_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------- tables
 
 
@@ -195,6 +327,7 @@ def table1_markdown(runs: Sequence[dict[str, Any]], title: str = "CIFAR-10 OoD (
                     stats = mean_std(value(r, "accuracy") for r in rr)
                     cells.append(cell(stats, PAPER_TABLE1.get(key, {}).get("accuracy")))
                 lines.append("| " + " | ".join(cells) + " |")
+        lines += paired_lines(backend_runs)
         failed = [r for r in backend_runs if r.get("status") != "ok"]
         if failed:
             lines += ["", "Failed runs:", ""]
@@ -203,7 +336,8 @@ def table1_markdown(runs: Sequence[dict[str, Any]], title: str = "CIFAR-10 OoD (
                     f"- {r['config'].get('row')} seed {r['config'].get('seed')}: "
                     f"{one_line(r.get('error', 'unknown error'))}"
                 )
-    lines += ["", "Numbers in brackets: the paper's Table 1 (IB-INN architecture, 450 epochs)."]
+    lines += ["", "Numbers in brackets: the paper's Table 1 (IB-INN architecture, 450 epochs).", ""]
+    lines.append(PAIRED_NOTE)
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +389,6 @@ def summary_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
     alphas = sorted({r["config"].get("alpha") for r in runs if r["config"].get("alpha")})
     forms = sorted({str(r["config"].get("form")) for r in runs if r["config"].get("alpha")})
     minutes = sum(r.get("time", {}).get("total_s", 0.0) for r in ok) / 60
-    commits = sorted({str(r.get("commit", {}).get("commit"))[:10] for r in ok})
     return [
         f"- preset `{cfg.get('preset')}`: {train.get('epochs')} epochs, batch "
         f"{train.get('batch_size')}, {train.get('optimizer')} lr {train.get('lr')}, "
@@ -264,8 +397,28 @@ def summary_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
         "- typicality reference: mean L_x of the ID test images (as the authors' code)",
         *(f"- data: {src}" for src in sources),
         f"- machine: {', '.join(machines) or '-'}; {len(ok)}/{len(runs)} runs ok, "
-        f"{minutes:.1f} run-minutes; commit {', '.join(commits) or '-'}",
+        f"{minutes:.1f} run-minutes",
+        *provenance_lines(ok),
     ]
+
+
+def provenance_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The commits the runs were made at, with ``-dirty`` where the tree had uncommitted
+    changes and the number of runs each, and a warning when there is more than one commit or
+    a dirty tree (the rows may then not come from the same code)."""
+    counts = Counter(commit_text(r.get("commit"), 10) for r in runs)
+    if not counts:
+        return ["- commits: -"]
+    text = ", ".join(f"{c} ({n} run{'' if n == 1 else 's'})" for c, n in sorted(counts.items()))
+    lines = [f"- commits: {text}"]
+    dirty = sum(n for c, n in counts.items() if c.endswith("-dirty") or c == "unknown")
+    if len(counts) > 1 or dirty:
+        lines.append(
+            f"- **provenance**: {len(counts)} commit(s), {dirty} of {len(runs)} runs from a "
+            "tree with uncommitted changes (`-dirty`) or an unknown one: the rows may not all "
+            "come from the same code"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------ chart
@@ -322,3 +475,72 @@ def table1_chart(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- reports from committed runs
+
+REPORTS = {
+    "ood": ("table1", "benchmarks.cifar.report", "table1"),
+    "outliers": ("table2", "benchmarks.cifar.outliers", ""),
+    "trainsize": ("fig6", "benchmarks.cifar.trainsize", ""),
+    "sweep": ("fig4", "benchmarks.cifar.sweep", ""),
+}
+"""Per command: the report's file stem, the module that writes it and the prefix of its
+``<prefix>_markdown`` / ``<prefix>_chart`` functions (``markdown`` / ``chart`` without)."""
+
+
+def rewrite(folder: pathlib.Path, charts: bool = False) -> list[pathlib.Path]:
+    """Write the Markdown reports of the finished runs under ``folder`` (the folder a command's
+    ``--out`` wrote), as the command itself would at its end, without training anything:
+    ``<stem>.md`` per command found there, and ``curves.md`` where the runs have learning
+    curves; the PNG charts too if ``charts``. The run records are read, never written."""
+    import importlib
+
+    from . import curves
+
+    written = []
+    for command, (stem, module_name, prefix) in REPORTS.items():
+        runs = command_runs(folder, command)
+        if not runs:
+            continue
+        module = importlib.import_module(module_name)
+        name = f"{prefix}_" if prefix else ""
+        (folder / f"{stem}.md").write_text(getattr(module, f"{name}markdown")(runs))
+        written.append(folder / f"{stem}.md")
+        if charts:
+            getattr(module, f"{name}chart")(runs, folder / f"{stem}.png")
+            written.append(folder / f"{stem}.png")
+        if any(curves.has_curves(r) for r in runs):
+            (folder / "curves.md").write_text(curves.markdown(runs))
+            written.append(folder / "curves.md")
+            if charts:
+                curves.chart(runs, folder / "curves.png")
+                written.append(folder / "curves.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.cifar.report FOLDER ...``: rewrite the reports of committed runs
+    (:func:`rewrite`) without training."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.cifar.report",
+        description="Rewrite the Markdown reports (table1.md, table2.md, fig6.md, fig4.md, "
+        "curves.md) of finished ood/outliers/trainsize/sweep runs from their JSON records, "
+        "without training.",
+    )
+    p.add_argument("folders", nargs="+", type=pathlib.Path, help="the commands' --out folders")
+    p.add_argument("--charts", action="store_true", help="redraw the PNG charts too")
+    args = p.parse_args(argv)
+    for folder in args.folders:
+        written = rewrite(folder, args.charts)
+        if not written:
+            print(f"{folder}: no finished runs")
+            return 1
+        print("wrote " + ", ".join(str(w) for w in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,8 +29,9 @@ Runs are single-threaded and deterministic given (configuration, method, seed). 
 ``stability.json`` (every run: settings, held-out NLL curve, failure, monitor flags),
 ``summary.md`` and ``stability.png`` to ``--out``. ``--quick``: tiny flows and 30 steps, for
 the tests. ``--render DIR/stability.json`` rebuilds the tables and the figure of finished runs
-without training. The image configuration needs CIFAR-10 under ``../shared/data`` (or
-``$KLJ_DATA``) and is skipped, with a note, without it.
+without training (and without rewriting the JSON; the configurations' descriptions and
+citations come from :mod:`.configs` as it is then). The image configuration needs CIFAR-10
+under ``../shared/data`` (or ``$KLJ_DATA``) and is skipped, with a note, without it.
 """
 
 from __future__ import annotations
@@ -152,12 +153,16 @@ def execute(
 
 def summary_md(payload: dict[str, Any]) -> str:
     """The Markdown summary of a ``stability.json`` payload (cells recomputed from its runs)."""
-    cfgs, cells = payload["configs"], report.cells(payload["runs"])
+    cfgs = describe(payload["configs"], payload.get("quick", False), strict=False)
+    cells = report.cells(payload["runs"])
     alphas = ", ".join(f"{n}: {a:g}" for n, a in payload["chosen_alpha"].items())
     skipped = "".join(f"\n\nSkipped: {s}." for s in payload["skipped"])
     rendered = payload.get("rendered_by")
     rendered_text = (
         f" Tables rendered from its `stability.json` by `{rendered}`." if rendered else ""
+    ) + (
+        " The configurations' failure modes and public reports are described as "
+        "`benchmarks/stability/configs.py` has them now."
     )
     return (
         "# Stability gallery: reported flow-training failures, with and without KLJ\n\n"
@@ -174,9 +179,17 @@ def summary_md(payload: dict[str, Any]) -> str:
         "over seeds of the lowest held-out NLL each run reached before it failed (or by its "
         "end), what stopping at the best evaluation would have kept; it is chosen on the test "
         "curve itself, so it is optimistic, for every method alike. *Skipped steps*: steps whose "
-        "loss was non-finite, skipped by the loop's guard (sum over seeds).\n\n"
+        "loss was non-finite, skipped by the loop's guard (sum over seeds). *End trend*: the "
+        "slope of the held-out NLL over the last quarter of the steps, nats/dim per 100 steps, "
+        "mean over the survivors, and how many of them were still rising: a survivor whose "
+        "held-out NLL still rises has not stopped overfitting, and may fail in a longer run "
+        "(the failure counts hold at the configuration's step count only).\n\n"
         "## Configurations\n\n"
         + report.config_table(cfgs, cells)
+        + "\n\nA cited report motivated a configuration; it is not a claim that the "
+        "configuration reproduces it. What each report shows, and the failure measured here:"
+        "\n\n"
+        + report.config_notes(cfgs)
         + "\n\n## Methods\n\n"
         + report.methods_text()
         + "\n\n`klj-val`: one run per alpha of "
@@ -193,6 +206,14 @@ def summary_md(payload: dict[str, Any]) -> str:
         + report.headline(cells, cfgs)
         + "\n\n## Per configuration and method\n\n"
         + report.main_table(cells, cfgs)
+        + "\n\n## KLJ against plain and the usual fixes, paired by seed\n\n"
+        "Every method of a seed trains on the same data, initialisation and batches, so the "
+        "comparison is per seed: how many seeds only the KLJ run survived, only the other, "
+        "both or neither; the difference KLJ minus other of the final held-out NLL over the "
+        "seeds both survived, and of the best held-out NLL reached (before any failure; "
+        "optimistic, as above) over every seed: mean [lowest, highest], then the seeds where "
+        "KLJ is lower / seeds paired (nats/dim; lower is better).\n\n"
+        + report.paired_table(payload["runs"], cfgs)
         + "\n\n## The monitor on plain runs\n\n"
         "`klj_reg.Monitor(model, window=20, factor=10, every=1)` fed with every training "
         "batch: a layer is flagged when its KLJ is non-finite or exceeds 10x the larger of 1 "
@@ -217,13 +238,48 @@ def write(payload: dict[str, Any], out: Path) -> None:
     report.figure(payload["cells"], payload["configs"], out / "stability.png")
 
 
+DESCRIPTIVE = ("mode", "sources", "doc")
+"""A configuration's fields that describe it (not settings a run depends on): ``--render``
+takes them from :mod:`.configs` as it is now, so that a corrected description or citation
+reaches the tables without retraining."""
+
+
+def describe(cfgs: list[dict[str, Any]], quick: bool, strict: bool = True) -> list[dict[str, Any]]:
+    """``cfgs`` (a payload's configurations) with their :data:`DESCRIPTIVE` fields from
+    :mod:`.configs`. Where a setting a run depends on differs from the code's: an error if
+    ``strict``, else that configuration's stored description is kept."""
+    out = []
+    for c in cfgs:
+        if c["name"] not in configs.REGISTRY:
+            out.append(c)
+            continue
+        now = configs.get(c["name"], quick)
+        settings = now.settings()
+        changed = [k for k, v in settings.items() if k not in DESCRIPTIVE and c.get(k) != v]
+        if changed and not strict:
+            out.append(c)
+            continue
+        if changed:
+            raise SystemExit(
+                f"{c['name']}: settings {changed} differ from benchmarks/stability/configs.py; "
+                "the runs are not this code's: rerun instead of --render"
+            )
+        out.append({**c, **{k: settings[k] for k in DESCRIPTIVE if k in settings},
+                    "doc": now.doc})  # fmt: skip
+    return out
+
+
 def render(path: Path, command: str) -> int:
-    """Recompute the cells of an existing ``stability.json`` and rewrite its outputs (beside
-    it); the runs are not touched."""
+    """Rebuild ``summary.md`` and ``stability.png`` (beside ``path``) from the runs of an
+    existing ``stability.json``, with the cells recomputed and the configurations'
+    descriptions and citations as :mod:`.configs` has them now; ``stability.json`` itself is
+    not rewritten."""
     payload = json.loads(path.read_text())
+    payload["configs"] = describe(payload["configs"], payload.get("quick", False))
     payload["cells"] = report.cells(payload["runs"])
     payload["rendered_by"] = command
-    write(payload, path.parent)
+    (path.parent / "summary.md").write_text(summary_md(payload))
+    report.figure(payload["cells"], payload["configs"], path.parent / "stability.png")
     print(report.failure_matrix(payload["cells"], payload["configs"]))
     return 0
 

@@ -35,6 +35,7 @@ def cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         steps = [r["failure"]["step"] for r in failed]
         reached = [_best_before(r) for r in rs]
         reached = [v for v in reached if v is not None]
+        trends = [t for t in (end_trend(r) for r in alive) if t is not None]
         warned = [r for r in failed if r["monitor"]["warning"]["flagged"]]
         early = [r for r in warned if r["monitor"]["warning"]["lead"] > 0]
         ever = [r for r in failed if r["monitor"]["warning"]["flags"]]
@@ -48,6 +49,9 @@ def cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "best_nll": best_mean, "best_nll_std": best_std,
             "best_reached_median": float(np.median(reached)) if reached else None,
             "best_reached": reached,
+            "end_trend": float(np.mean(trends)) if trends else None,
+            "end_trends": trends,
+            "rising_at_end": sum(t > 0 for t in trends),
             "median_steps_to_failure": float(np.median(steps)) if steps else None,
             "steps_to_failure": steps,
             "threshold": float(np.mean([r["threshold"] for r in rs])),
@@ -63,6 +67,27 @@ def cells(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "seconds": float(np.sum([r["train_seconds"] for r in rs])),
         })  # fmt: skip
     return out
+
+
+END_FRACTION = 0.25
+"""The end of a run whose held-out NLL trend is reported: its last quarter of steps."""
+
+
+def end_trend(run: dict[str, Any]) -> float | None:
+    """Least-squares slope of the held-out NLL over the last :data:`END_FRACTION` of a run's
+    steps, in nats/dim per 100 steps (positive: still rising when the run stopped); ``None``
+    for a failed run or fewer than 3 finite evaluations there."""
+    if run["failed"]:
+        return None
+    steps = run["settings"]["steps"]
+    points = [
+        (c["step"], c["nll"]) for c in run["curve"]
+        if c["step"] >= (1 - END_FRACTION) * steps and math.isfinite(c["nll"])
+    ]  # fmt: skip
+    if len(points) < 3:
+        return None
+    x, y = np.array(points, dtype=float).T
+    return float(np.polyfit(x, y, 1)[0] * 100)
 
 
 def _best_before(run: dict[str, Any]) -> float | None:
@@ -90,8 +115,9 @@ def main_table(summary: list[dict[str, Any]], configs: list[dict[str, Any]]) -> 
     lines = [
         "| configuration (backend) | method | alpha | failed | final held-out NLL (survivors) "
         "| best held-out NLL (survivors) | best reached, all runs (median) "
-        "| median steps to failure | failure reasons | skipped steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| median steps to failure | failure reasons | skipped steps "
+        "| end trend (survivors; rising) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         for method in METHODS:
@@ -106,9 +132,18 @@ def main_table(summary: list[dict[str, Any]], configs: list[dict[str, Any]]) -> 
                 f"| {cfg['name']} ({cfg['backend']}) | {method} | {alpha} "
                 f"| {cell['failures']}/{cell['seeds']} | {_nll(cell, 'final_nll')} "
                 f"| {_nll(cell, 'best_nll')} | {reached_text} | {_steps(cell)} | {reasons} "
-                f"| {cell['skipped_steps']} |"
+                f"| {cell['skipped_steps']} | {_trend(cell)} |"
             )
     return "\n".join(lines)
+
+
+def _trend(cell: dict[str, Any]) -> str:
+    """``"+0.081 (5/5)"``: the survivors' mean end trend (nats/dim per 100 steps) and how
+    many of them were still rising."""
+    trend = cell.get("end_trend")
+    if trend is None:
+        return "–"
+    return f"{trend:+.3f} ({cell['rising_at_end']}/{len(cell['end_trends'])})"
 
 
 def failure_matrix(summary: list[dict[str, Any]], configs: list[dict[str, Any]]) -> str:
@@ -186,12 +221,13 @@ def config_table(configs: list[dict[str, Any]], summary: list[dict[str, Any]]) -
     for c in summary:
         thresholds.setdefault(c["config"], []).extend(c["thresholds"])
     lines = [
-        "| configuration | backend | failure mode | public reports | steps | lr | threshold "
+        "| configuration | backend | failure mode | public reports (what each shows: below) "
+        "| steps | lr | threshold "
         "(nats/dim; range over seeds) |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in configs:
-        sources = ", ".join(c["sources"])
+        sources = ", ".join(c["sources"]) or "none found"
         values = thresholds.get(c["name"]) or [c["threshold"]]
         low, high = min(values), max(values)
         span = f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f} – {high:,.2f}"
@@ -285,3 +321,81 @@ def figure(summary: list[dict[str, Any]], configs: list[dict[str, Any]], path: P
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+KLJ_METHODS = ("klj", "klj-val")
+"""The methods with the penalty alone, compared with plain and each usual fix."""
+FIXES = ("plain", "clip", "wd", "low-lr")
+
+
+def _by_seed(runs: list[dict[str, Any]], config: str, method: str) -> dict[int, dict[str, Any]]:
+    return {
+        r["seed"]: r for r in runs
+        if r["split"] == "test" and r["config"] == config and r["method"] == method
+    }  # fmt: skip
+
+
+def paired_seeds(
+    runs: list[dict[str, Any]], config: str, method: str, other: str
+) -> dict[str, Any] | None:
+    """``method`` against ``other`` in one configuration, paired by seed (same data,
+    initialisation and batches): how many seeds only ``method`` survived, only ``other``,
+    both, neither; the differences ``method - other`` of the final held-out NLL over the
+    seeds both survived, and of the best held-out NLL reached (before any failure) over every
+    seed (nats/dim; negative: ``method`` lower). ``None`` if no seed has both."""
+    a, b = _by_seed(runs, config, method), _by_seed(runs, config, other)
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    out: dict[str, Any] = {"seeds": seeds, "only": 0, "only_other": 0, "both": 0, "neither": 0,
+                           "final": [], "best": []}  # fmt: skip
+    for s in seeds:
+        x, y = a[s], b[s]
+        key = {(False, False): "both", (False, True): "only", (True, False): "only_other",
+               (True, True): "neither"}[(x["failed"], y["failed"])]  # fmt: skip
+        out[key] += 1
+        if key == "both":
+            out["final"].append(x["final_nll"] - y["final_nll"])
+        bx, by = _best_before(x), _best_before(y)
+        if bx is not None and by is not None:
+            out["best"].append(bx - by)
+    return out
+
+
+def _diff_text(diffs: list[float]) -> str:
+    """``"-0.120 [-0.300, +0.010] 4/5 lower"``; ``–`` without a pair."""
+    if not diffs:
+        return "–"
+    lower = sum(d < 0 for d in diffs)
+    return (
+        f"{np.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}] {lower}/{len(diffs)} lower"
+    )
+
+
+def paired_table(runs: list[dict[str, Any]], configs: list[dict[str, Any]]) -> str:
+    """Markdown: per configuration, ``klj`` and ``klj-val`` against plain and each usual fix,
+    paired by seed."""
+    lines = [
+        "| configuration | KLJ method | against | survived: only KLJ / only other / both / "
+        "neither | Δ final held-out NLL (both survived) | Δ best held-out NLL reached "
+        "(every seed) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cfg in configs:
+        for method in KLJ_METHODS:
+            for other in FIXES:
+                p = paired_seeds(runs, cfg["name"], method, other)
+                if p is None:
+                    continue
+                lines.append(
+                    f"| {cfg['name']} | {method} | {other} | {p['only']} / {p['only_other']} "
+                    f"/ {p['both']} / {p['neither']} | {_diff_text(p['final'])} "
+                    f"| {_diff_text(p['best'])} |"
+                )
+    return "\n".join(lines)
+
+
+def config_notes(configs: list[dict[str, Any]]) -> str:
+    """Markdown: per configuration, its description (the configuration's docstring): what
+    each cited report shows and how the failure measured here differs from it."""
+    return "\n".join(f"- **{c['name']}**: {c['doc']}" for c in configs if c.get("doc"))

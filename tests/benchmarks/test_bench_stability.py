@@ -102,11 +102,12 @@ def test_render_rebuilds_the_summary_without_training(
     payload, out = quick
     copy = tmp_path / "stability.json"
     copy.write_text(json.dumps({**payload, "cells": []}))
+    before = copy.read_bytes()
     assert stability.main(["--render", str(copy)]) == 0
-    rendered = json.loads(copy.read_text())
-    assert rendered["runs"] == payload["runs"] and rendered["cells"] == payload["cells"]
+    assert copy.read_bytes() == before  # the run records are read, never rewritten
     text = (tmp_path / "summary.md").read_text()
     assert "rendered from its `stability.json` by `python -m benchmarks stability --render" in text
+    assert "## KLJ against plain and the usual fixes, paired by seed" in text
     assert (tmp_path / "stability.png").exists()
 
 
@@ -198,13 +199,17 @@ def test_choose_alpha_prefers_the_lowest_validation_nll_and_skips_failures() -> 
 
 
 def test_every_configuration_cites_a_report_and_every_backend_appears() -> None:
+    """Each cited report ("owner/repo#n", then how it relates in brackets) is described in the
+    configuration's docstring; a configuration without one says that none was found."""
     backends = set()
     for name in configs.REGISTRY:
         cfg = configs.get(name)
         backends.add(cfg.backend)
-        assert cfg.sources and all("#" in s and "/" in s for s in cfg.sources)
+        assert cfg.sources or "No public report" in cfg.doc, name
         for source in cfg.sources:
-            assert source in cfg.doc, (name, source)
+            report_id = source.split(" (")[0]
+            assert "#" in report_id and "/" in report_id, (name, source)
+            assert report_id in cfg.doc, (name, source)
         assert "Threshold" in cfg.doc and cfg.margin > 0
     assert backends == {"freia", "nflows", "normflows", "zuko"}
     assert len(configs.REGISTRY) >= 8
