@@ -17,6 +17,7 @@ from .errors import (
 )
 from .monitor import DivergenceGrowthWarning, Flag, Monitor, layer_divergence
 from .penalty import penalty
+from .reader import Call, Keep
 from .records import Factor, LayerRecord
 from .registry import register_adapter, register_runner
 
@@ -26,12 +27,14 @@ __all__ = [
     "ALPHAS",
     "AdapterMismatchError",
     "AlphaChoice",
+    "Call",
     "Capture",
     "CaptureError",
     "CompileOrderError",
     "DivergenceGrowthWarning",
     "Factor",
     "Flag",
+    "Keep",
     "KLJError",
     "LayerRecord",
     "Monitor",

@@ -23,9 +23,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from . import hooks, registry
+from . import hooks, reader, registry
 from .errors import CompileOrderError, UnsupportedModelError
-from .kit import Handle, Site, TapRelease, module_entry
+from .kit import Door, Handle, Site, TapRelease, module_entry
 from .passes import DIRECTIONS, Pass, PassBook
 from .records import LayerRecord
 
@@ -61,6 +61,8 @@ class Capture:
         self.compiled: dict[tuple[object, ...], Any] = {}
         self.finite: Any = None  # checks.FiniteWatch, created on first use
         self.monitors: list[Any] = []  # monitor.Monitor objects fed by each penalty
+        self.patches = hooks.Patches()  # the class patches this capture holds
+        self.finalizer: weakref.finalize | None = None  # gives them back if the model goes
 
     @property
     def records(self) -> dict[str, LayerRecord]:
@@ -100,6 +102,10 @@ class Capture:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.finalizer is not None:
+            self.finalizer()  # gives the patches and taps back, and is gone
+            self.finalizer = None
+        self.patches.release()
         self.book.clear()
         self.sites.clear()
         self.compiled.clear()
@@ -158,15 +164,36 @@ def get_capture(model: Any) -> Capture | None:
 
 
 def _install(capture: Capture, name: str, module: nn.Module) -> None:
-    installer = registry.installer_for(type(module))
-    if installer is not None:
-        framework = registry.framework_of(type(module)) or "user"
-        site = Site(capture.book, name, module, framework, capture.book.sampling)
+    found = registry.adapter_for(type(module))
+    if found is not None:
+        known, adapter = found
+        site = Site(
+            capture.book,
+            name,
+            module,
+            adapter.framework,
+            capture.book.sampling,
+            distribution=adapter.distribution,
+            known=known,
+            patches=capture.patches,
+        )
         capture.sites[name] = site
-        capture.handles.extend(installer(module, site))
+        capture.handles.extend(reader.install(adapter, module, site))
         return
     for child_name, child in module.named_children():
         _install(capture, f"{name}.{child_name}" if name else child_name, child)
+
+
+def _entry(model: nn.Module, capture: Capture) -> list[Handle]:
+    """The model's entry: its class's, else the one framework of its captured layers' pass
+    entry, else its own ``__call__``."""
+    door = Door(capture.book, capture.patches)
+    entry = registry.entry_for(type(model))
+    if entry is None:
+        frameworks = {site.framework for site in capture.sites.values()}
+        if len(frameworks) == 1:
+            entry = registry.pass_entry(frameworks.pop())
+    return list(module_entry(model, door) if entry is None else entry(model, door))
 
 
 def _left_out(model: nn.Module, capture: Capture) -> list[str]:
@@ -257,10 +284,7 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
             + ". Attach with direction='data' and train it by maximum likelihood, or use "
             "penalty(fn, x, estimator='exact' or 'hutchinson') on the data-to-latent map."
         )
-    entry = registry.entry_for(type(model))
-    capture.handles.extend(
-        module_entry(model, capture.book) if entry is None else entry(model, capture.book)
-    )
+    capture.handles.extend(_entry(model, capture))
     left = _left_out(model, capture)
     if left:
         warnings.warn(
@@ -270,15 +294,16 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
             stacklevel=2,
         )
     hooks.bind(model).capture = capture
-    taps = [h for h in capture.handles if isinstance(h, TapRelease)]
-    if taps:  # a model dropped without detach gives its taps back when it is collected
-        weakref.finalize(model, _give_back, taps)
+    # A model dropped without detach gives its patches back when it is collected (the
+    # finalizer holds no module, only classes and taps); detach runs it, which removes it.
+    taps = [h for h in capture.handles if isinstance(h, (TapRelease, hooks.Patches))]
+    capture.finalizer = weakref.finalize(model, _give_back, [capture.patches, *taps])
     return capture
 
 
-def _give_back(taps: list[TapRelease]) -> None:
-    for tap in taps:
-        tap.remove()
+def _give_back(releases: list[Any]) -> None:
+    for release in releases:
+        release.remove()
 
 
 def detach(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .divergence import _float32, _per_sample_sum
 from .errors import AdapterMismatchError, NonFiniteScaleError, NonFiniteScaleWarning
-from .kit import Site, mismatch
+from .kit import Site
 from .records import LayerRecord
 
 NONTRIVIAL = 1e-2
@@ -90,8 +90,7 @@ class FiniteWatch:
 
 
 def _mismatch(r: LayerRecord, site: Site, error: float) -> AdapterMismatchError:
-    return mismatch(
-        site.framework,
+    return site.mismatch(
         f"captured scales of {r.name or '<model>'} ({r.kind}) do not match the layer's own "
         f"log-determinant (max error {error:.3g})",
     )

@@ -168,7 +168,6 @@ class Handle:
             callbacks = table.get(self.name, [])
             if self.fn in callbacks:
                 callbacks.remove(self.fn)
-                _release_method(type(self.module), self.name)
         if found.empty():
             self.module.__dict__.pop(KEY, None)
 
@@ -259,26 +258,57 @@ def _release_method(cls: type, name: str) -> None:
         delattr(cls, name)
 
 
+class Patches:
+    """The class patches one capture holds, each ``(class, method)`` once. It holds no module
+    (only classes), so a capture's patches can be given back by a finalizer of its model:
+    :meth:`release` restores each class whose last holder this was."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held: set[tuple[type, str]] = set()
+
+    def hold(self, cls: type, name: str) -> None:
+        """Wrap ``cls.<name>`` (if this holder has not already)."""
+        if (cls, name) not in self.held:
+            _patch_method(cls, name)
+            self.held.add((cls, name))
+
+    def release(self) -> None:
+        """Give every patch back (idempotent)."""
+        for cls, name in self.held:
+            _release_method(cls, name)
+        self.held.clear()
+
+    remove = release
+
+
 def watch_method(
-    module: nn.Module,
+    obj: Any,
     name: str,
     *,
     before: Callback | None = None,
     after: Callback | None = None,
     final: Callback | None = None,
-) -> list[Handle]:
-    """Call ``before(module, args, kwargs)``, ``after(module, args, kwargs, output)`` (when
-    it returns) and ``final(module)`` (whether it or an ``after`` returns or raises, last)
-    around each ``module.<name>(...)``, a method the framework calls directly."""
-    found = bind(module)
-    handles = []
+    patches: Patches | None = None,
+) -> list[Any]:
+    """Call ``before(obj, args, kwargs)``, ``after(obj, args, kwargs, output)`` (when it
+    returns) and ``final(obj)`` (whether it or an ``after`` returns or raises, last) around
+    each ``obj.<name>(...)``, a method the framework calls directly (``obj``: any object with a
+    ``__dict__``, a module or a per-call transform). The class's method is wrapped while
+    ``patches`` holds it (without ``patches``, the last handle returned gives it back)."""
+    found = bind(obj)
+    own = Patches() if patches is None else patches
+    own.hold(type(obj), name)
+    handles: list[Any] = []
     for kind, fn in (("before", before), ("after", after), ("final", final)):
         if fn is None:
             continue
-        _patch_method(type(module), name)
         table: dict[str, list[Callback]] = getattr(found, kind)
         table.setdefault(name, []).append(fn)
-        handles.append(Handle(module, kind, name, fn))
+        handles.append(Handle(obj, kind, name, fn))
+    if patches is None:
+        handles.append(own)
     return handles
 
 

@@ -38,8 +38,6 @@ from .records import Factor, LayerRecord
 MAX_CHECKS = 100
 """Batches on which a layer is checked against its own log-det while its scales are ~1."""
 
-DISTRIBUTIONS = {"FrEIA": "FrEIA", "nflows": "nflows", "normflows": "normflows", "zuko": "zuko"}
-
 
 class Handle(Protocol):
     """Anything with ``remove()``, e.g. ``torch.utils.hooks.RemovableHandle``."""
@@ -55,24 +53,43 @@ class Sink(Protocol):
     def has_record(self, site: Site) -> bool: ...
 
 
-class Door(Protocol):
+class Door:
     """A model's entry: its adapter calls ``begin`` when a data-to-latent pass of the model
     starts on ``inputs`` (``batch`` samples of dimension ``dim``) and ``end`` when it ends;
     ``begin(..., sampling=True)`` for a latent-to-data pass (``inputs``, ``batch`` and ``dim``
-    ``None`` when it is given no tensor), which the model's entry opens only where
-    ``sampling`` is set (the model was attached with ``direction="sample"`` or ``"both"``)."""
+    ``None`` when it is given no tensor), which opens a pass only where ``sampling`` is set
+    (the model was attached with ``direction="sample"`` or ``"both"``).
 
-    sampling: bool
+    ``watch_method``, ``on_pre``, ``on_forward`` and ``on_end`` install the entry's callbacks;
+    class patches are held by the capture (given back on ``detach`` or when the model is
+    collected), so an entry may also watch objects it meets during a pass (a transform built
+    per call)."""
 
-    def begin(
+    __slots__ = ("begin", "end", "sampling", "patches")
+
+    def __init__(self, book: Any, patches: hooks.Patches) -> None:
+        self.begin: Callable[..., None] = book.begin
+        self.end: Callable[[], None] = book.end
+        self.sampling: bool = book.sampling
+        self.patches = patches
+
+    def watch_method(
         self,
-        inputs: Tensor | None,
-        batch: int | None,
-        dim: int | None,
-        sampling: bool = False,
-    ) -> None: ...
+        obj: Any,
+        name: str,
+        *,
+        before: hooks.Callback | None = None,
+        after: hooks.Callback | None = None,
+        final: hooks.Callback | None = None,
+    ) -> list[Handle]:
+        """Callbacks around ``obj.<name>(...)`` (see :func:`klj_reg.hooks.watch_method`)."""
+        return hooks.watch_method(
+            obj, name, before=before, after=after, final=final, patches=self.patches
+        )
 
-    def end(self) -> None: ...
+    on_pre = staticmethod(hooks.on_pre)
+    on_forward = staticmethod(hooks.on_forward)
+    on_end = staticmethod(hooks.on_end)
 
 
 class Site:
@@ -82,8 +99,11 @@ class Site:
         name: The layer's path in the model (``named_modules``); ``""`` for the model itself.
         module: The layer.
         kind: The layer's class name, for messages.
-        framework: The framework that defines it (``"user"`` for registered layers).
-        state: What the current call stashed (subnetwork outputs); cleared by the adapter.
+        framework: The framework its adapter declared (``"user"`` for
+            :func:`klj_reg.register_adapter` without ``framework=``).
+        distribution: The package whose version messages name (default: ``framework``).
+        known: The class the adapter was registered for (``module``'s class or a base).
+        state: What the current call kept (subnetwork outputs); cleared by the core.
         subnets: The layer's coupling subnetworks (for ``tau``).
         checks_left: Batches on which the layer is still checked against its own log-det.
         sample_checks_left: The same, for its records of sampling passes.
@@ -91,6 +111,7 @@ class Site:
             also records the layer's latent-to-data calls (``record(..., sampling=True)``),
             or calls :meth:`no_sampling` if it cannot.
         unsampled: Why the layer's sampling calls cannot be recorded (``None``: they can).
+        patches: The class patches of the capture (given back on ``detach`` or collection).
     """
 
     __slots__ = (
@@ -99,16 +120,28 @@ class Site:
         "module",
         "kind",
         "framework",
+        "distribution",
+        "known",
         "state",
         "subnets",
         "checks_left",
         "sample_checks_left",
         "sampling",
         "unsampled",
+        "patches",
     )
 
     def __init__(
-        self, sink: Sink, name: str, module: nn.Module, framework: str, sampling: bool = False
+        self,
+        sink: Sink,
+        name: str,
+        module: nn.Module,
+        framework: str,
+        sampling: bool = False,
+        *,
+        distribution: str | None = None,
+        known: type | None = None,
+        patches: hooks.Patches | None = None,
     ) -> None:
         self.sampling = sampling
         self.sample_checks_left = MAX_CHECKS
@@ -118,9 +151,12 @@ class Site:
         self.module = module
         self.kind = type(module).__name__
         self.framework = framework
+        self.distribution = distribution or framework
+        self.known = type(module) if known is None else known
         self.state: dict[str, Any] = {}
         self.subnets: list[nn.Module] = []
         self.checks_left = MAX_CHECKS
+        self.patches = hooks.Patches() if patches is None else patches
 
     @property
     def label(self) -> str:
@@ -153,6 +189,18 @@ class Site:
         """Whether this layer already recorded in the pass in progress."""
         return self.sink.has_record(self)
 
+    def mismatch(self, what: str) -> AdapterMismatchError:
+        """The error for this layer computed differently from what its adapter reads: names
+        the framework and version the adapter declared or, for a subclass of the adapter's
+        class that overrides its methods, the subclass and the fix."""
+        return mismatch(
+            self.framework,
+            what,
+            distribution=self.distribution,
+            layer=self.module,
+            known=self.known,
+        )
+
     def on_forward(self, module: nn.Module, fn: hooks.Callback) -> Handle:
         """Call ``fn(module, args, kwargs, output)`` after each ``module(...)``."""
         return hooks.on_forward(module, fn)
@@ -163,22 +211,25 @@ class Site:
 
     def watch_method(
         self,
-        module: nn.Module,
+        obj: Any,
         name: str,
         *,
         before: hooks.Callback | None = None,
         after: hooks.Callback | None = None,
         final: hooks.Callback | None = None,
     ) -> list[Handle]:
-        """Callbacks around ``module.<name>(...)``, a method the framework calls directly;
-        raises :class:`AdapterMismatchError` if this framework version lacks it."""
-        if not callable(getattr(module, name, None)):
-            raise mismatch(
-                self.framework,
-                f"{type(module).__name__} has no method {name!r}, which its klj-reg adapter "
-                "watches",
+        """Callbacks around ``obj.<name>(...)``, a method the framework calls directly (the
+        class is patched while the capture holds it); raises :class:`AdapterMismatchError`
+        if this framework version lacks it."""
+        if not callable(getattr(obj, name, None)):
+            raise self.mismatch(
+                f"{type(obj).__name__} has no method {name!r}, which its klj-reg adapter watches"
             )
-        return list(hooks.watch_method(module, name, before=before, after=after, final=final))
+        return list(
+            hooks.watch_method(
+                obj, name, before=before, after=after, final=final, patches=self.patches
+            )
+        )
 
     def stash(self, net: nn.Module, key: str, *, inputs: bool = False) -> Handle:
         """Keep a reference to ``net``'s output (or its first input) in ``state[key]``."""
@@ -240,26 +291,65 @@ def classes(namespaces: Iterable[ModuleType | object], *names: str) -> list[type
     return found
 
 
-def framework_version(framework: str) -> str:
-    """Installed version of a framework, e.g. ``"FrEIA 0.2"``."""
-    dist = DISTRIBUTIONS.get(framework, framework)
+def framework_version(distribution: str) -> str:
+    """Installed version of a package, e.g. ``"FrEIA 0.2"``."""
     try:
-        return f"{framework} {importlib.metadata.version(dist)}"
+        return f"{distribution} {importlib.metadata.version(distribution)}"
     except importlib.metadata.PackageNotFoundError:
-        return f"{framework} (version unknown)"
+        return f"{distribution} (version unknown)"
 
 
-def mismatch(framework: str, what: str) -> AdapterMismatchError:
-    """The error for a layer computed differently from what its adapter expects."""
+KEPT_OVERRIDES = frozenset({"__init__", "extra_repr", "__repr__"})
+"""Methods a subclass may override without changing a layer's math."""
+
+
+def overrides(layer: Any, known: type) -> list[str]:
+    """Methods of ``known`` (the class an adapter was registered for) that ``layer``'s class
+    or a base between them, defined outside ``known``'s package, overrides."""
+    home = known.__module__.split(".")[0]
+    names: list[str] = []
+    for cls in type(layer).__mro__:
+        if cls is known or known not in cls.__mro__:
+            break
+        if cls.__module__.split(".")[0] == home:
+            continue
+        names += [
+            n
+            for n, v in vars(cls).items()
+            if callable(v) and n not in KEPT_OVERRIDES and hasattr(known, n) and n not in names
+        ]
+    return names
+
+
+def mismatch(
+    framework: str,
+    what: str,
+    *,
+    distribution: str | None = None,
+    layer: Any = None,
+    known: type | None = None,
+) -> AdapterMismatchError:
+    """The error for a layer computed differently from what its adapter expects: for a
+    user adapter, check it; for a subclass of the adapter's class ``known`` that overrides
+    its methods, the subclass and the fix; else the framework's version (``distribution``)."""
     if framework == "user":
         return AdapterMismatchError(
             f"{what}: the factors your klj_reg.register_adapter function returns do not "
             "describe the layer's Jacobian diagonal; check that function (and its log_det)."
         )
+    changed = overrides(layer, known) if layer is not None and known is not None else []
+    if changed and known is not None:
+        sub = type(layer).__name__
+        return AdapterMismatchError(
+            f"{what}: {sub} subclasses {framework}'s {known.__name__} and overrides "
+            f"{', '.join(changed)}, so klj-reg's adapter for {known.__name__} does not "
+            f"describe it. Teach klj-reg {sub} with klj_reg.register_adapter({sub}, ...) "
+            "(docs/adapters.md), or use estimator='hutchinson'."
+        )
     return AdapterMismatchError(
-        f"{what} ({framework_version(framework)}): this version of {framework} computes the "
-        "layer differently from what its klj-reg adapter expects. Please report it with the "
-        "version; meanwhile use estimator='hutchinson'."
+        f"{what} ({framework_version(distribution or framework)}): this version of {framework} "
+        "computes the layer differently from what its klj-reg adapter expects. Please report "
+        "it with the version; meanwhile use estimator='hutchinson'."
     )
 
 

@@ -32,108 +32,119 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kit import Door, Handle, Site, inverted, mismatch, module_entry, returned_log_det
+from ..kit import Door, Handle, module_entry
+from ..reader import Call, Mismatch
 from ..records import Factor
 from ..registry import Registrar
 
 framework = Registrar("FrEIA", Fm, Ff)
 
 
-def _rev_reader(block: Any) -> Callable[[tuple[Any, ...], dict[str, Any]], bool]:
-    """Reads ``rev`` from a call's arguments, wherever this block's signature puts it."""
-    names = list(inspect.signature(block.forward).parameters)
-    index = names.index("rev") if "rev" in names else None
-
-    def is_rev(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        if "rev" in kwargs:
-            return bool(kwargs["rev"])
-        return index is not None and len(args) > index and bool(args[index])
-
-    return is_rev
+_REV_INDEX: dict[type, int | None] = {}
 
 
-def _install_stashing(
-    block: Any, site: Site, subnets: dict[str, nn.Module], factors: Callable[[], list[Factor]]
-) -> list[Handle]:
-    """Stash subnet outputs; on a data-to-latent call of the block, record its factors."""
-    is_rev = _rev_reader(block)
+def _rev_index(cls: Any) -> int | None:
+    """Where ``cls.forward``'s signature puts ``rev`` among the positional arguments."""
+    if cls not in _REV_INDEX:
+        names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+        _REV_INDEX[cls] = names.index("rev") if "rev" in names else None
+    return _REV_INDEX[cls]
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if len(site.state) == len(subnets):
-            dim = args[0][0].shape[1:].numel()
-            if not is_rev(args, kwargs):
-                site.record(factors(), returned_log_det(output), dim)
-            elif site.sampling:
-                site.record(inverted(factors()), returned_log_det(output), dim, sampling=True)
-        site.state.clear()
 
-    site.add_subnets(*subnets.values())
-    handles = [site.stash(net, key) for key, net in subnets.items()]
-    return [*handles, site.on_forward(block, hook)]
+def is_rev(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call of ``block`` runs ``rev=True`` (latent to data)."""
+    if "rev" in kwargs:
+        return bool(kwargs["rev"])
+    index = _rev_index(type(block))
+    return index is not None and len(args) > index and bool(args[index])
+
+
+def rev(block: Any, call: Call) -> bool:
+    """``sample_when`` of every FrEIA block: its ``rev=True`` calls map latent to data."""
+    return is_rev(block, call.args, call.kwargs)
 
 
 def _soft_clamp(block: Any, width: int, gin: bool) -> dict[str, Any]:
     """Factor fields of the block's own soft clamp ``clamp * f_clamp(a[:, :width])`` (GIN
-    then removes the per-sample mean, which is not elementwise)."""
+    then removes the per-sample mean, which is not elementwise); raw: ``a[:, :width]``."""
+    first = _first(width)
     if gin:
 
         def centred(a: Tensor) -> Tensor:
             s = block.clamp * block.f_clamp(a[:, :width])
             return s - s.mean(1, keepdim=True)
 
-        return {"log_abs": centred}
-    return {"log_abs": _first(width), "activation": block.f_clamp, "scale": float(block.clamp)}
+        return {"log_abs": centred, "raw": first}
+    return {
+        "log_abs": first,
+        "activation": block.f_clamp,
+        "scale": float(block.clamp),
+        "raw": first,
+    }
 
 
 def _first(width: int) -> Callable[[Tensor], Tensor]:
     return lambda a: a[:, :width]
 
 
-@framework.layers("GLOWCouplingBlock", "GINCouplingBlock")
-def install_two_sided(block: Any, site: Site) -> list[Handle]:
-    """GLOW / GIN: subnet2 scales the first half, then subnet1 scales the second."""
+def _halves(block: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two halves' factor fields (the first half is scaled by subnet2's output)."""
     gin = isinstance(block, Fm.GINCouplingBlock)
-    l1, l2 = block.split_len1, block.split_len2
-    first, second = _soft_clamp(block, l1, gin), _soft_clamp(block, l2, gin)
-    raw1, raw2 = _first(l1), _first(l2)
-
-    def factors() -> list[Factor]:
-        return [
-            Factor(source=site.state["a2"], raw=raw1, **first),
-            Factor(source=site.state["a1"], raw=raw2, **second),
-        ]
-
-    return _install_stashing(block, site, {"a2": block.subnet2, "a1": block.subnet1}, factors)
+    return (
+        _soft_clamp(block, block.split_len1, gin),
+        _soft_clamp(block, block.split_len2, gin),
+    )
 
 
-@framework.layers("RNVPCouplingBlock")
-def install_rnvp(block: Any, site: Site) -> list[Handle]:
+@framework.reads(
+    "GLOWCouplingBlock",
+    "GINCouplingBlock",
+    keep={"a2": "subnet2", "a1": "subnet1"},
+    prepare=_halves,
+    sample_when=rev,
+)
+def two_sided(block: Any, call: Call) -> list[Factor]:
+    r"""GLOW / GIN: subnet2 scales the first half, then subnet1 scales the second. On
+    ``rev=True`` the same subnetworks give the same scales: the sampling map's factors are
+    these with :math:`\log e = -\log d` (the core's default)."""
+    first, second = call.setup
+    return [
+        Factor(source=call.kept["a2"], **first),
+        Factor(source=call.kept["a1"], **second),
+    ]
+
+
+@framework.reads(
+    "RNVPCouplingBlock",
+    keep={"s2": "subnet_s2", "s1": "subnet_s1"},
+    subnets=lambda b: [b.subnet_s1, b.subnet_s2, b.subnet_t1, b.subnet_t2],
+    prepare=_halves,
+    sample_when=rev,
+)
+def rnvp(block: Any, call: Call) -> list[Factor]:
     """RNVP: separate scale subnets ``subnet_s2`` (first half) and ``subnet_s1`` (second)."""
-    l1, l2 = block.split_len1, block.split_len2
-    first, second = _soft_clamp(block, l1, False), _soft_clamp(block, l2, False)
-    raw1, raw2 = _first(l1), _first(l2)
-
-    def factors() -> list[Factor]:
-        return [
-            Factor(source=site.state["s2"], raw=raw1, **first),
-            Factor(source=site.state["s1"], raw=raw2, **second),
-        ]
-
-    subnets = {"s2": block.subnet_s2, "s1": block.subnet_s1}
-    site.add_subnets(block.subnet_t1, block.subnet_t2)
-    return _install_stashing(block, site, subnets, factors)
+    first, second = call.setup
+    return [
+        Factor(source=call.kept["s2"], **first),
+        Factor(source=call.kept["s1"], **second),
+    ]
 
 
-@framework.layers("AffineCouplingOneSided", "ConditionalAffineTransform")
-def install_one_sided(block: Any, site: Site) -> list[Handle]:
+def _one_side(block: Any) -> dict[str, Any]:
+    one = isinstance(block, Fm.ConditionalAffineTransform)
+    return _soft_clamp(block, block.channels if one else block.split_len2, False)
+
+
+@framework.reads(
+    "AffineCouplingOneSided",
+    "ConditionalAffineTransform",
+    keep={"a": "subnet"},
+    prepare=_one_side,
+    sample_when=rev,
+)
+def one_sided(block: Any, call: Call) -> Factor:
     """AffineCouplingOneSided (second half scaled) and ConditionalAffineTransform (all)."""
-    width = block.channels if isinstance(block, Fm.ConditionalAffineTransform) else block.split_len2
-    fields, raw = _soft_clamp(block, width, False), _first(width)
-
-    def factors() -> list[Factor]:
-        return [Factor(source=site.state["a"], raw=raw, **fields)]
-
-    return _install_stashing(block, site, {"a": block.subnet}, factors)
+    return Factor(source=call.kept["a"], **call.setup)
 
 
 def _all_in_one_variant(block: Any) -> tuple[bool, bool]:
@@ -155,8 +166,7 @@ def _all_in_one_variant(block: Any) -> tuple[bool, bool]:
         s = block.clamp * torch.tanh(pre / block.clamp if over_clamp else pre)
         if torch.allclose(s.sum(), log_det.sum(), rtol=1e-4, atol=1e-4):
             return in_place, over_clamp
-    raise mismatch(
-        "FrEIA",
+    raise Mismatch(
         "AllInOneBlock computes its coupling scale in a way klj-reg does not know (neither "
         "clamp*tanh(0.1 a) nor clamp*tanh(0.1 a / clamp))",
     )
@@ -195,9 +205,9 @@ def _global_log(block: Any) -> dict[str, Any]:
     return {"log_abs": own_log}
 
 
-@framework.layers("AllInOneBlock")
-def install_all_in_one(block: Any, site: Site) -> list[Handle]:
-    """AllInOneBlock: coupling factor on the second half, then the global scale."""
+def _all_in_one(block: Any) -> tuple[dict[str, Any], dict[str, Any] | None, int]:
+    """The coupling factor's fields, the global scale's (``None`` for GIN) and the pixels
+    sharing each global scale, from one probe of the block's ``_affine``."""
     in_place, over_clamp = _all_in_one_variant(block)
     ch, clamp, dims = block.splits[1], block.clamp, block.sum_dims
     inner = (1.0 if in_place else 0.1) / (clamp if over_clamp else 1.0)  # tanh's argument / a
@@ -209,87 +219,85 @@ def install_all_in_one(block: Any, site: Site) -> list[Handle]:
         s = clamp * torch.tanh(pre(a))
         return s - s.mean(dim=dims, keepdim=True)
 
-    coupling: dict[str, Any] = (
-        {"log_abs": centred}
-        if block.GIN
-        else {"log_abs": pre, "activation": torch.tanh, "scale": float(clamp)}
-    )
-    global_fields = _global_log(block)
-
     def raw(a: Tensor) -> Tensor:  # the subnet's output: in place, ``a`` holds 0.1 times it
         return 10.0 * a[:, :ch] if in_place else a[:, :ch]
 
+    coupling: dict[str, Any] = (
+        {"log_abs": centred, "raw": raw}
+        if block.GIN
+        else {"log_abs": pre, "activation": torch.tanh, "scale": float(clamp), "raw": raw}
+    )
     pixels = int(torch.Size(block.dims_in[0][1:]).numel())
-
-    def factors() -> list[Factor]:
-        out = [Factor(source=site.state["a"], raw=raw, **coupling)]
-        if not block.GIN:
-            out.append(Factor(source=block.global_scale, repeat=pixels, **global_fields))
-        return out
-
-    return _install_stashing(block, site, {"a": block.subnet}, factors)
+    return coupling, None if block.GIN else _global_log(block), pixels
 
 
-@framework.layers("ActNorm")
-def install_act_norm(block: Any, site: Site) -> list[Handle]:
-    """ActNorm: per-channel factor, shared by every pixel and sample: ``exp(scale)`` in FrEIA
-    0.2 (``x * exp(scale) + bias``), ``exp(-log_scale)`` on master (``(x - loc) / scale``, where
-    ``scale`` is ``exp(log_scale)``)."""
-    is_rev = _rev_reader(block)
+@framework.reads("AllInOneBlock", keep={"a": "subnet"}, prepare=_all_in_one, sample_when=rev)
+def all_in_one(block: Any, call: Call) -> list[Factor]:
+    """AllInOneBlock: coupling factor on the second half, then the global scale."""
+    coupling, global_fields, pixels = call.setup
+    out = [Factor(source=call.kept["a"], **coupling)]
+    if global_fields is not None:
+        out.append(Factor(source=block.global_scale, repeat=pixels, **global_fields))
+    return out
+
+
+def _act_norm(block: Any) -> tuple[Tensor, float, int]:
     log_scale = getattr(block, "log_scale", None)
     source, sign = (log_scale, -1.0) if isinstance(log_scale, nn.Parameter) else (block.scale, 1.0)
     dims = block.dims_in[0] if isinstance(block.dims_in, list) else block.dims_in  # master: [dims]
-    pixels = int(torch.Size(dims[1:]).numel())
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        rev = is_rev(args, kwargs)
-        if not rev or site.sampling:
-            factor = Factor(source=source, repeat=pixels, scale=-sign if rev else sign)
-            dim = args[0][0].shape[1:].numel()
-            site.record([factor], returned_log_det(output), dim, sampling=rev)
-
-    return [site.on_forward(block, hook)]
+    return source, sign, int(torch.Size(dims[1:]).numel())
 
 
-@framework.layers("HaarDownsampling", "HaarUpsampling")
-def install_uniform(block: Any, site: Site) -> list[Handle]:
+@framework.reads("ActNorm", prepare=_act_norm, sample_when=rev)
+def act_norm(block: Any, call: Call) -> Factor:
+    """ActNorm: per-channel factor, shared by every pixel and sample: ``exp(scale)`` in FrEIA
+    0.2 (``x * exp(scale) + bias``), ``exp(-log_scale)`` on master (``(x - loc) / scale``, where
+    ``scale`` is ``exp(log_scale)``)."""
+    source, sign, pixels = call.setup
+    return Factor(source=source, repeat=pixels, scale=sign)
+
+
+def _uniform_log_det(block: Any, call: Call) -> Tensor:
+    x = call.x
+    assert x is not None
+    return torch.as_tensor(call.output[1], dtype=x.dtype, device=x.device)
+
+
+def uniform(block: Any, call: Call) -> Factor:
     """Layers that are a uniform scale times an orthogonal map (Haar wavelets): the factor
-    is ``log_det / D`` on every entry, read from the layer's own log-det."""
-    is_rev = _rev_reader(block)
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        rev = is_rev(args, kwargs)  # rev=True: the log-det is already the sampling map's
-        if not rev or site.sampling:
-            x = args[0][0]
-            dim = x.shape[1:].numel()
-            log_det = torch.as_tensor(output[1], dtype=x.dtype, device=x.device)
-            per_entry = (log_det / dim).reshape(-1, 1)
-            site.record([Factor(source=per_entry, repeat=dim)], log_det, dim, sampling=rev)
-
-    return [site.on_forward(block, hook)]
+    is ``log_det / D`` on every entry, read from the layer's own log-det (on ``rev=True``,
+    already the sampling map's)."""
+    dim = call.x.shape[1:].numel() if call.x is not None else 1
+    per_entry = (_uniform_log_det(block, call) / dim).reshape(-1, 1)
+    return Factor(source=per_entry, repeat=dim)
 
 
-@framework.layers("OrthogonalTransform")
-def install_orthogonal(block: Any, site: Site) -> list[Handle]:
+framework.adapter(
+    "HaarDownsampling",
+    "HaarUpsampling",
+    read=uniform,
+    read_sample=uniform,
+    log_det=_uniform_log_det,
+    sample_when=rev,
+)
+
+
+@framework.reads("OrthogonalTransform", sample_when=rev)
+def orthogonal(block: Any, call: Call) -> Factor:
     """OrthogonalTransform: ``diag(exp(log_e(scaling))) R``; R contributes zero."""
-    is_rev = _rev_reader(block)
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        rev = is_rev(args, kwargs)
-        if not rev or site.sampling:
-            factor = Factor(source=block.scaling, log_abs=block._log_e, scale=-1.0 if rev else 1.0)
-            dim = args[0][0].shape[1:].numel()
-            site.record([factor], returned_log_det(output), dim, sampling=rev)
-
-    return [site.on_forward(block, hook)]
+    return Factor(source=block.scaling, log_abs=block._log_e)
 
 
 @framework.entry("InvertibleModule")
 def entry(model: nn.Module, door: Door) -> list[Handle]:
     """A FrEIA model's pass begins at its own call with ``rev=False``; its sampling pass (where
     the door opens them), at a call with ``rev=True``."""
-    is_rev = _rev_reader(model)
-    return module_entry(model, door, lambda args, kwargs: not is_rev(args, kwargs), is_rev)
+    return module_entry(
+        model,
+        door,
+        lambda args, kwargs: not is_rev(model, args, kwargs),
+        lambda args, kwargs: is_rev(model, args, kwargs),
+    )
 
 
 @framework.runner("InvertibleModule")

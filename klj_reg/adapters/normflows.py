@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import normflows as nf
@@ -72,108 +71,37 @@ from normflows.flows.base import Flow
 from normflows.utils import splines
 from torch import Tensor, nn
 
-from ..errors import CaptureError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..kit import (
     Door,
     FunctionTap,
     Handle,
     Site,
     begin_on_first_tensor,
-    direction_sign,
     framework_version,
-    inverted,
     log_sigmoid_plus_2_eps,
     log_softplus_plus,
-    mismatch,
-    returned_log_det,
-    watch_method,
+    warn_left_out,
 )
+from ..reader import Call, Keep, Mismatch, install
 from ..records import Factor, Map, as_row
-from ..registry import Registrar, is_neutral
+from ..registry import Registrar, adapter_for, is_neutral
 
 framework = Registrar("normflows", nf, nf.flows, normflows_mixing, nf.transforms)
 
-Build = Callable[[tuple[Any, ...], dict[str, Any], Any], list[Factor]]
-"""Builds a layer's factors from its data-to-latent call: ``(args, kwargs, output)``."""
 
-Install = Callable[[Any, Site, bool], list[Handle]]
-"""An installer taking ``reverse``: True when the layer's ``forward`` maps data to latent."""
-
-
-def _dim(z: Any) -> int:
+def _dim(layer: Any, call: Call) -> int:
     """Jacobian diagonal length per sample: numel of one input (or of a [z1, z2] pair)."""
+    z = call.args[0] if call.args else next(iter(call.kwargs.values()))
     if isinstance(z, (list, tuple)):
         return sum(t.shape[1:].numel() for t in z)
-    return z.shape[1:].numel()
+    return int(z.shape[1:].numel())
 
 
-def _watch(
-    layer: Any,
-    site: Site,
-    reverse: bool,
-    build: Build,
-    stashed: int = 0,
-    sample_build: Build | None = None,
-    before: Callable[..., Any] | None = None,
-) -> list[Handle]:
-    r"""Record after the layer's data-to-latent method (``before``: called before it); clear
-    the stash after the other one, or (where the site records sampling passes) record the
-    sampling map's factors from it: ``sample_build``'s, or by default ``build``'s inverted
-    (:math:`\log e = -\log d`).
-
-    ``stashed``: how many subnet outputs either call must have stashed.
-    """
-    to_latent, to_data = ("forward", "inverse") if reverse else ("inverse", "forward")
-
-    def on_latent(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
-    ) -> None:
-        try:
-            if len(site.state) < stashed:
-                # A subclass calling super().inverse: the inner call already recorded.
-                if not site.recorded():
-                    raise CaptureError(
-                        f"{site.name or '<model>'} ({site.kind}) ran its data-to-latent "
-                        "pass without calling its subnetwork through Module.__call__, so "
-                        "klj-reg did not see its scales. Call subnetworks as net(x), not "
-                        "net.forward(x), or use estimator='hutchinson'."
-                    )
-                return
-            z = args[0] if args else next(iter(kwargs.values()))
-            site.record(build(args, kwargs, out), returned_log_det(out), _dim(z))
-        finally:
-            site.state.clear()
-
-    def on_data(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        site.state.clear()
-
-    def on_sample(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
-    ) -> None:
-        try:
-            if len(site.state) < stashed:
-                if not site.recorded():
-                    raise CaptureError(
-                        f"{site.name or '<model>'} ({site.kind}) ran its sampling pass "
-                        "without calling its subnetwork through Module.__call__, so klj-reg "
-                        "did not see its scales. Call subnetworks as net(x), not "
-                        "net.forward(x)."
-                    )
-                return
-            z = args[0] if args else next(iter(kwargs.values()))
-            factors = (
-                inverted(build(args, kwargs, out))
-                if sample_build is None
-                else sample_build(args, kwargs, out)
-            )
-            site.record(factors, returned_log_det(out), _dim(z), sampling=True)
-        finally:
-            site.state.clear()
-
-    return [
-        *site.watch_method(layer, to_latent, before=before, after=on_latent),
-        *site.watch_method(layer, to_data, after=on_sample if site.sampling else on_data),
-    ]
+def reads(*names: str, **fields: Any) -> Any:
+    """``framework.reads`` for normflows' layers: ``inverse`` maps data to latent, ``forward``
+    (latent to data) is watched for sampling passes."""
+    return framework.reads(*names, method="inverse", sample="forward", dim=_dim, **fields)
 
 
 def _once(fn: Map) -> Map:
@@ -200,148 +128,120 @@ def _log_sigmoid_plus_2(u: Tensor) -> Tensor:
     return F.logsigmoid(u + 2.0)
 
 
-def _coupling_activation(layer: Any, site: Site) -> tuple[Map | None, float]:
-    r"""``(activation, sign)`` of AffineCoupling.inverse's log|d| of ``p[:, 1::2]``, by
-    ``scale_map`` (``exp``: :math:`e^{-u}`; ``sigmoid``: :math:`\sigma(u+2)`;
-    ``sigmoid_inv``: :math:`1/\sigma(u+2)`)."""
-    maps: dict[str, tuple[Map | None, float]] = {
-        "exp": (None, -1.0),
-        "sigmoid": (_log_sigmoid_plus_2, 1.0),
-        "sigmoid_inv": (_log_sigmoid_plus_2, -1.0),
-    }
-    if layer.scale_map not in maps:
+SCALE_MAPS: dict[str, tuple[Map | None, float]] = {
+    "exp": (None, -1.0),
+    "sigmoid": (_log_sigmoid_plus_2, 1.0),
+    "sigmoid_inv": (_log_sigmoid_plus_2, -1.0),
+}
+r"""``scale_map -> (activation, sign)`` of AffineCoupling.inverse's log|d| of ``p[:, 1::2]``
+(``exp``: :math:`e^{-u}`; ``sigmoid``: :math:`\sigma(u+2)`; ``sigmoid_inv``:
+:math:`1/\sigma(u+2)`)."""
+
+
+def _coupling_activation(layer: Any) -> tuple[Map | None, float]:
+    if layer.scale_map not in SCALE_MAPS:
         raise UnsupportedModelError(
-            f"{site.name or '<model>'} (AffineCoupling) uses scale_map={layer.scale_map!r}, "
-            f"which klj-reg does not know ({framework_version('normflows')}; known: "
-            f"{', '.join(maps)}). Use estimator='hutchinson'."
+            f"{type(layer).__name__} uses scale_map={layer.scale_map!r}, which klj-reg does "
+            f"not know ({framework_version('normflows')}; known: {', '.join(SCALE_MAPS)}). "
+            "Use estimator='hutchinson'."
         )
-    return maps[layer.scale_map]
+    return SCALE_MAPS[layer.scale_map]
 
 
-def install_affine_coupling(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
-    """AffineCoupling: one factor on z2, from the param_map output of the same call."""
-    site.add_subnets(layer.param_map)
+@reads("AffineCoupling", keep={"params": "param_map"}, prepare=_coupling_activation)
+def affine_coupling(layer: Any, call: Call) -> Factor | None:
+    """AffineCoupling: one factor on z2, from the param_map output of the same call
+    (additive, ``scale=False``: diagonal 1, nothing recorded)."""
     if not layer.scale:
-        return []  # additive: diagonal 1
-    activation, sign = _coupling_activation(layer, site)
-    scale = -sign if reverse else sign
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        params = site.state["params"]
-        return [Factor(source=params, log_abs=_odd, raw=_odd, activation=activation, scale=scale)]
-
-    return [site.stash(layer.param_map, "params"), *_watch(layer, site, reverse, build, 1)]
+        return None
+    activation, sign = call.setup
+    params = call.kept["params"]
+    return Factor(source=params, log_abs=_odd, raw=_odd, activation=activation, scale=sign)
 
 
-def install_masked_affine(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
-    """MaskedAffineFlow: factor :math:`e^{-(1-b)s}` on the unmasked entries."""
-    nets = [n for n in (layer.s, layer.t) if isinstance(n, nn.Module)]
-    site.add_subnets(*nets)
-    if not isinstance(layer.s, nn.Module):
-        return []  # no scale net: volume preserving, diagonal 1
-    sign = -direction_sign(reverse)
-
-    def log_abs(s: Tensor) -> Tensor:
-        return sign * (1 - layer.b) * s
-
-    def raw(s: Tensor) -> Tensor:  # masked entries count as pass-through ones
-        return (1 - layer.b) * s + layer.b
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        return [Factor(source=site.state["s"], log_abs=log_abs, raw=raw)]
-
-    return [site.stash(layer.s, "s"), *_watch(layer, site, reverse, build, 1)]
+@reads("MaskedAffineFlow", keep={"s": "s"}, subnets=lambda layer: _modules(layer.s, layer.t))
+def masked_affine(layer: Any, call: Call) -> Factor | None:
+    """MaskedAffineFlow: factor :math:`e^{-(1-b)s}` on the unmasked entries (no scale net:
+    volume preserving, nothing recorded)."""
+    s = call.kept.get("s")
+    if s is None:
+        return None
+    b = layer.b
+    return Factor(source=s, log_abs=lambda s: -(1 - b) * s, raw=lambda s: (1 - b) * s + b)
 
 
-def install_maf(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
-    """MaskedAffineAutoregressive: :math:`1/(\\sigma(u+2) + 10^{-3})`, last MADE output."""
-    site.add_subnets(layer.autoregressive_net)
-    sign = -direction_sign(reverse)
+def _modules(*objs: Any) -> list[nn.Module]:
+    return [o for o in objs if isinstance(o, nn.Module)]
 
-    def raw(p: Tensor) -> Tensor:
-        return layer._unconstrained_scale_and_shift(p)[0]
 
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        params = site.state["params"]
-        return [
-            Factor(
-                source=params, log_abs=raw, raw=raw, activation=log_sigmoid_plus_2_eps, scale=sign
-            )
-        ]
+def _maf_raw(layer: Any) -> Map:
+    return lambda p: layer._unconstrained_scale_and_shift(p)[0]
 
-    net = layer.autoregressive_net
-    return [site.stash(net, "params"), *_watch(layer, site, reverse, build, 1)]
+
+@reads("MaskedAffineAutoregressive", keep={"params": "autoregressive_net"}, prepare=_maf_raw)
+def maf(layer: Any, call: Call) -> Factor:
+    r"""MaskedAffineAutoregressive: :math:`1/(\sigma(u+2) + 10^{-3})`, last MADE output."""
+    raw = call.setup
+    return Factor(
+        source=call.kept["params"],
+        log_abs=raw,
+        raw=raw,
+        activation=log_sigmoid_plus_2_eps,
+        scale=-1.0,
+    )
 
 
 # Elementwise and linear layers --------------------------------------------------------------
 
 
-def install_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+@reads("AffineConstFlow")
+def affine_const(layer: Any, call: Call) -> Factor:
     """ActNorm / AffineConstFlow: :math:`e^{-s}`, one per element of ``s``, shared."""
-    sign = -direction_sign(reverse)
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        s = layer.s
-        repeat = args[0].shape[1:].numel() // s.shape[1:].numel()
-        return [Factor(source=s, repeat=repeat, scale=sign)]
-
-    return _watch(layer, site, reverse, build)
+    s = layer.s
+    repeat = call.args[0].shape[1:].numel() // s.shape[1:].numel()
+    return Factor(source=s, repeat=repeat, scale=-1.0)
 
 
-def install_cc_affine_const(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+@reads("CCAffineConst")
+def cc_affine_const(layer: Any, call: Call) -> Factor:
     """CCAffineConst: :math:`e^{-s(y)}` per sample, ``s(y) = s + y @ s_cc``."""
-    sign = -direction_sign(reverse)
     shape = tuple(layer.shape)
-
-    def log_abs(y: Tensor) -> Tensor:
-        return sign * (layer.s + (y @ layer.s_cc).view(-1, *shape))
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        y = args[1] if len(args) > 1 else kwargs["y"]
-        repeat = args[0].shape[1:].numel() // math.prod(shape)
-        return [Factor(source=y, log_abs=log_abs, repeat=repeat)]
-
-    return _watch(layer, site, reverse, build)
-
-
-def _free_matrix(site: Site) -> list[Handle]:
-    warnings.warn(
-        f"klj-reg does not regularise {site.name or '<model>'} ({site.kind} with "
-        "use_lu=False): a free mixing matrix has no triangular factor the layer keeps. Build "
-        "it with use_lu=True (its P L U diagonal is then captured), or use "
-        "estimator='hutchinson'.",
-        stacklevel=4,
+    y = call.args[1] if len(call.args) > 1 else call.kwargs["y"]
+    repeat = call.args[0].shape[1:].numel() // math.prod(shape)
+    return Factor(
+        source=y, log_abs=lambda y: -(layer.s + (y @ layer.s_cc).view(-1, *shape)), repeat=repeat
     )
-    return []
 
 
-def install_lu_mixing(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
-    """Invertible1x1Conv / InvertibleAffine (``use_lu``): :math:`U`'s diagonal
-    :math:`\\pm e^{\\log S}`, shared, repeated over pixels."""
+def _lu_only(layer: Any) -> None:
     if not layer.use_lu:
-        return _free_matrix(site)
-    sign = direction_sign(reverse)
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        log_s = layer.log_S
-        repeat = args[0].shape[1:].numel() // log_s.numel()
-        return [Factor(source=log_s, log_abs=as_row, repeat=repeat, scale=sign)]
-
-    return _watch(layer, site, reverse, build)
+        warnings.warn(
+            f"klj-reg does not regularise {type(layer).__name__} with use_lu=False: a free "
+            "mixing matrix has no triangular factor the layer keeps. Build it with "
+            "use_lu=True (its P L U diagonal is then captured), or use "
+            "estimator='hutchinson'.",
+            stacklevel=6,
+        )
 
 
-def install_lu_linear_permute(layer: Any, site: Site, reverse: bool = False) -> list[Handle]:
+@reads("Invertible1x1Conv", "InvertibleAffine", prepare=_lu_only)
+def lu_mixing(layer: Any, call: Call) -> Factor | None:
+    r"""Invertible1x1Conv / InvertibleAffine (``use_lu``): :math:`U`'s diagonal
+    :math:`\pm e^{\log S}`, shared, repeated over pixels."""
+    if not layer.use_lu:
+        return None
+    log_s = layer.log_S
+    repeat = call.args[0].shape[1:].numel() // log_s.numel()
+    return Factor(source=log_s, log_abs=as_row, repeat=repeat)
+
+
+@reads("LULinearPermute", prepare=lambda layer: log_softplus_plus(layer.linear.eps))
+def lu_linear_permute(layer: Any, call: Call) -> Factor:
     """LULinearPermute: permutation, then :math:`L U`, :math:`U`'s diagonal
-    ``softplus(u) + eps`` (the layer's own ``upper_diag``)."""
-    linear = layer.linear
-    sign = direction_sign(reverse)
-    activation = log_softplus_plus(linear.eps)  # shared by the layers: one expression
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        source = linear.unconstrained_upper_diag
-        return [Factor(source=source, log_abs=as_row, activation=activation, scale=sign)]
-
-    return _watch(layer, site, reverse, build)
+    ``softplus(u) + eps`` (the layer's own ``upper_diag``; one activation shared by the
+    layers: one expression)."""
+    source = layer.linear.unconstrained_upper_diag
+    return Factor(source=source, log_abs=as_row, activation=call.setup)
 
 
 # Splines ----------------------------------------------------------------------------------
@@ -357,10 +257,6 @@ TAP = FunctionTap(
 """The spline functions' own log-derivatives: normflows' layers look them up in
 ``normflows.utils.splines`` at each call, and so does the unconstrained spline's call of the
 constrained one."""
-
-
-def _listen(*args: Any, **kwargs: Any) -> None:
-    TAP.listen(True)
 
 
 def _spline_log_abs(
@@ -399,125 +295,112 @@ def _cdf_log_abs(cdf: Any) -> Map:
     return _once(log_abs)
 
 
-def install_coupled_spline(layer: Any, site: Site) -> list[Handle]:
-    """Coupled RQ splines: transformed features from ``_piecewise_cdf``, identity features
-    from the unconditional spline (evaluated lazily)."""
-    coupling = layer.prqct
-    cdf = coupling.unconditional_transform
-    site.add_subnets(coupling.transform_net)
-
-    def tap(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        site.state["transformed"] = out[1]
-
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        TAP.listen(False)
-        factors = [Factor(source=site.state["transformed"])]
-        if "identity" in site.state:  # the unconditional spline's own log-derivative
-            factors.append(Factor(source=site.state["identity"]))
-        elif "identity input" in site.state:  # not seen (a call outside a listened pass)
-            source = site.state["identity input"]
-            factors.append(Factor(source=source, log_abs=_cdf_log_abs(cdf)))
-        return factors
-
-    def sample_build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        factors = [Factor(source=site.state["transformed"])]  # the inverse spline's own
-        if "identity" in site.state:  # the identity features x1 the inverse CDF returned
-            source = site.state["identity"]
-            factors.append(Factor(source=source, log_abs=_cdf_log_abs(cdf), scale=-1.0))
-        return factors
-
-    def identity_out(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
-    ) -> None:
-        site.state["identity"] = out[0]
-
-    def identity_lad(module: nn.Module, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
-        lad = TAP.latest(args[0])
-        if lad is not None and lad.shape == out[0].shape:
-            site.state["identity"] = lad
-        else:  # evaluated again, lazily, from the call's input
-            site.state["identity input"] = args[0]
-
-    handles = site.watch_method(coupling, "_piecewise_cdf", after=tap)
-    if cdf is not None:
-        handles.append(TAP.acquire())
-        handles.append(site.on_forward(cdf, identity_lad))
-        if site.sampling:  # the sampling direction calls cdf.inverse directly
-            handles.extend(site.watch_method(cdf, "inverse", after=identity_out))
-    stashed = 1 if cdf is None else 2
-    listen = _listen if cdf is not None else None
-    return [*handles, *_watch(layer, site, False, build, stashed, sample_build, listen)]
+def _coupled_spline_sample(layer: Any, call: Call) -> list[Factor]:
+    """A sampling call: the inverse spline's own elementwise derivative on the transformed
+    features; on the identity features x1 the inverse CDF returned, minus the forward CDF's."""
+    factors = [Factor(source=call.kept["transformed"][1])]
+    out = call.kept.get("identity out")
+    if out is not None:
+        cdf = layer.prqct.unconditional_transform
+        factors.append(Factor(source=out[0], log_abs=_cdf_log_abs(cdf), scale=-1.0))
+    return factors
 
 
-def install_autoregressive_spline(layer: Any, site: Site) -> list[Handle]:
-    """Autoregressive RQ splines: one MADE pass; the spline derivative is evaluated lazily."""
+@reads(
+    "CoupledRationalQuadraticSpline",
+    "CircularCoupledRationalQuadraticSpline",
+    keep={
+        "transformed": Keep("prqct", method="_piecewise_cdf"),
+        "identity input": Keep("prqct.unconditional_transform", inputs=True, optional=True),
+        "identity out": Keep("prqct.unconditional_transform", method="inverse", optional=True),
+        "identity lad": TAP,
+    },
+    subnets=lambda layer: [layer.prqct.transform_net],
+    read_sample=_coupled_spline_sample,
+)
+def coupled_spline(layer: Any, call: Call) -> list[Factor]:
+    """Coupled RQ splines: the transformed features' elementwise derivative from
+    ``_piecewise_cdf``; the identity features' from the unconditional spline's own call
+    (tapped; it runs after the coupling's), else evaluated lazily at its input."""
+    kept = call.kept
+    transformed = kept["transformed"][1]
+    factors = [Factor(source=transformed)]
+    x1, lad = kept.get("identity input"), kept.get("identity lad")
+    if x1 is not None:
+        if lad is not None and lad is not transformed and lad.shape == x1.shape:
+            factors.append(Factor(source=lad))
+        else:
+            cdf = layer.prqct.unconditional_transform
+            factors.append(Factor(source=x1, log_abs=_cdf_log_abs(cdf)))
+    return factors
+
+
+def _made_params(out: Tensor) -> tuple[Tensor, int]:
+    return out, out._version
+
+
+def _lazy_spline(layer: Any, call: Call, x: Tensor) -> Factor:
+    """The spline's elementwise derivative at ``x``, evaluated lazily from the last MADE
+    pass's parameters (the layer may divide them in place first: the version counter)."""
     ar = layer.mprqat
-    net = ar.autoregressive_net
-    site.add_subnets(net)
-    hidden = getattr(net, "hidden_features", None)
+    hidden = getattr(ar.autoregressive_net, "hidden_features", None)
+    params, version = call.kept["params"]
+    divided = params._version != version
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Tensor) -> None:
-        site.state["params"] = (output, output._version)
+    def log_abs(p: Tensor) -> Tensor:
+        q = p.view(x.shape[0], x.shape[1], ar._output_dim_multiplier())
+        nb = ar.num_bins
+        w, h, d = q[..., :nb], q[..., nb : 2 * nb], q[..., 2 * nb :]
+        if hidden is not None and not divided:
+            w, h = w / math.sqrt(hidden), h / math.sqrt(hidden)
+        return _spline_log_abs(ar, x, w, h, d)
 
-    def build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        x = args[0]
-        lad = TAP.latest(x)
-        TAP.listen(False)
-        if lad is None or lad.shape != x.shape:
-            raise mismatch(
-                "normflows",
-                f"{type(layer).__name__} did not compute its elementwise log-derivative "
-                "through normflows.utils.splines, where klj-reg reads it",
-            )
-        return [Factor(source=lad)]  # the layer's own: no second spline evaluation
+    return Factor(source=params, log_abs=_once(log_abs))
 
-    def lazy_build(
-        args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, x: Tensor | None = None
-    ) -> list[Factor]:
-        params, version = site.state["params"]
-        x = args[0] if x is None else x
-        divided = params._version != version  # the layer scaled widths/heights in place
 
-        def log_abs(p: Tensor) -> Tensor:
-            q = p.view(x.shape[0], x.shape[1], ar._output_dim_multiplier())
-            nb = ar.num_bins
-            w, h, d = q[..., :nb], q[..., nb : 2 * nb], q[..., 2 * nb :]
-            if hidden is not None and not divided:
-                w, h = w / math.sqrt(hidden), h / math.sqrt(hidden)
-            return _spline_log_abs(ar, x, w, h, d)
+def _autoregressive_spline_sample(layer: Any, call: Call) -> Factor:
+    """The last MADE pass ran on the sample x (the call's output): log e = -log d(x)."""
+    return _lazy_spline(layer, call, call.output[0])._replace(scale=-1.0)
 
-        return [Factor(source=params, log_abs=_once(log_abs))]
 
-    def sample_build(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Factor]:
-        # The last MADE pass ran on the sample x (the call's output): log e = -log d(x).
-        return inverted(lazy_build(args, kwargs, out, out[0]))
-
-    return [
-        TAP.acquire(),
-        site.on_forward(net, hook),
-        *_watch(layer, site, False, build, 1, sample_build, _listen),
-    ]
+@reads(
+    "AutoregressiveRationalQuadraticSpline",
+    "CircularAutoregressiveRationalQuadraticSpline",
+    keep={
+        "params": Keep("mprqat.autoregressive_net", take=_made_params),
+        "lad": TAP,
+    },
+    read_sample=_autoregressive_spline_sample,
+)
+def autoregressive_spline(layer: Any, call: Call) -> Factor:
+    """Autoregressive RQ splines: the elementwise derivative of the spline function's own
+    call (tapped: no second evaluation)."""
+    lad, x = call.kept["lad"], call.args[0]
+    if lad is None or lad.shape != x.shape:
+        raise Mismatch(
+            f"{type(layer).__name__} did not compute its elementwise log-derivative through "
+            "normflows.utils.splines, where klj-reg reads it"
+        )
+    return Factor(source=lad)
 
 
 # Reverse ----------------------------------------------------------------------------------
 
-_REVERSIBLE: dict[type, Install] = {}
 
-
+@framework.layers("Reverse")
 def install_reverse(layer: Any, site: Site) -> list[Handle]:
-    """Reverse(flow): the inner layer's ``forward`` maps data to latent."""
+    """Reverse(flow): the inner layer's adapter, reversed (its ``forward`` maps data to
+    latent); affine layers only (a spline's reversed call computes other tensors)."""
     inner = layer.flow
-    for cls in type(inner).__mro__:
-        if cls in _REVERSIBLE:
-            return _REVERSIBLE[cls](inner, site, True)
-    if is_neutral(type(inner)):
-        return []
-    warnings.warn(
-        f"klj-reg does not regularise {site.name or '<model>'} (Reverse of "
-        f"{type(inner).__name__}): reversed direction is supported for the affine layers "
-        "only. Use estimator='hutchinson' for this model.",
-        stacklevel=3,
-    )
+    found = adapter_for(type(inner))
+    adapter = None if found is None else found[1]
+    if adapter is not None and adapter.sample and not (adapter.read_sample or adapter.install):
+        return install(adapter.reversed(), inner, site)
+    if not is_neutral(type(inner)):
+        warn_left_out(
+            [f"{site.name or '<model>'} (Reverse of {type(inner).__name__})"],
+            "reversed direction is supported for the affine layers only",
+        )
     return []
 
 
@@ -571,10 +454,10 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
     handles: list[Handle] = []
     for name in names:
         if callable(getattr(model, name, None)):
-            handles.extend(watch_method(model, name, before=begin, final=end))
+            handles.extend(door.watch_method(model, name, before=begin, final=end))
     for name in sampling if door.sampling else ():
         if callable(getattr(model, name, None)):
-            handles.extend(watch_method(model, name, before=begin_sampling, final=end))
+            handles.extend(door.watch_method(model, name, before=begin_sampling, final=end))
     return handles
 
 
@@ -600,32 +483,7 @@ def run(model: nn.Module, x: Tensor, context: Any) -> tuple[Tensor, Tensor]:
     return z, total
 
 
-def _with_direction(install: Install) -> Callable[[Any, Site], list[Handle]]:
-    return lambda layer, site: install(layer, site, False)
-
-
-_AFFINE: dict[str, Install] = {
-    "AffineCoupling": install_affine_coupling,
-    "MaskedAffineFlow": install_masked_affine,
-    "MaskedAffineAutoregressive": install_maf,
-    "AffineConstFlow": install_affine_const,  # and ActNorm
-    "CCAffineConst": install_cc_affine_const,
-    "Invertible1x1Conv": install_lu_mixing,
-    "InvertibleAffine": install_lu_mixing,
-    "LULinearPermute": install_lu_linear_permute,
-}
-
 framework.flow_base("Flow")
-for _name, _install in _AFFINE.items():
-    _REVERSIBLE.update(dict.fromkeys(framework.classes(_name), _install))
-    framework.layers(_name)(_with_direction(_install))
-framework.layers("CoupledRationalQuadraticSpline", "CircularCoupledRationalQuadraticSpline")(
-    install_coupled_spline
-)
-framework.layers(
-    "AutoregressiveRationalQuadraticSpline", "CircularAutoregressiveRationalQuadraticSpline"
-)(install_autoregressive_spline)
-framework.layers("Reverse")(install_reverse)
 framework.neutral(
     "Permute",
     "Split",

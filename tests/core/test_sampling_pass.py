@@ -570,8 +570,10 @@ def test_sampling_records_are_checked_against_the_layers_own_log_det() -> None:
 
 def test_sampling_check_catches_a_wrong_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     inn = freia_model(4, ["AffineCouplingOneSided"])
-    freia = pytest.importorskip("klj_reg.adapters.freia")
-    monkeypatch.setattr(freia, "inverted", list)  # log e = +log d: the wrong map
+    pytest.importorskip("klj_reg.adapters.freia")
+    from klj_reg import reader
+
+    monkeypatch.setattr(reader, "inverted", list)  # log e = +log d: the wrong map
     attach(inn)
     inn(torch.randn(B, 4), rev=True, jac=True)
     with pytest.raises(klj_reg.AdapterMismatchError, match="module_list.0"):

@@ -1,0 +1,370 @@
+r"""One mechanism for every adapter: a layer type's *reader*, installed by the core.
+
+An adapter declares, per layer type, an :class:`Adapter`: which call of the layer to watch
+(its ``Module.__call__``, or a method the framework calls directly, such as normflows'
+``inverse``), which tensors to keep during that call (:class:`Keep`: a subnetwork's output,
+a method's, a :class:`~klj_reg.kit.FunctionTap`'s), and ``read(layer, call)``, a pure function
+from the :class:`Call` (its arguments, output and kept tensors) to the layer's triangular
+factors (:class:`~klj_reg.records.Factor`, or tensors of :math:`\log|d|`).
+
+The core (:func:`install`) owns the rest: the hooks and method watches, clearing what a call
+kept before the next, the error when a call did not compute what the reader reads, the
+dimension ``D``, the layer's log-determinant for the self-check, and the other direction: a
+latent-to-data call (``sample``, a different method, or ``sample_when``, the same one) records
+the sampling map's factors, :math:`\log e = -\log d` of ``read``'s unless ``read_sample``
+says otherwise. :func:`klj_reg.register_adapter` and :class:`klj_reg.registry.Registrar`
+register adapters; the built-in ones use nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from . import hooks
+from .kit import FunctionTap, Handle, Site, first_tensor, inverted, returned_log_det
+from .records import Factor
+
+CALL = "__call__"
+"""The watched call of a layer that the framework calls through ``Module.__call__``."""
+
+
+class Keep(NamedTuple):
+    """A tensor to keep during each watched call of a layer, for its reader.
+
+    Attributes:
+        path: The object, as an attribute path from the layer (``"subnet"``,
+            ``"prqct.transform_net"``; ``""``: the layer itself). An absent object (``None``)
+            keeps nothing.
+        method: Which call of that object: ``"__call__"`` (a module's forward hook) or a
+            method's name (watched).
+        inputs: Keep the call's first argument instead of its output.
+        optional: A call of the layer may leave it out (the reader then sees no key);
+            otherwise the core raises :class:`~klj_reg.AdapterMismatchError`.
+        take: Maps what was kept (output or argument) to what the reader gets, at that
+            moment (e.g. ``lambda t: (t, t._version)``, to see later in-place changes).
+
+    A later call of the object in the same layer call replaces the kept value (an
+    autoregressive inverse runs its network ``D`` times: the last is kept).
+    """
+
+    path: str = ""
+    method: str = CALL
+    inputs: bool = False
+    optional: bool = False
+    take: Callable[[Any], Any] | None = None
+
+
+class Call(NamedTuple):
+    """One watched call of a layer, as its reader sees it.
+
+    Attributes:
+        args: The call's positional arguments.
+        kwargs: Its keyword arguments.
+        output: What it returned.
+        kept: The tensors kept during it, by the keys of the adapter's ``keep``.
+        sampling: Whether it ran latent-to-data (a sampling call).
+        setup: What the adapter's ``prepare(layer)`` returned at attach (``None`` without).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+    kept: dict[str, Any]
+    sampling: bool = False
+    setup: Any = None
+
+    @property
+    def x(self) -> Tensor | None:
+        """The call's first tensor argument (positional, else keyword)."""
+        found = first_tensor(self.args)
+        return found if found is not None else first_tensor(tuple(self.kwargs.values()))
+
+    @property
+    def log_det(self) -> Tensor | None:
+        """The log-determinant the call returned as ``output[1]``, or ``None``."""
+        return returned_log_det(self.output)
+
+
+Factors = Tensor | Factor | Iterable[Tensor | Factor] | None
+Reader = Callable[[Any, Call], Factors]
+"""``read(layer, call)``: the factors of the layer's Jacobian at that call (``None``: record
+nothing)."""
+
+Installer = Callable[[Any, Site], Iterable[Handle]]
+
+
+class Mismatch(Exception):  # noqa: N818 (it is caught by the core, never seen by users)
+    """Raised by a reader or ``prepare`` when the layer does not compute what it reads; the
+    core raises :class:`~klj_reg.AdapterMismatchError` instead, naming the framework and
+    version the adapter declared, or a user subclass that overrides the layer's methods."""
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """How klj-reg reads one layer type (see the module docstring and docs/adapters.md).
+
+    Attributes:
+        read: ``read(layer, call)``: the factors of a data-to-latent call.
+        method: The data-to-latent call to watch: ``"__call__"`` or a method's name.
+        keep: What to keep during the call, by key: a :class:`Keep`, an attribute path
+            (``Keep(path)``) or a :class:`~klj_reg.kit.FunctionTap` (its latest value, or
+            ``None``).
+        log_det: ``log_det(layer, call)``: the layer's own log-determinant of that call
+            (default: ``output[1]`` when it is a tensor), checked on the first batches.
+        dim: ``dim(layer, call)``: its Jacobian diagonal's length (default: the first
+            tensor argument's numel per sample).
+        subnets: ``subnets(layer)``: the networks whose weights ``tau`` regularises
+            (default: the kept modules).
+        sample: A method that runs the layer latent-to-data (normflows' ``forward``,
+            nflows' ``inverse``), watched for sampling passes.
+        sample_when: ``sample_when(layer, call)``: whether a call of ``method`` ran
+            latent-to-data (FrEIA's ``rev=True``).
+        read_sample: The factors of a latent-to-data call, of the sampling map (default:
+            ``read``'s with :math:`\\log e = -\\log d`).
+        prepare: ``prepare(layer)``, run once at attach (probes, maps): what it returns is
+            ``call.setup``.
+        install: A custom installer ``install(layer, site) -> handles`` instead of all the
+            above (layers whose objects are built per call, such as zuko's transforms).
+        framework: The framework errors name (``"user"``: errors point to your adapter).
+        distribution: The package whose version errors name (default: ``framework``).
+    """
+
+    read: Reader | None = None
+    method: str = CALL
+    keep: Mapping[str, Keep | str | FunctionTap] = field(default_factory=dict)
+    log_det: Callable[[Any, Call], Tensor | None] | None = None
+    dim: Callable[[Any, Call], int] | None = None
+    subnets: Callable[[Any], Iterable[nn.Module]] | None = None
+    sample: str | None = None
+    sample_when: Callable[[Any, Call], bool] | None = None
+    read_sample: Reader | None = None
+    prepare: Callable[[Any], Any] | None = None
+    install: Installer | None = None
+    framework: str = "user"
+    distribution: str | None = None
+
+    def reversed(self) -> Adapter:
+        """The adapter of the layer run the other way round (normflows' ``Reverse``, nflows'
+        ``InverseTransform``): ``sample`` is the data-to-latent call, read with
+        ``read_sample``, and ``method`` the sampling one."""
+        if self.install is not None or self.sample is None or self.read is None:
+            raise ValueError("only an adapter with read and sample can be reversed")
+        read, back = self.read, self.read_sample
+        return replace(
+            self,
+            method=self.sample,
+            sample=self.method,
+            read=back if back is not None else _inverse_of(read),
+            read_sample=read,
+        )
+
+
+def _inverse_of(read: Reader) -> Reader:
+    def inverse(layer: Any, call: Call) -> Factors:
+        factors = _factors(read(layer, call))
+        return None if factors is None else inverted(factors)
+
+    return inverse
+
+
+def _factors(result: Factors) -> list[Factor] | None:
+    if result is None:
+        return None
+    items = [result] if isinstance(result, (Tensor, Factor)) else list(result)
+    return [f if isinstance(f, Factor) else Factor(source=f) for f in items]
+
+
+def _resolve(layer: Any, path: str) -> Any:
+    return functools.reduce(getattr, path.split("."), layer) if path else layer
+
+
+def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
+    """Install ``adapter`` on ``layer`` (the core's one installer): returns the handles."""
+    if adapter.install is not None:
+        return list(adapter.install(layer, site))
+    try:
+        setup = adapter.prepare(layer) if adapter.prepare is not None else None
+    except Mismatch as error:
+        raise site.mismatch(f"{site.label}: {error}") from None
+    state = site.state
+    handles: list[Handle] = []
+    required: list[str] = []
+    taps: list[tuple[str, FunctionTap]] = []
+    kept_modules: list[nn.Module] = []
+    for key, spec in adapter.keep.items():
+        if isinstance(spec, FunctionTap):
+            taps.append((key, spec))
+            handles.append(spec.acquire())
+            continue
+        keep = Keep(spec) if isinstance(spec, str) else spec
+        obj = _resolve(layer, keep.path)
+        if obj is None or (keep.method == CALL and not isinstance(obj, nn.Module)):
+            continue  # absent (or a plain function standing in for a network)
+        if not keep.optional:
+            required.append(key)
+        keeper = _keeper(state, key, keep)
+        if keep.method == CALL:
+            handles.append(hooks.on_forward(obj, keeper))
+            if obj is not layer and isinstance(obj, nn.Module):
+                kept_modules.append(obj)
+        else:
+            handles.extend(site.watch_method(obj, keep.method, after=keeper))
+    site.add_subnets(*(kept_modules if adapter.subnets is None else adapter.subnets(layer)))
+
+    read = adapter.read
+    if read is None:
+        raise ValueError(f"the adapter of {type(layer).__name__} has neither read nor install")
+    read_sample = adapter.read_sample
+    sample_when, log_det, dim = adapter.sample_when, adapter.log_det, adapter.dim
+    samples = adapter.sample is not None or sample_when is not None
+    if site.sampling and not samples:
+        site.no_sampling(
+            "layers taught by klj_reg.register_adapter record data-to-latent calls only"
+            if adapter.framework == "user"
+            else f"its {adapter.framework} adapter reads data-to-latent calls only"
+        )
+
+    def begin(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state.clear()
+        for _, tap in taps:
+            tap.listen(True)
+
+    def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        for key, tap in taps:
+            state[key] = tap.latest()
+            tap.listen(False)
+        kept = state.copy()
+        state.clear()
+        call = Call(args, kwargs, out, kept, False, setup)
+        sampling = sample_when is not None and sample_when(module, call)
+        if sampling:
+            if not site.sampling:
+                return
+            call = call._replace(sampling=True)
+        _record(module, call, sampling)
+
+    def finish_sample(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        for key, tap in taps:
+            state[key] = tap.latest()
+            tap.listen(False)
+        kept = state.copy()
+        state.clear()
+        if site.sampling:
+            _record(module, Call(args, kwargs, out, kept, True, setup), True)
+
+    def _record(module: Any, call: Call, sampling: bool) -> None:
+        missing = [key for key in required if key not in call.kept]
+        if missing:
+            way = "latent-to-data" if sampling else "data-to-latent"
+            raise site.mismatch(
+                f"{site.label} did not compute what klj-reg reads ({', '.join(missing)}) "
+                f"during its {way} call (are its subnetworks called as net(x), not "
+                "net.forward(x)?)"
+            )
+        try:
+            if sampling:
+                result = (
+                    read_sample(module, call)
+                    if read_sample is not None
+                    else _inverse_of(read)(module, call)
+                )
+            else:
+                result = read(module, call)
+        except Mismatch as error:
+            raise site.mismatch(f"{site.label}: {error}") from None
+        factors = _factors(result)
+        if factors is None:
+            return
+        if dim is not None:
+            size = dim(module, call)
+        else:
+            x = call.x
+            size = (
+                x.shape[1:].numel()
+                if x is not None
+                else max(f.selected().shape[1:].numel() for f in factors)
+            )
+        own = call.log_det if log_det is None else log_det(module, call)
+        site.record(factors, own, size, sampling)
+
+    handles.extend(
+        _watch(layer, site, adapter.method, begin if (required or taps) else None, finish)
+    )
+    if adapter.sample is not None:
+        handles.extend(
+            _watch(
+                layer, site, adapter.sample, begin if (required or taps) else None, finish_sample
+            )
+        )
+    return handles
+
+
+def _keeper(state: dict[str, Any], key: str, spec: Keep) -> hooks.Callback:
+    take = spec.take
+    if spec.inputs:
+
+        def keep_input(
+            module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+        ) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            state[key] = x if take is None else take(x)
+
+        return keep_input
+    if take is not None:
+
+        def keep_taken(
+            module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+        ) -> None:
+            state[key] = take(out)
+
+        return keep_taken
+
+    def keep(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        state[key] = out
+
+    return keep
+
+
+def _watch(
+    layer: Any,
+    site: Site,
+    method: str,
+    before: hooks.Callback | None,
+    after: hooks.Callback,
+) -> list[Handle]:
+    if method == CALL:
+        found = [hooks.on_pre(layer, before)] if before is not None else []
+        return [*found, hooks.on_forward(layer, after)]
+    return site.watch_method(layer, method, before=before, after=after)
+
+
+def legacy(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes ``(layer, inputs, output)`` (the short form) rather than
+    ``(layer, call)``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) >= 3
+
+
+def from_short(fn: Callable[..., Any]) -> Callable[[Any, Call], Any]:
+    """``fn(layer, inputs, output)`` as ``fn(layer, call)``."""
+    if not legacy(fn):
+        return fn
+
+    def read(layer: Any, call: Call) -> Any:
+        return fn(layer, call.args, call.output)
+
+    return read
