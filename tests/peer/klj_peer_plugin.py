@@ -1,13 +1,14 @@
 """A pytest plugin that runs a framework's own test suite with klj-reg attached.
 
 Loaded with ``-p klj_peer_plugin`` (this folder on ``PYTHONPATH``) into a run of FrEIA's,
-nflows', normflows' or zuko's own tests (``../shared/peer-tests``, third-party code run from
-there by ``tests/peer/run``, i.e. ``make peer-tests``). It
+nflows', normflows', zuko's or Pyro's own tests (``../shared/peer-tests``, third-party code
+run from there by ``tests/peer/run``, i.e. ``make peer-tests``). It
 
 - attaches klj-reg to every model and layer the suite builds, when the outermost
   ``__init__`` of the object finishes (FrEIA ``InvertibleModule``, nflows ``Transform`` and
   ``Flow``, normflows ``Flow`` and the models of ``normflows.core``, zuko ``LazyTransform``
-  and ``Flow``, and every subclass of them, also those the suite defines). A layer is
+  and ``Flow``, Pyro ``TransformModule`` and ``ComposeTransformModule``, and every subclass
+  of them, also those the suite defines). A layer is
   attached on its own when its ``__init__`` finishes, then again as part of each model built
   around it. Objects with nothing klj-reg captures (:class:`klj_reg.UnsupportedModelError`)
   are left alone, and attach's warnings about layers it does not regularise are silenced
@@ -218,6 +219,12 @@ def _roots() -> list[type]:
         import zuko.lazy
 
         found += [zuko.lazy.LazyTransform, zuko.lazy.Flow]
+    except ImportError:
+        pass
+    try:
+        import pyro.distributions.torch_transform as pyro_transforms
+
+        found += [pyro_transforms.TransformModule, pyro_transforms.ComposeTransformModule]
     except ImportError:
         pass
     return found

@@ -6,6 +6,7 @@ Each run is a pytest subprocess: the plugin patches framework classes for its wh
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -79,10 +80,34 @@ def test_a_penalty_without_gradient_fails_the_test_that_catches_it():
 '''
 
 
+PYRO_SUITE = """
+import torch
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+from klj_reg.capture import get_capture
+
+
+def base():
+    return dist.Normal(torch.zeros(3), torch.ones(3))
+
+
+def test_pyro_transforms_are_attached_and_their_passes_checked():
+    layers = [T.affine_autoregressive(3), T.permute(3), T.spline_coupling(3)]
+    assert get_capture(layers[0]) is not None and get_capture(layers[2]) is not None
+    flow = dist.TransformedDistribution(base(), layers)
+    flow.log_prob(torch.randn(5, 3)).sum().backward()
+    composed = T.ComposeTransformModule([T.affine_coupling(3), T.batchnorm(3)])
+    assert get_capture(composed) is not None
+    dist.TransformedDistribution(base(), composed).log_prob(torch.randn(5, 3)).sum().backward()
+"""
+
+
 @pytest.fixture
 def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Runner:
     """Runs the mini suite above with the plugin, in a subprocess."""
     pytester.makepyfile(test_suite=SUITE)
+    if importlib.util.find_spec("pyro") is not None:
+        pytester.makepyfile(test_pyro_suite=PYRO_SUITE)
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     path = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", str(PEER) + (os.pathsep + path if path else ""))
@@ -97,7 +122,7 @@ def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Runner:
 
 @pytest.mark.slow
 def test_the_harness_checks_every_pass_and_fails_a_wrong_penalty(run: Runner) -> None:
-    result = run("--klj-min-penalties=1")
+    result = run("--klj-min-penalties=1", "test_suite.py")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -120,6 +145,39 @@ def test_the_baseline_attaches_nothing_and_too_few_penalties_fail(run: Runner) -
     result.assert_outcomes(passed=1)
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*6 penalties computed, fewer than --klj-min-penalties=100*"])
+
+
+@pytest.mark.slow
+def test_the_harness_attaches_pyro_transforms_and_checks_their_passes(run: Runner) -> None:
+    pytest.importorskip("pyro")
+    result = run("--klj-min-penalties=1", "-v", "test_pyro_suite.py")
+    result.assert_outcomes(passed=1)
+    # each transform and the composed one (and the spline coupling's own elementwise spline,
+    # a transform of its own) when built; one checked pass per transform and log_prob
+    result.stdout.fnmatch_lines(
+        [
+            "klj-reg peer harness [[]mini]: 6 objects attached*; 6 penalties computed and "
+            "checked (6 with their gradient*; 0 failed checks",
+            "*by model: *AffineAutoregressive 1*",
+        ]
+    )
+
+
+def test_the_runner_knows_every_suite(tmp_path: Path) -> None:
+    for suite in ("zuko", "nflows", "normflows", "freia", "pyro"):
+        (tmp_path / suite).mkdir()
+    fake = tmp_path / "pytest"
+    fake.write_text('#!/bin/sh\necho "$PWD $*"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PEER_TESTS": str(tmp_path), "PYTEST": str(fake)}
+    done = subprocess.run([str(PEER / "run")], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all passed (zuko nflows normflows freia pyro)" in done.stdout
+    pyro = next(
+        line for line in done.stdout.splitlines() if line.startswith(str(tmp_path / "pyro"))
+    )
+    assert "--klj-suite=pyro" in pyro
+    assert pyro.endswith("-c setup.cfg tests/distributions/test_transforms.py")
 
 
 def test_the_runner_skips_when_the_suites_are_absent(tmp_path: Path) -> None:
