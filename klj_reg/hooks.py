@@ -198,8 +198,8 @@ def on_end(module: nn.Module, fn: Callback) -> Handle:
 
 # Methods called directly --------------------------------------------------------------------
 
-_patched: dict[tuple[type, str], tuple[Any, bool, int]] = {}
-"""(class, method) -> (original attribute, whether the class defined it, callbacks using it)."""
+_patched: dict[tuple[type, str], tuple[Any, bool, int, Any]] = {}
+"""(class, method) -> (original attribute, whether the class defined it, holders, wrapper)."""
 
 
 def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -233,25 +233,30 @@ def _wrap(original: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 def _patch_method(cls: type, name: str) -> None:
     key = (cls, name)
-    if key in _patched:
-        original, had_own, count = _patched[key]
-        _patched[key] = (original, had_own, count + 1)
+    found = _patched.get(key)
+    if found is not None and cls.__dict__.get(name) is found[3]:
+        _patched[key] = (*found[:2], found[2] + 1, found[3])
         return
+    # First holder, or someone else replaced our wrapper (a test's monkeypatch): wrap what
+    # is there now, and give that back when the last holder goes.
     had_own = name in cls.__dict__
     original = cls.__dict__[name] if had_own else getattr(cls, name)
-    _patched[key] = (original, had_own, 1)
-    setattr(cls, name, _wrap(getattr(cls, name), name))
+    wrapper = _wrap(getattr(cls, name), name)
+    _patched[key] = (original, had_own, 1 if found is None else found[2] + 1, wrapper)
+    setattr(cls, name, wrapper)
 
 
 def _release_method(cls: type, name: str) -> None:
     key = (cls, name)
     if key not in _patched:
         return
-    original, had_own, count = _patched[key]
+    original, had_own, count, wrapper = _patched[key]
     if count > 1:
-        _patched[key] = (original, had_own, count - 1)
+        _patched[key] = (original, had_own, count - 1, wrapper)
         return
     del _patched[key]
+    if cls.__dict__.get(name) is not wrapper:
+        return  # replaced since (and restored by whoever replaced it)
     if had_own:
         setattr(cls, name, original)
     else:

@@ -61,7 +61,8 @@ class Keep(NamedTuple):
 
 
 class Call(NamedTuple):
-    """One watched call of a layer, as its reader sees it.
+    """One watched call of a layer, as its reader sees it (``sampling``: the call was of the
+    adapter's ``sample`` method, or one ``sample_when`` marks: the layer ran latent-to-data).
 
     Attributes:
         args: The call's positional arguments.
@@ -98,6 +99,9 @@ nothing)."""
 
 Installer = Callable[[Any, Site], Iterable[Handle]]
 
+Keeps = Mapping[str, "Keep | str | FunctionTap"]
+"""What an adapter keeps during a call, by key."""
+
 
 class Mismatch(Exception):  # noqa: N818 (it is caught by the core, never seen by users)
     """Raised by a reader or ``prepare`` when the layer does not compute what it reads; the
@@ -114,7 +118,7 @@ class Adapter:
         method: The data-to-latent call to watch: ``"__call__"`` or a method's name.
         keep: What to keep during the call, by key: a :class:`Keep`, an attribute path
             (``Keep(path)``) or a :class:`~klj_reg.kit.FunctionTap` (its latest value, or
-            ``None``).
+            ``None``); or ``keep(layer)`` returning that, for keeps that depend on the layer.
         log_det: ``log_det(layer, call)``: the layer's own log-determinant of that call
             (default: ``output[1]`` when it is a tensor), checked on the first batches.
         dim: ``dim(layer, call)``: its Jacobian diagonal's length (default: the first
@@ -137,7 +141,7 @@ class Adapter:
 
     read: Reader | None = None
     method: str = CALL
-    keep: Mapping[str, Keep | str | FunctionTap] = field(default_factory=dict)
+    keep: Keeps | Callable[[Any], Keeps] = field(default_factory=dict)
     log_det: Callable[[Any, Call], Tensor | None] | None = None
     dim: Callable[[Any, Call], int] | None = None
     subnets: Callable[[Any], Iterable[nn.Module]] | None = None
@@ -156,12 +160,20 @@ class Adapter:
         if self.install is not None or self.sample is None or self.read is None:
             raise ValueError("only an adapter with read and sample can be reversed")
         read, back = self.read, self.read_sample
+        inverse = back if back is not None else _inverse_of(read)
+
+        def read_reversed(layer: Any, call: Call) -> Factors:  # the layer's own inverse ran
+            return inverse(layer, call._replace(sampling=True))
+
+        def read_sample_reversed(layer: Any, call: Call) -> Factors:  # its own forward ran
+            return read(layer, call._replace(sampling=False))
+
         return replace(
             self,
             method=self.sample,
             sample=self.method,
-            read=back if back is not None else _inverse_of(read),
-            read_sample=read,
+            read=read_reversed,
+            read_sample=read_sample_reversed,
         )
 
 
@@ -197,7 +209,8 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
     required: list[str] = []
     taps: list[tuple[str, FunctionTap]] = []
     kept_modules: list[nn.Module] = []
-    for key, spec in adapter.keep.items():
+    keeps = adapter.keep(layer) if callable(adapter.keep) else adapter.keep
+    for key, spec in keeps.items():
         if isinstance(spec, FunctionTap):
             taps.append((key, spec))
             handles.append(spec.acquire())
@@ -368,3 +381,74 @@ def from_short(fn: Callable[..., Any]) -> Callable[[Any, Call], Any]:
         return fn(layer, call.args, call.output)
 
     return read
+
+
+class Parts:
+    """A layer recorded as one record made of its parts' (nflows' ``InverseTransform`` of a
+    ``CompositeTransform``): each part is installed with its own adapter (:meth:`install`) on
+    a site whose records go into the layer's; the layer's own call (:meth:`watch`) records
+    them together, with the layer's log-determinant."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.factors: list[Factor] = []
+
+    def record(self, site: Site, record: Any, sampling: bool = False) -> None:
+        """A part's record (the sink of the parts' sites)."""
+        self.factors.extend(record.factors)
+
+    def has_record(self, site: Site) -> bool:
+        return False
+
+    def install(self, adapter: Adapter, module: Any, name: str) -> list[Handle]:
+        """Install ``adapter`` on the part ``module`` (``name``: for messages)."""
+        part = Site(
+            self,
+            name,
+            module,
+            adapter.framework,
+            self.site.sampling,
+            distribution=adapter.distribution,
+            patches=self.site.patches,
+        )
+        handles = install(adapter, module, part)
+        self.site.add_subnets(*part.subnets)
+        if part.unsampled is not None:
+            self.site.no_sampling(f"{part.label}: {part.unsampled}")
+        return handles
+
+    def watch(
+        self,
+        layer: Any,
+        method: str = CALL,
+        *,
+        sample: str | None = None,
+        log_det: Callable[[Any, Call], Tensor | None] | None = None,
+    ) -> list[Handle]:
+        """Record the parts' factors after each call of ``layer``'s ``method`` (and, for
+        sampling passes, of ``sample``), with its log-determinant (``output[1]``)."""
+        site, factors = self.site, self.factors
+
+        def begin(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            factors.clear()
+
+        def finisher(sampling: bool) -> hooks.Callback:
+            def finish(
+                module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+            ) -> None:
+                found = factors.copy()
+                factors.clear()
+                if not found or (sampling and not site.sampling):
+                    return
+                call = Call(args, kwargs, out, {}, sampling)
+                x = call.x
+                size = x.shape[1:].numel() if x is not None else 1
+                own = call.log_det if log_det is None else log_det(module, call)
+                site.record(found, own, size, sampling)
+
+            return finish
+
+        handles = _watch(layer, site, method, begin, finisher(False))
+        if sample is not None:
+            handles += _watch(layer, site, sample, begin, finisher(True))
+        return handles

@@ -27,7 +27,7 @@ import sbi.neural_nets.estimators as estimators
 from torch import Tensor, nn
 
 from ..errors import CaptureError
-from ..kit import Door, Handle, watch_method
+from ..kit import Door, Handle
 from ..registry import Registrar
 
 framework = Registrar("sbi", estimators)
@@ -61,8 +61,8 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
 
     _doors[model] = door
     return [
-        *watch_method(model, "loss", before=before, final=final),
-        *watch_method(model, "log_prob", before=before, final=final),
+        *door.watch_method(model, "loss", before=before, final=final),
+        *door.watch_method(model, "log_prob", before=before, final=final),
     ]
 
 

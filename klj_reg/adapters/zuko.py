@@ -30,17 +30,18 @@ nothing to record), and the inverse direction records: zuko computes an inverse'
 minus the forward transform's ``log_abs_det_jacobian(x, y)`` at the sample ``x``, whose
 tapped elementwise ladj gives :math:`\log e = -\log d` (a LazyInverse's sampling direction
 is its inner transform's ``call_and_ladj``, read as in the data direction of a forward
-layer). A decorated method holds its object strongly only until its first call, then
-through a weak reference (:func:`_method`): otherwise each step's transforms, with the
-tensors they hold, would sit in reference cycles until Python's cyclic garbage collector
-ran, instead of being freed with the pass. (A transform built and never called this way,
-e.g. only sampled from, is left to the collector.)
+layer).
+
+The per-call transforms are watched like any method a framework calls directly
+(:meth:`klj_reg.kit.Site.watch_method`): their class's method is wrapped while the capture
+holds it, and the callbacks sit in the object's own ``__dict__``, holding nothing of it. So an
+attached transform behaves like an unattached one however it is called (``fn =
+t.call_and_ladj; fn(x); fn(x)``), and is freed with the pass that made it.
 """
 
 from __future__ import annotations
 
 import importlib
-import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -54,10 +55,10 @@ from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 from torch.distributions.utils import _sum_rightmost
 
-from ..errors import AdapterMismatchError, CaptureError
-from ..kit import Door, Handle, Site, mismatch, on_forward, warn_left_out
+from ..errors import CaptureError
+from ..kit import Door, Handle, Site, on_forward, warn_left_out
 from ..records import Factor
-from ..registry import Registrar, register_installer
+from ..registry import Registrar, register_adapter
 
 
 def _lazy_module() -> ModuleType:
@@ -89,6 +90,10 @@ def _classes(*names: str) -> tuple[Any, ...]:
 META = _classes("AutoregressiveTransform", "CouplingTransform")
 """Transforms whose ``meta(x)`` returns ``DependentTransform(univariate, 1)``."""
 
+(ComposedTransform,) = _classes("ComposedTransform")
+WATCHED = (*META, DependentTransform, LULinearTransform, _InverseTransform)
+"""Classes of the transforms the layers return, watched from attach."""
+
 ORTHOGONAL = _classes("PermutationTransform", "RotationTransform", "IdentityTransform")
 """Transforms whose Jacobian is orthogonal: their KLJ term is exactly zero."""
 
@@ -114,181 +119,107 @@ def _flat(t: Tensor) -> Tensor:
     return t if t.dim() == 1 else t.reshape(-1)
 
 
-def _mismatch(site: Site, what: str) -> AdapterMismatchError:
-    return mismatch("zuko", f"{site.label}: {what}")
+Read = Callable[[Tensor, Tensor], Factor]
+"""``(elementwise ladj or the call's ladj, x) -> factor``."""
 
 
-def _method(obj: Any, name: str) -> Callable[..., Any]:
-    """``obj.<name>`` as a function for a wrapper stored on ``obj``: a bound method there
-    would be a reference cycle. It holds ``obj`` strongly until its first call (a temporary,
-    as in ``layer(c).call_and_ladj(x)``, lives only through it) and weakly from then on."""
-    bound = getattr(obj, name)
-    func = getattr(bound, "__func__", None)
-    if func is None or getattr(bound, "__self__", None) is not obj:
-        return bound  # an attribute holding another object's function (zuko's meta)
-    held: list[Any] = [obj]
-
-    def call(*args: Any) -> Any:
-        target = held[0]
-        if isinstance(target, weakref.ref):
-            target = target()
-        else:
-            held[0] = weakref.ref(target)
-        return func(target, *args)
-
-    return call
+def _ladj(method: str, out: Any) -> Tensor:
+    """The ladj a watched method returned: ``call_and_ladj -> (y, ladj)``,
+    ``log_abs_det_jacobian -> ladj``."""
+    return out[1] if method == "call_and_ladj" else out
 
 
-def _tap_meta(transform: Any, method: str, cell: list[Tensor]) -> None:
-    """Decorate ``transform.meta`` so that the univariate of each DependentTransform it
-    returns keeps, in ``cell``, the elementwise ladj its ``method`` computes."""
+def _tap_meta(site: Site, transform: Any, cell: list[Tensor]) -> None:
+    """Decorate ``transform.meta`` (an attribute of the per-call transform holding zuko's
+    hyper-network function) so that the univariate of each DependentTransform it returns
+    appends, to ``cell``, the elementwise ladj it computes."""
     meta = transform.meta
 
     def tapped_meta(x: Tensor) -> Any:
         inner = meta(x)
         if isinstance(inner, DependentTransform) and inner.base.domain.event_dim == 0:
-            _tap(inner.base, method, cell)
+            _tap(site, inner.base, cell)
         return inner
 
     transform.meta = tapped_meta
 
 
-def _tap(univariate: Any, method: str, cell: list[Tensor]) -> None:
-    """Decorate an elementwise transform's ``call_and_ladj`` (-> ``(y, ladj)``) or
-    ``log_abs_det_jacobian`` (-> ``ladj``) to append its ladj to ``cell``."""
-    original = _method(univariate, method)
+def _tap(site: Site, univariate: Any, cell: list[Tensor]) -> None:
+    """Append the ladj of each ``call_and_ladj`` / ``log_abs_det_jacobian`` of an elementwise
+    transform to ``cell``."""
+    for method in ("call_and_ladj", "log_abs_det_jacobian"):
 
-    def tapped(*args: Tensor) -> Any:
-        out = original(*args)
-        cell.append(out[1] if method == "call_and_ladj" else out)
-        return out
+        def keep(obj: Any, args: Any, kwargs: Any, out: Any, _method: str = method) -> None:
+            cell.append(_ladj(_method, out))
 
-    setattr(univariate, method, tapped)
+        site.watch_method(univariate, method, after=keep)
 
 
-def _record_tapped(
-    site: Site, transform: Any, cell: list[Tensor], negate: bool, sampling: bool = False
-) -> None:
-    """Decorate ``transform.call_and_ladj`` to record the ladj tapped during the call
-    (negated for an inverse), with the layer's own summed ladj (``sampling``: into the
-    sampling pass)."""
-    original = _method(transform, "call_and_ladj")
-
-    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
-        cell.clear()
-        y, ladj = original(x)
-        if not cell:
-            raise _mismatch(site, "no elementwise log-determinant was computed in call_and_ladj")
-        features = x.shape[-1]
-        log_abs = cell[-1]
-        factor = Factor(source=_rows(log_abs, log_abs.shape[-1]), scale=-1.0 if negate else 1.0)
-        if sampling:
-            site.record([factor], _flat(ladj), features, sampling=True)
-        else:
-            site.record([factor], _flat(ladj), features)
-        cell.clear()
-        return y, ladj
-
-    transform.call_and_ladj = call_and_ladj
-
-
-def _record_inverse_ladj(
+def _record(
     site: Site,
     transform: Any,
-    cell: list[Tensor] | None,
-    factors: Callable[[Tensor], Factor],
-    checked: bool = True,
+    method: str,
+    read: Read,
+    cell: list[Tensor] | None = None,
+    check: float | None = 1.0,
+    sampling: bool = False,
 ) -> None:
-    """Decorate ``transform.log_abs_det_jacobian(x, y)``, which the sampling direction (its
-    inverse's ``call_and_ladj``) calls at the sample ``x``, to record the sampling map's
-    factor into the sampling pass: ``factors`` of the elementwise ladj tapped into ``cell``
-    (or of the returned ladj, ``cell`` None), with the inverse's ladj, minus the returned
-    one, for the check (``checked``)."""
-    original = _method(transform, "log_abs_det_jacobian")
+    """Record ``site`` after each ``transform.<method>(x, ...)``: the factor ``read`` makes of
+    the elementwise ladj tapped into ``cell`` (or of the returned ladj, ``cell`` None), with
+    ``check`` times the returned ladj for the self-check (``None``: unchecked)."""
 
-    def log_abs_det_jacobian(x: Tensor, y: Tensor) -> Tensor:
+    def before(obj: Any, args: Any, kwargs: Any) -> None:
         if cell is not None:
             cell.clear()
-        ladj = original(x, y)
-        if cell is not None and not cell:
-            raise _mismatch(site, "no elementwise log-determinant was computed on sampling")
-        elementwise = ladj if cell is None else cell[-1]
-        features = x.shape[-1] if x.dim() else 1
-        summed = -_flat(ladj) if checked else None
-        site.record([factors(elementwise)], summed, features, sampling=True)
+
+    def after(obj: Any, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
+        x, ladj = args[0], _ladj(method, out)
         if cell is not None:
+            if not cell:
+                raise site.mismatch(
+                    f"{site.label}: no elementwise log-determinant was computed in {method}"
+                )
+            ladj_each = cell[-1]
             cell.clear()
-        return ladj
-
-    transform.log_abs_det_jacobian = log_abs_det_jacobian
-
-
-def _negated_rows(ladj: Tensor) -> Factor:
-    """The factor of an inverse from its forward's elementwise ladj: log e = -log d."""
-    return Factor(source=_rows(ladj, ladj.shape[-1] if ladj.dim() else 1), scale=-1.0)
-
-
-def decorate_sampling(site: Site, transform: Any) -> None:
-    """Make the sampling direction of ``transform`` (its inverse's ``call_and_ladj``) record
-    ``site``'s factors into the sampling pass."""
-    inverse = isinstance(transform, _InverseTransform)
-    forward = transform.inv if inverse else transform
-    if isinstance(forward, ORTHOGONAL):
-        return
-    if isinstance(forward, META):
-        cell: list[Tensor] = []
-        if inverse:  # LazyInverse: sampling runs the forward transform's call_and_ladj
-            _tap_meta(forward, "call_and_ladj", cell)
-            _record_tapped(site, forward, cell, negate=False, sampling=True)
         else:
-            _tap_meta(forward, "log_abs_det_jacobian", cell)
-            _record_inverse_ladj(site, forward, cell, _negated_rows)
-    elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
-        # The inverse's univariate calls the forward univariate's log_abs_det_jacobian.
-        _record_inverse_ladj(site, transform.base, None, _negated_rows, checked=False)
-    elif isinstance(forward, LULinearTransform) and not inverse:
-        lower = forward.L
-
-        def lu_factor(_: Tensor) -> Factor:
-            diag = torch.diagonal(lower, dim1=-2, dim2=-1)
-            return Factor(source=_rows(diag, diag.shape[-1]), log_abs=_neg_log_abs)
-
-        _record_inverse_ladj(site, forward, None, lu_factor)
-    elif transform.domain.event_dim == 0 and not inverse:
-        _record_inverse_ladj(site, transform, None, _negated_rows, checked=False)
-
-
-def _record_elementwise(site: Site, transform: Any) -> None:
-    """An elementwise transform (``event_dim == 0``): its own ladj is log|d|."""
-    original = _method(transform, "call_and_ladj")
-
-    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj = original(x)
+            ladj_each = ladj
         features = x.shape[-1] if x.dim() else 1
-        site.record([Factor(source=_rows(ladj.expand(x.shape), features))], None, features)
-        return y, ladj
+        own = None if check is None else check * _flat(ladj)
+        site.record([read(ladj_each, x)], own, features, sampling)
 
-    transform.call_and_ladj = call_and_ladj
+    site.watch_method(transform, method, before=before, after=after)
 
 
-def _record_lu(site: Site, transform: Any, lu: Any, negate: bool) -> None:
-    """LULinearTransform ``L U``: the factor ``L`` (``U`` has a unit diagonal); ``transform``
-    is the LU transform, or its inverse (``negate``), which holds it."""
-    original = _method(transform, "call_and_ladj")
-    lower = lu.L  # the tensor, not the transform (which ``transform`` may be: a cycle)
+def _rows_of(ladj: Tensor, x: Tensor) -> Factor:
+    """The factor of a layer from its elementwise ladj: log d."""
+    return Factor(source=_rows(ladj, ladj.shape[-1] if ladj.dim() else 1))
 
-    def log_abs(diag: Tensor) -> Tensor:
-        log = diag.abs().log()
-        return -log if negate else log
 
-    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
-        y, ladj = original(x)
-        features = x.shape[-1]
+def _negated_rows(ladj: Tensor, x: Tensor) -> Factor:
+    """The factor of an inverse from its forward's elementwise ladj: log e = -log d."""
+    return _rows_of(ladj, x)._replace(scale=-1.0)
+
+
+def _elementwise_rows(ladj: Tensor, x: Tensor) -> Factor:
+    """An elementwise transform's own ladj, broadcast to ``x``."""
+    features = x.shape[-1] if x.dim() else 1
+    return Factor(source=_rows(ladj.expand(x.shape), features))
+
+
+def _lu(lower: Tensor, negate: bool) -> Read:
+    """LULinearTransform ``L U``: the factor ``L`` (``U`` has a unit diagonal)."""
+
+    def read(ladj: Tensor, x: Tensor) -> Factor:
         diag = torch.diagonal(lower, dim1=-2, dim2=-1)
-        site.record([Factor(source=_rows(diag, features), log_abs=log_abs)], _flat(ladj), features)
-        return y, ladj
+        return Factor(
+            source=_rows(diag, diag.shape[-1]), log_abs=_neg_log_abs if negate else _log_abs
+        )
 
-    transform.call_and_ladj = call_and_ladj
+    return read
+
+
+def _log_abs(diag: Tensor) -> Tensor:
+    return diag.abs().log()
 
 
 def _neg_log_abs(diag: Tensor) -> Tensor:
@@ -303,25 +234,37 @@ def _left_out(site: Site, transform: Transform) -> None:
 
 
 def decorate(site: Site, transform: Any) -> None:
-    """Make ``transform.call_and_ladj`` (the data-to-latent call) record ``site``'s factors."""
+    """Make ``transform.call_and_ladj`` (the data-to-latent call) record ``site``'s factors,
+    and, where the site records sampling passes, its inverse's."""
     if not isinstance(transform, Transform):
         return  # e.g. a deprecated ``Unconditional`` building a distribution
     inverse = isinstance(transform, _InverseTransform)
     forward = transform.inv if inverse else transform
+    sampling = site.sampling
     if isinstance(forward, ORTHOGONAL):
         return
     if isinstance(forward, META):
         cell: list[Tensor] = []
-        _tap_meta(forward, "log_abs_det_jacobian" if inverse else "call_and_ladj", cell)
-        _record_tapped(site, transform, cell, negate=inverse)
+        _tap_meta(site, forward, cell)
+        _record(site, transform, "call_and_ladj", _negated_rows if inverse else _rows_of, cell)
+        if sampling and inverse:  # sampling runs the forward transform's call_and_ladj
+            _record(site, forward, "call_and_ladj", _rows_of, cell, sampling=True)
+        elif sampling:  # zuko's inverse ladj: minus the forward's at the sample
+            _record(site, forward, "log_abs_det_jacobian", _negated_rows, cell, -1.0, True)
     elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
         cell = []
-        _tap(transform.base, "call_and_ladj", cell)
-        _record_tapped(site, transform, cell, negate=False)
+        _tap(site, transform.base, cell)
+        _record(site, transform, "call_and_ladj", _rows_of, cell)
+        if sampling:  # the inverse's univariate calls the forward's log_abs_det_jacobian
+            _record(site, transform.base, "log_abs_det_jacobian", _negated_rows, None, None, True)
     elif isinstance(forward, LULinearTransform):
-        _record_lu(site, transform, forward, negate=inverse)
+        _record(site, transform, "call_and_ladj", _lu(forward.L, inverse))
+        if sampling and not inverse:
+            _record(site, forward, "log_abs_det_jacobian", _lu(forward.L, True), None, -1.0, True)
     elif transform.domain.event_dim == 0:
-        _record_elementwise(site, transform)
+        _record(site, transform, "call_and_ladj", _elementwise_rows, check=None)
+        if sampling and not inverse:
+            _record(site, transform, "log_abs_det_jacobian", _negated_rows, None, None, True)
     else:
         _left_out(site, transform)
 
@@ -334,11 +277,18 @@ def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
         hyper = getattr(module.transform, "hyper", None)  # LazyInverse
     if isinstance(hyper, nn.Module):
         site.add_subnets(hyper)
+    # Wrap the classes its transforms will be now, not inside the first (maybe compiled) call.
+    univariates = [
+        u
+        for m in (module, getattr(module, "transform", None))
+        if isinstance(u := getattr(m, "univariate", None), type)
+    ]
+    for cls in (*WATCHED, *univariates):
+        for method in ("call_and_ladj", "log_abs_det_jacobian"):
+            site.patches.hold(cls, method)
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         decorate(site, output)
-        if site.sampling and isinstance(output, Transform):
-            decorate_sampling(site, output)
 
     return [site.on_forward(module, hook)]
 
@@ -347,52 +297,39 @@ def register_lazy_transform(layer_type: type) -> None:
     """Capture a user-defined LazyTransform whose ``forward(c)`` returns a zuko
     Autoregressive/CouplingTransform, a DependentTransform of a univariate, or an
     elementwise transform."""
-    register_installer(layer_type, install_lazy)
+    register_adapter(layer_type, install=install_lazy, framework="zuko")
 
 
 def _open(door: Door, output: Any) -> None:
     """Make ``transform.call_and_ladj(x)`` (the whole flow's data-to-latent call) a pass."""
-    if not isinstance(output, Transform):
-        return
-    transform: Any = output
-    original = _method(transform, "call_and_ladj")
+    if isinstance(output, Transform):
+        door.watch_method(output, "call_and_ladj", before=_begin(door), final=_end(door))
 
-    def call_and_ladj(x: Tensor) -> tuple[Tensor, Tensor]:
+
+def _begin(door: Door) -> Callable[..., None]:
+    def begin(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
         door.begin(x, x.shape[:-1].numel() if x.dim() else 1, x.shape[-1] if x.dim() else 1)
-        try:
-            return original(x)
-        finally:
-            door.end()
 
-    transform.call_and_ladj = call_and_ladj
+    return begin
+
+
+def _end(door: Door) -> Callable[[Any], None]:
+    def end(obj: Any) -> None:
+        door.end()
+
+    return end
 
 
 def _open_sampling(door: Door, dist: Any) -> None:
     """Make ``dist.rsample_and_log_prob`` of a flow's distribution a sampling pass
     (``rsample`` and ``sample`` compute no log-determinant, so there is nothing to read)."""
-    for name in ("rsample_and_log_prob",):
-        func = getattr(type(dist), name, None)
-        if not callable(func):
-            continue
-        # ``dist`` held strongly until the first call (a temporary, as in
-        # ``flow().rsample()``, lives only through it), weakly from then on (no cycle).
-        held: list[Any] = [dist]
 
-        def sampled(
-            *args: Any, _func: Callable[..., Any] = func, _held: list[Any] = held, **kwargs: Any
-        ) -> Any:
-            target = _held[0]
-            if isinstance(target, weakref.ref):
-                target = target()
-            else:
-                _held[0] = weakref.ref(target)
-            door.begin(None, None, None, sampling=True)
-            try:
-                return _func(target, *args, **kwargs)
-            finally:
-                door.end()
+    def begin(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        door.begin(None, None, None, sampling=True)
 
-        setattr(dist, name, sampled)
+    if callable(getattr(dist, "rsample_and_log_prob", None)):
+        door.watch_method(dist, "rsample_and_log_prob", before=begin, final=_end(door))
 
 
 @framework.entry("Flow", "LazyTransform")
@@ -400,6 +337,10 @@ def entry(model: nn.Module, door: Door) -> list[Handle]:
     """A Flow's pass is ``flow(c).log_prob(x)``'s ``transform.call_and_ladj(x)``; a
     LazyTransform's, ``t(c).call_and_ladj(x)``. Where the door opens sampling passes, a
     Flow's ``flow(c).rsample_and_log_prob()`` opens one."""
+
+    door.patches.hold(ComposedTransform, "call_and_ladj")
+    if door.sampling:
+        door.patches.hold(zuko.distributions.NormalizingFlow, "rsample_and_log_prob")
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if door.sampling and isinstance(model, Flow):

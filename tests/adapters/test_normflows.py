@@ -524,13 +524,13 @@ def test_sampling_records_nothing(context: bool) -> None:
 
 def test_detach_restores_the_patched_classes() -> None:
     model, loss_fn = training_model()
-    counts = {key: hooks._patched.get(key, (None, None, 0))[2] for key in PATCHED}
+    counts = {key: hooks._patched.get(key, (None, None, 0, None))[2] for key in PATCHED}
     attach(model)
     for key in PATCHED:
         assert getattr(key[0].__dict__.get(key[1]), "_klj_wrapper", False), key
     klj_reg.detach(model)
     for key in PATCHED:
-        assert hooks._patched.get(key, (None, None, 0))[2] == counts[key]
+        assert hooks._patched.get(key, (None, None, 0, None))[2] == counts[key]
         if counts[key] == 0:  # no other attached model holds the class
             assert key[0].__dict__.get(key[1]) is ORIGINAL[key], key
     for module in model.modules():

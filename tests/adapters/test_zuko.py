@@ -502,3 +502,51 @@ def test_capture_adds_no_graph_break() -> None:
         explanation = torch._dynamo.explain(lambda x, c, f=flow: -f(c).log_prob(x).mean())(x, c)
         counts.append(explanation.graph_break_count)  # zuko's own, if any
     assert counts[1] == counts[0]
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_attached_transforms_behave_like_unattached_ones_on_every_call_pattern(
+    inverse: bool,
+) -> None:
+    """A transform's method kept and called again (``fn = flow().transform.call_and_ladj;
+    fn(x); fn(x)``) works as unattached (it raised AttributeError: the decorated method held
+    its transform weakly after its first call), and still records each call."""
+    layer: nn.Module = MaskedAutoregressiveTransform(FEATURES, 0, **HIDDEN)
+    flow = randomise(Flow([LazyInverse(layer) if inverse else layer], MAF(FEATURES).base))
+    x = torch.randn(8, FEATURES)
+    expected = flow().transform.call_and_ladj(x)
+    capture = klj_reg.attach(flow)
+    fn = flow().transform.call_and_ladj
+    for _ in range(3):
+        y, ladj = fn(x)
+        torch.testing.assert_close((y, ladj), expected)
+        assert len(capture.records) == 1
+        klj_reg.clear(flow)
+    t = flow().transform
+    bound, inner = t.call_and_ladj, t.transforms[0].call_and_ladj
+    del t
+    torch.testing.assert_close(bound(x), expected)
+    inner(x)
+    klj_reg.detach(flow)
+
+
+def test_a_transform_is_freed_with_its_pass_without_the_garbage_collector() -> None:
+    import gc
+    import weakref
+
+    flow = randomise(
+        Flow([MaskedAutoregressiveTransform(FEATURES, 0, **HIDDEN)], MAF(FEATURES).base)
+    )
+    klj_reg.attach(flow)
+    x = torch.randn(8, FEATURES)
+    gc.disable()
+    try:
+        dist = flow()
+        seen = weakref.ref(dist.transform.transforms[0])
+        dist.log_prob(x)
+        del dist
+        assert seen() is None  # no reference cycle keeps it (and its tensors) alive
+    finally:
+        gc.enable()
+    klj_reg.penalty(flow, x, alpha=1e-2)
+    klj_reg.detach(flow)
