@@ -486,3 +486,50 @@ def test_a_pyro_that_caches_no_log_scale_is_an_error_not_a_stale_read(
     with pytest.raises(klj_reg.AdapterMismatchError, match="pyro"):
         flow.log_prob(y)
         klj_reg.penalty(modules, y, alpha=1e-2)
+
+
+# ----------------------------------------------------------------------------- passes
+
+
+def test_a_single_transform_is_a_model_and_its_pass_is_known_by_its_input() -> None:
+    dim = 4
+    t = build("affine_autoregressive", dim)
+    truth.attach(t)
+    flow = dist.TransformedDistribution(base(dim), [t])
+    for _ in range(2):
+        y = torch.randn(BATCH, dim)
+        flow.log_prob(y)
+        got = klj_reg.penalty(t, y, alpha=1.0, normaliser="none")
+        torch.testing.assert_close(got, exact_klj([t], y))
+
+
+def test_the_penalty_runs_the_transforms_inverse_when_no_pass_was_captured() -> None:
+    dim = 3
+    t = build("spline_coupling_linear", dim)
+    truth.attach(t)
+    y = torch.randn(BATCH, dim)
+    with pytest.warns(UserWarning, match="ran its own"):
+        own = klj_reg.penalty(t, y, alpha=1.0, normaliser="none")
+    klj_reg.detach(t)
+    torch.testing.assert_close(own, exact_klj([t], y))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), ()], ids=["batch-shape", "one-sample"])
+def test_batch_shapes_are_flattened(shape: tuple[int, ...]) -> None:
+    dim = 4
+    layers = mixed(dim)
+    modules = nn.ModuleList([t for t in layers if isinstance(t, nn.Module)])
+    truth.attach(modules)
+    flow = dist.TransformedDistribution(base(dim), layers)  # batch norm in eval mode
+    y = torch.randn(*shape, dim)
+    flow.log_prob(y)
+    shaped = klj_reg.penalty(modules, y, alpha=1.0, normaliser="none")
+    flat = y.reshape(-1, dim)
+    flow.log_prob(flat)
+    torch.testing.assert_close(shaped, klj_reg.penalty(modules, flat, alpha=1.0, normaliser="none"))
+
+
+def test_sampling_passes_are_not_read() -> None:
+    modules = nn.ModuleList([T.affine_autoregressive(3)])
+    with pytest.raises(klj_reg.UnsupportedModelError, match="pyro adapter reads data-to-latent"):
+        klj_reg.attach(modules, direction="sample")
