@@ -98,6 +98,12 @@ def _cached(layer: Any, call: Call, name: str) -> Tensor | None:
     return _rows(value, event)
 
 
+def _modules(*nets: Any) -> list[nn.Module]:
+    """The networks ``tau`` regularises: those that are modules (a conditioned transform's
+    network is a ``partial`` of its conditional one's, whose module holds the weights)."""
+    return [net for net in nets if isinstance(net, nn.Module)]
+
+
 def _own_log_det(layer: Any, call: Call) -> Tensor:
     """The data-to-latent log-det Pyro's ``log_prob`` uses: ``-log_abs_det_jacobian(x, y)``
     (summed over the vector for the elementwise transforms), one per sample."""
@@ -115,7 +121,7 @@ def _own_log_det(layer: Any, call: Call) -> Tensor:
     method="_inv_call",
     dim=_dim,
     log_det=_own_log_det,
-    subnets=lambda layer: [layer.arn if hasattr(layer, "arn") else layer.nn],
+    subnets=lambda layer: _modules(getattr(layer, "arn", None), getattr(layer, "nn", None)),
 )
 def read_log_scale(layer: Any, call: Call) -> Factor | None:
     r"""Affine autoregressive and coupling: :math:`\log|d_i| = -s_i`."""
@@ -125,8 +131,8 @@ def read_log_scale(layer: Any, call: Call) -> Factor | None:
 
 def _spline_subnets(layer: Any) -> list[nn.Module]:
     if isinstance(layer, transforms.SplineCoupling):
-        return [layer.upper_spline.nn]
-    return [layer.arn] if hasattr(layer, "arn") else []
+        return _modules(layer.upper_spline.nn)
+    return _modules(getattr(layer, "arn", None))
 
 
 @framework.reads(

@@ -533,3 +533,17 @@ def test_sampling_passes_are_not_read() -> None:
     modules = nn.ModuleList([T.affine_autoregressive(3)])
     with pytest.raises(klj_reg.UnsupportedModelError, match="pyro adapter reads data-to-latent"):
         klj_reg.attach(modules, direction="sample")
+
+
+def test_a_conditioned_transform_is_read_and_its_network_is_no_subnet() -> None:
+    dim, context = 3, 2
+    conditional = randomise(T.conditional_affine_autoregressive(dim, context))
+    t = conditional.condition(torch.randn(context))  # an AffineAutoregressive on a partial
+    capture = truth.attach(t)
+    assert list(capture.subnet_parameters()) == []  # its weights are the conditional's
+    flow = dist.TransformedDistribution(base(dim), [t])
+    y = torch.randn(BATCH, dim)
+    flow.log_prob(y)
+    got = klj_reg.penalty(t, y, alpha=1.0, normaliser="none")
+    klj_reg.detach(t)
+    torch.testing.assert_close(got, exact_klj([t], y))
