@@ -22,12 +22,15 @@ from . import objectives
 
 
 class Output(NamedTuple):
-    """One forward pass: latent, total log-det (normalisation included), class distances."""
+    """One forward pass: latent, total log-det (normalisation included), class distances,
+    and the normalised images the flow ran on (``flow_input``: the batch to give
+    ``klj_reg.penalty``, whose records belong to the flow's pass on that very tensor)."""
 
     z: Tensor
     log_det: Tensor
     zz: Tensor
     log_prior: Tensor
+    flow_input: Tensor
 
 
 def initial_means(n_classes: int, dim: int, separation: float = 5.0) -> Tensor:
@@ -66,10 +69,11 @@ class GenerativeClassifier(nn.Module):
         self.normalise_log_det = pixels * float(torch.log(1.0 / torch.tensor(std)).sum())
 
     def forward(self, x: Tensor) -> Output:
-        z, log_det = self.flow((x - self.mean) * self.inv_std)
+        u = (x - self.mean) * self.inv_std
+        z, log_det = self.flow(u)
         log_det = log_det + self.normalise_log_det
         zz = objectives.class_distances(z, self.mu)
-        return Output(z, log_det, zz, torch.log_softmax(self.phi, 0))
+        return Output(z, log_det, zz, torch.log_softmax(self.phi, 0), u)
 
     def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample ``L_x`` (the OoD score) and logits ``-zz/2``."""

@@ -151,8 +151,9 @@ def step_terms(
         # weighting of the released-code term next to their per-dimension L_x)
         normaliser = "dim" if objective.form == "jacobian" else "layers"
         pen = klj_reg.penalty(
-            flow_model, x, alpha=objective.alpha, form=objective.form, normaliser=normaliser
-        )
+            flow_model, out.flow_input, alpha=objective.alpha, form=objective.form,
+            normaliser=normaliser,
+        )  # fmt: skip
         total = total + pen
         logged["penalty"] = pen
     return total, {k: v.detach() for k, v in logged.items()}
@@ -390,11 +391,14 @@ def score(
     out: dict[str, list[Tensor]] = {"l_x": [], "logits": [], "klj": []}
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(device, torch.float32)
-        l_x, logits = clf.scores(xb)
+        o = clf(xb)
+        l_x = objectives.l_x(o.zz, o.log_det, o.log_prior, clf.dim)
         out["l_x"].append(l_x.cpu())
-        out["logits"].append(logits.cpu())
+        out["logits"].append((-0.5 * o.zz).cpu())
         if klj:
-            pen = klj_reg.penalty(clf.flow.model, xb, alpha=1.0, reduction="none", normaliser="dim")
+            pen = klj_reg.penalty(
+                clf.flow.model, o.flow_input, alpha=1.0, reduction="none", normaliser="dim"
+            )
             out["klj"].append(pen.float().cpu())
     klj_reg.clear(clf.flow.model)
     return {k: torch.cat(v) for k, v in out.items() if v}

@@ -140,7 +140,7 @@ def test_image_flow_penalty_is_finite_and_differentiable(backend: str) -> None:
         warnings.simplefilter("error", UserWarning)  # no invertible layer left uncaptured
         klj_reg.attach(flow.model)
     out = clf(x)
-    pen = klj_reg.penalty(flow.model, x, alpha=1.0)
+    pen = klj_reg.penalty(flow.model, out.flow_input, alpha=1.0)  # the batch the flow ran on
     assert torch.isfinite(pen) and pen > 0
     (out.zz.mean() - out.log_det.mean() + pen).backward()
     grads = [p.grad for p in flow.parameters() if p.grad is not None]
