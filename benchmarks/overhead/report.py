@@ -196,6 +196,14 @@ def _ratio(entry: dict[str, Any] | None) -> str:
     return "—" if entry is None or "ratio" not in entry else f"{entry['ratio']:.3f}"
 
 
+def _quotient(v: dict[str, Any]) -> str:
+    """``compiled+capture`` over ``compiled``: the capture's cost with the model compiled."""
+    a, b = v.get("compiled+capture", {}), v.get("compiled", {})
+    if "ratio" not in a or "ratio" not in b:
+        return "—"
+    return f"{a['ratio'] / b['ratio']:.3f}"
+
+
 def _excess_cell(found: dict[str, Any] | None) -> str:
     if found is None:
         return "—"
@@ -251,6 +259,7 @@ def zoo_markdown(report: dict[str, Any]) -> str:
         f" (1-minute load {min(loads):.2f}-{max(loads):.2f} while models ran)" if loads else ""
     )
     rows = [r for r in report["results"] if r.get("model") == "zoo"]
+    compiled = any("compiled" in r.get("variants", {}) for r in rows)
     lines = [
         f"# KLJ capture overhead over the arithmetic floor: model zoo ({report['device']})",
         "",
@@ -271,8 +280,9 @@ def zoo_markdown(report: dict[str, Any]) -> str:
         "forward / penalty / backward / optimiser times, over the plain step's median.",
         "",
         "| model | params | plain ms | plain-again | dispatch | hooks | floor | capture | "
-        "capture - floor [IQR] | by phase (fwd / pen / bwd / opt) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "capture - floor [IQR] | by phase (fwd / pen / bwd / opt) |"
+        + (" compiled | compiled + capture | their ratio |" if compiled else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 3 if compiled else ""),
     ]
     for r in rows:
         if "error" in r:
@@ -291,6 +301,8 @@ def zoo_markdown(report: dict[str, Any]) -> str:
             _excess_cell(found),
             _phase_excess(found),
         ]
+        if compiled:
+            cells += [_ratio(v.get("compiled")), _ratio(v.get("compiled+capture")), _quotient(v)]
         lines.append("| " + " | ".join(cells) + " |")
     measured = [r for r in rows if "capture_minus_floor" in r]
     within = [r for r in measured if r["capture_minus_floor"]["median"] <= target]

@@ -17,12 +17,17 @@ VARIANTS = (
     "second-pass",
     "hutchinson",
     "exact",
+    "compiled",
+    "compiled+capture",
 )
 MODELS = ("tabular", "image")
 """Model kinds run by default."""
 ALL_MODELS = (*MODELS, "reverse-kl", "zoo")
 ZOO_VARIANTS = ("plain", "plain-again", "dispatch", "hooks", "floor", "capture")
 """Variants of ``--models zoo``: the capture and the references beside it."""
+COMPILED_VARIANTS = ("compiled", "compiled+capture")
+"""``--variants`` may add these to a zoo run: the flow's forward through ``torch.compile``,
+without klj-reg and attached before compiling (+ the penalty)."""
 ZOO_TARGET = 0.02
 """The capture's excess over the floor, (capture - floor) / plain in the same rounds."""
 CLOCKS = ("wall", "cpu")

@@ -22,7 +22,7 @@ from ..common.records import parameter_count
 from . import zoo
 from .clock import PHASES, PhaseClock, sync
 from .models import batch_of, image, tabular
-from .settings import REVERSE_VARIANTS, ZOO_VARIANTS, Settings
+from .settings import COMPILED_VARIANTS, REVERSE_VARIANTS, ZOO_VARIANTS, Settings
 from .variants import Step, make_reverse_step, make_step
 from .zoo import ZooModel
 
@@ -162,7 +162,7 @@ def measure_zoo(entry: ZooModel, settings: Settings, device: torch.device) -> di
     np.random.seed(settings.seed)
     original = zoo.build(entry, settings).to(device)
     x = zoo.batch(entry, original, settings).to(device)
-    variants = [v for v in settings.variants if v in ZOO_VARIANTS]
+    variants = [v for v in settings.variants if v in ZOO_VARIANTS or v in COMPILED_VARIANTS]
     result: dict[str, Any] = {
         "model": "zoo",
         "name": entry.name,

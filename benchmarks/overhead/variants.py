@@ -18,7 +18,7 @@ from .clock import PhaseClock, no_mark
 from .settings import REVERSE_VARIANTS, Settings
 
 
-def nll(flow: BackendFlow, x: Tensor) -> Tensor:
+def nll(flow: Any, x: Tensor) -> Tensor:
     """Negative log-likelihood per dimension under a standard normal base."""
     z, log_det = flow(x)
     dim = z.shape[1]
@@ -70,8 +70,16 @@ def _nothing(module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> No
 
 
 def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) -> Step:
-    """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam."""
+    """One training step of ``variant`` on ``flow`` (which it owns) with its own Adam.
+
+    ``compiled`` and ``compiled+capture`` run the flow's forward through ``torch.compile``
+    (the latter attached first, as the docs ask); their compilation happens in the warm-up."""
     model = flow.model
+    forward: Any = flow
+    if variant.startswith("compiled"):
+        if variant == "compiled+capture":
+            klj_reg.attach(model)
+        forward = torch.compile(lambda t: flow(t))
     if variant == "dispatch":
         modules = dict(model.named_modules())
         for name in hooked_names(model):
@@ -87,11 +95,12 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
         if variant in ("hooks", "capture", "capture+check", "fused", "second-pass")
         else None
     )
+    capture_penalty = ("capture", "capture+check", "compiled+capture")
     alpha = settings.alpha
 
     def penalty() -> Tensor:
         with torch.profiler.record_function("klj_penalty"):
-            if variant in ("capture", "capture+check"):
+            if variant in capture_penalty:
                 return klj_reg.penalty(model, x, alpha=alpha, normaliser="dim")
             if variant == "fused":
                 return klj_reg.penalty(model, x, alpha=alpha, normaliser="dim", fused=True)
@@ -118,11 +127,11 @@ def make_step(variant: str, flow: BackendFlow, x: Tensor, settings: Settings) ->
         mark()
         optimiser.zero_grad(set_to_none=True)
         with torch.profiler.record_function("nll"):
-            loss = nll(flow, x)
+            loss = nll(forward, x)
         mark()
         if variant == "hooks":
             klj_reg.clear(model)
-        elif variant not in ("plain", "plain-again", "dispatch"):
+        elif variant not in ("plain", "plain-again", "dispatch", "compiled"):
             loss = loss + penalty()
         mark()
         backward_and_step(loss, optimiser, mark)

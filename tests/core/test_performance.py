@@ -762,3 +762,27 @@ def test_overhead_zoo_runs_quick(tmp_path: Any) -> None:
     assert "µs per captured layer" in text
     assert text.startswith("# KLJ capture overhead over the arithmetic floor")
     assert "thread_time" in text and "| actnorm-lu/freia/small |" in text
+
+
+@pytest.mark.slow
+def test_overhead_zoo_compiled_column(tmp_path: Any) -> None:
+    """``--variants ...,compiled,compiled+capture`` times the flow's forward through
+    ``torch.compile`` without klj-reg and attached before compiling; the zoo table shows both
+    and their ratio (the capture's cost with the model compiled)."""
+    pytest.importorskip("zuko")
+    overhead = pytest.importorskip("benchmarks.overhead")
+    argv = ["--quick", "--device", "cpu", "--models", "zoo", "--zoo", "affine-coupling/zuko/small",
+            "--variants", "plain,floor,capture,compiled,compiled+capture"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert overhead.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "cpu-zoo-quick.json").read_text())
+    (r,) = report["results"]
+    for name in ("compiled", "compiled+capture"):
+        assert "error" not in r["variants"][name] and r["variants"][name]["ratio"] > 0
+    table = (tmp_path / "cpu-zoo-quick.md").read_text()
+    assert "| compiled | compiled + capture | their ratio |" in table
+    ratio = r["variants"]["compiled+capture"]["ratio"] / r["variants"]["compiled"]["ratio"]
+    assert f"{ratio:.3f} |" in table
