@@ -65,10 +65,10 @@ class _KLJGroups(torch.autograd.Function):
     ``continued_k`` False skips the tangent continuation where ``2 scale_k s_k`` cannot exceed
     its threshold."""
 
+    generate_vmap_rule = True  # torch.func.vmap: its forward and backward are torch ops
+
     @staticmethod
-    def forward(ctx: Any, specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
-        ctx.save_for_backward(*s)
-        ctx.specs = specs
+    def forward(specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
         total: Tensor | None = None
         for (k, weight, continued), t in zip(specs, s, strict=True):
             two_s = t * k
@@ -83,6 +83,12 @@ class _KLJGroups(torch.autograd.Function):
             total = value if total is None else total + value
         assert total is not None
         return total
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        # Separate from forward, as torch.func's transforms (grad, vmap) require.
+        ctx.save_for_backward(*inputs[1:])
+        ctx.specs = inputs[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -24,13 +25,27 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture, attach
+from .capture import Capture, attach, get_capture, unwrap
 from .divergence import record_divergence
 from .records import LayerRecord
 
 Logger = Callable[[dict[str, float], int], Any]
 """``logger(values, step)``: any callable; or an object with ``add_scalar(tag, value, step)``
 (TensorBoard's ``SummaryWriter``)."""
+
+
+_monitors: weakref.WeakKeyDictionary[nn.Module, list[Monitor]] = weakref.WeakKeyDictionary()
+"""The open monitors of each model (its module, through wrappers): kept apart from the
+model's capture, so that a monitor outlives ``detach`` + ``attach``."""
+
+
+def monitors_of(model: Any) -> list[Monitor]:
+    """The open monitors of ``model`` (fed by each of its penalties)."""
+    if not _monitors:
+        return []
+    target = unwrap(model)
+    found = _monitors.get(target) if isinstance(target, nn.Module) else None
+    return [] if found is None else found
 
 
 class DivergenceGrowthWarning(RuntimeWarning):
@@ -71,10 +86,13 @@ def layer_divergence(
 class Monitor:
     """Logs each layer's KLJ and flags a layer whose value jumps by more than ``factor``.
 
-    Attached to ``model`` (attaching it if needed), it is fed by every
-    :func:`klj_reg.penalty` on the model computed with gradients on (no extra forward pass;
-    penalties under ``torch.no_grad()``, e.g. on a validation batch, are not observed and do
-    not count as steps), or by :meth:`step` in a loop without the penalty. Every
+    Attached to ``model`` (attaching it if needed; a model attached already, for sampling
+    passes too, keeps its direction), it is fed by every :func:`klj_reg.penalty` on the model
+    computed with gradients on, of either direction, each one a step (no extra forward pass;
+    penalties under ``torch.no_grad()``, e.g. on a validation batch, or inside a
+    ``torch.func`` transform are not observed and do not count as steps), or by :meth:`step`
+    in a loop without the penalty. It stays with the model through ``klj_reg.detach`` and
+    ``attach`` until :meth:`close`. Every
     ``every``-th observation it computes the per-layer values (one host synchronisation),
     hands them to ``log`` (a callable ``log(values, step)`` or a TensorBoard
     ``SummaryWriter``) and flags a layer when
@@ -127,8 +145,10 @@ class Monitor:
         if not (factor > 1 and floor >= 0):
             raise ValueError(f"need factor > 1 and floor >= 0, got {factor} and {floor}")
         self.model = model
-        self.capture: Capture = attach(model)
-        self.capture.monitors.append(self)
+        attached = get_capture(model)
+        if attached is None:
+            attach(model)  # with the default direction; a model attached already keeps its own
+        _monitors.setdefault(unwrap(model), []).append(self)
         self.log, self.every, self.window = log, every, window
         self.factor, self.floor, self.warn, self.prefix = factor, floor, warn, prefix
         self.warmup = warmup
@@ -228,7 +248,14 @@ class Monitor:
         else:
             self.log(values, step)
 
+    @property
+    def capture(self) -> Capture:
+        """The model's capture now (attaching it again if it was detached)."""
+        found = get_capture(self.model)
+        return attach(self.model) if found is None else found
+
     def close(self) -> None:
         """Stop observing the model's penalties."""
-        if self in self.capture.monitors:
-            self.capture.monitors.remove(self)
+        found = monitors_of(self.model)
+        if self in found:
+            found.remove(self)

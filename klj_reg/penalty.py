@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from .divergence import FORMS, divergence, mean_divergence
 from .errors import CaptureError, UnsupportedModelError
 from .fallback import exact_klj, hutchinson_klj
 from .fused import fused_divergence
+from .monitor import monitors_of
 from .passes import Pass
 from .records import LayerRecord, flow_dim
 
@@ -226,7 +229,13 @@ def _captured(
                 "the same tensor object). If the model was compiled, attach before compiling.",
                 stacklevel=3,
             )
-        _flow_fn(model, context)(x)
+        if context is not None and book.user_ran:
+            raise _refuse_own_pass(name)
+        book.running_own = True
+        try:
+            _flow_fn(model, context)(x)
+        finally:
+            book.running_own = False
         found = capture.take_pass(x, not need_grad, "data")
         if found is None or not found.records:
             raise CaptureError(
@@ -236,6 +245,66 @@ def _captured(
     if need_grad and torch.is_grad_enabled() and (not found.grad or found.untracked):
         raise _no_gradient(model, found)
     return found, capture
+
+
+UNSUPPORTED_TRANSFORMS = {
+    "jvp": "forward-mode differentiation: the divergence's autograd function has no jvp rule",
+    "functionalize": "its hooks record into Python state a functionalized program cannot see",
+}
+"""torch.func transforms the penalty refuses, and why."""
+
+
+def _transform() -> str | None:
+    """The innermost ``torch.func`` transform this call runs under (``"grad"``, ``"vmap"``,
+    ``"jvp"``, ...), or ``None``."""
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    if interpreter is None:
+        return None
+    return str(interpreter.key().name).lower()
+
+
+def _refuse_own_pass(name: str) -> CaptureError:
+    """The penalty would run its own pass with ``context=`` on a model the user runs."""
+    return CaptureError(
+        f"klj_reg.penalty found no pass of {name} on x to read and would run one itself with "
+        f"the context you gave. Your code has run {name} (its passes are captured), and the "
+        "penalty's own pass may not be the computation yours did: work your code does outside "
+        f"{name} (z-scoring, an embedding of the condition, ...) would be skipped, and a "
+        "different value returned. So it refuses: call klj_reg.penalty(model, x) right after "
+        "your own pass on x, without context= (it reads that pass), or attach and pass the "
+        "module that does the whole computation."
+    )
+
+
+_warned_untrainable: weakref.WeakSet[Capture] = weakref.WeakSet()
+
+
+def untrainable_layers(records: list[LayerRecord]) -> list[str]:
+    """Layers whose record carries no gradient (no factor's tensor requires grad: a layer
+    without trainable parameters, such as a fixed standardisation)."""
+    return [
+        r.name or "<model>" for r in records if not any(f.source.requires_grad for f in r.factors)
+    ]
+
+
+def warn_untrainable(capture: Capture, records: list[LayerRecord]) -> None:
+    """Warn once per capture, at its first penalty with gradients on, when no captured layer
+    carries a gradient: the penalty then trains nothing. (Some layers without one, such as a
+    fixed standardisation, only add a constant to the value: see docs/training-loops.md.)"""
+    if capture in _warned_untrainable:
+        return
+    _warned_untrainable.add(capture)
+    fixed = untrainable_layers(records)
+    if not records or len(fixed) < len(records):
+        return
+    names = ", ".join(fixed[:6]) + (f" and {len(fixed) - 6} more" if len(fixed) > 6 else "")
+    warnings.warn(
+        f"nothing klj-reg captured in {capture.model_name} trains: its captured layers "
+        f"({names}) have no trainable parameters, so the penalty is a constant without "
+        "gradient and regularises nothing. The layers that train are not captured: register "
+        "them with klj_reg.register_adapter, or use estimator='hutchinson'.",
+        stacklevel=3,
+    )
 
 
 def penalty(
@@ -266,10 +335,12 @@ def penalty(
             adapters). With ``estimator="exact"|"hutchinson"``, any callable
             ``x -> (z, log_det)``.
         x: The batch the model's pass ran on: the penalty reads that pass's records (found
-            by identity of the tensor given to the model; otherwise the only grad-mode pass
-            waiting, if ``x`` has its shape). ``None``: the latest grad-mode pass. If there
-            is no pass to read, the penalty runs the model on ``x`` itself, which doubles the
-            cost (warned once).
+            by identity of the tensor given to the model, else as a view of the same memory,
+            else by equal values; an ``x`` that is none of these raises). ``None``: the
+            latest grad-mode pass. One unread grad-mode pass is kept per direction (see
+            docs/training-loops.md): take each penalty right after its pass. If there is no
+            pass to read, the penalty runs the model on ``x`` itself, which doubles the cost
+            (warned once).
         alpha: Weight :math:`\alpha \ge 0` against a per-sample NLL: add the penalty to
             ``-log_prob(x).mean()`` (next to a per-dimension loss, ``normaliser="dim"``).
             Required: no single value served on the tabular benchmark (the best per data
@@ -290,7 +361,10 @@ def penalty(
             number of captured layers; ``"none"``: 1; or a number > 0.
         reduction: ``"mean"`` over the batch (default), ``"sum"``, or ``"none"`` for the
             per-sample vector (without the ``tau`` term).
-        context: Conditioning input, used only when the penalty runs its own pass.
+        context: Conditioning input, used only when the penalty runs its own pass: on first
+            use, or on a model whose passes the user never ran while attached (after that,
+            a penalty that would need one raises, because its pass could skip work the
+            user's code does around the model).
         estimator: ``"capture"`` (default), or a fallback for models without an adapter:
             ``"exact"`` (full Jacobian, small D) or ``"hutchinson"`` (``n_samples`` probes).
         check_finite: ``None`` (default): a non-finite penalty is returned as it is, with
@@ -312,17 +386,29 @@ def penalty(
         raise TypeError(NO_DEFAULT)
     alpha, tau = _number("alpha", alpha), _number("tau", tau)
     _validate(alpha, tau, form, estimator, reduction)
+    _normaliser(normaliser, form, 1, 1)  # raises ValueError before any pass is looked up
     if estimator != "capture":
         if x is None:
             raise ValueError(f"estimator={estimator!r} needs x")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         fn = _flow_fn(model, context)
-        per_sample = exact_klj(fn, x) if estimator == "exact" else hutchinson_klj(fn, x, n_samples)
+        capture = get_capture(model)
+        with nullcontext() if capture is None else capture.book.suspended():
+            per_sample = (
+                exact_klj(fn, x) if estimator == "exact" else hutchinson_klj(fn, x, n_samples)
+            )
         scale = alpha / _normaliser(normaliser, "jacobian", x.shape[1:].numel(), 1)
         value = _reduce(per_sample, reduction, x.shape[0]) * scale
         return value + tau * _weight_norm(model) if reduction != "none" and tau else value
 
+    transform = _transform()
+    if transform in UNSUPPORTED_TRANSFORMS:
+        raise CaptureError(
+            f"klj_reg.penalty does not support torch.func.{transform} "
+            f"({UNSUPPORTED_TRANSFORMS[transform]}): compute it under torch.func.grad, vjp, "
+            "jacrev or vmap, or with ordinary autograd (loss.backward())."
+        )
     found, capture = _captured(model, x, context, direction=direction)
     records = list(found.records.values())
     batch = _batch_of(records)
@@ -344,11 +430,14 @@ def penalty(
             )
             value = _reduce(per_sample, reduction, found.batch or batch)
         value = value * (alpha / _normaliser(normaliser, form, dim, len(records)))
-        if value.device.type == "cuda" and capture.finite is None:
-            capture.finite = FiniteWatch()
-        check(records, capture.sites, value, check_finite, capture.finite, found.sampling)
-        for monitor in capture.monitors:
-            monitor.observe_records(records)
+        if transform is None:  # inside torch.func, values are not plain tensors: no checks
+            if value.device.type == "cuda" and capture.finite is None:
+                capture.finite = FiniteWatch()
+            check(records, capture.sites, value, check_finite, capture.finite, found.sampling)
+            if torch.is_grad_enabled():
+                warn_untrainable(capture, records)
+            for monitor in monitors_of(model):
+                monitor.observe_records(records)
     if tau and reduction != "none":
         weights = list(capture.subnet_parameters())
         if not weights:

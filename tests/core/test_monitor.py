@@ -447,3 +447,46 @@ def test_a_high_learning_rate_is_flagged_on_the_pass_whose_loss_jumps() -> None:
     monitor.close()
     jump = next(t for t, v in enumerate(losses, 1) if v > 10 * losses[0])
     assert monitor.flags and monitor.flags[0].step == jump == 3
+
+
+# Lifecycle (issue 27) -------------------------------------------------------------------------
+
+
+def test_a_monitor_survives_detach_and_attach() -> None:
+    model = Chain()
+    logged: list[int] = []
+    monitor = klj_reg.Monitor(model, log=lambda v, s: logged.append(s))
+    x = torch.randn(8, 3)
+    model(x)
+    klj_reg.penalty(model, x, alpha=1e-2)
+    klj_reg.detach(model)
+    klj_reg.attach(model)
+    for _ in range(2):
+        model(x)
+        klj_reg.penalty(model, x, alpha=1e-2)
+    assert logged == [1, 2, 3]
+    monitor.close()
+    model(x)
+    klj_reg.penalty(model, x, alpha=1e-2)
+    assert logged == [1, 2, 3]
+    klj_reg.detach(model)
+
+
+def test_a_sampling_direction_model_is_monitored_and_counts_training_penalties() -> None:
+    """A model attached with ``direction="sample"`` (reverse KL) can be monitored, its
+    penalty still works, and only penalties with gradients on count as steps."""
+    zuko = pytest.importorskip("zuko")
+    flow = zuko.flows.MAF(features=3, transforms=2, hidden_features=(8,))
+    klj_reg.attach(flow, direction="sample")
+    logged: list[tuple[list[str], int]] = []
+    monitor = klj_reg.Monitor(flow, log=lambda v, s: logged.append((sorted(v), s)))
+    for _ in range(3):
+        flow().rsample_and_log_prob((16,))
+        klj_reg.penalty(flow, alpha=1.0).backward()
+        with torch.no_grad():
+            flow().rsample_and_log_prob((16,))
+            klj_reg.penalty(flow, alpha=1.0)  # validation: not a step
+    assert [s for _, s in logged] == [1, 2, 3] and monitor.seen == 3
+    assert logged[0][0] == ["transform.transforms.0", "transform.transforms.1"]
+    monitor.close()
+    klj_reg.detach(flow)

@@ -599,15 +599,20 @@ def test_normflows_conditional_sample_reads_its_dimension_from_the_layers() -> N
 
 def test_a_sampling_pass_on_z_is_found_by_z() -> None:
     """``forward_and_log_det(z)`` (normflows) and ``model(z, rev=True)`` (FrEIA) begin their
-    pass on ``z``: ``penalty(model, z)`` reads it among several waiting passes."""
+    pass on ``z``: ``penalty(model, z)`` reads it (by identity, or a copy by value), and
+    names a pass a later one superseded."""
     model = normflows_model(2, ["coupling", "maf"])
     attach(model)
     z1, z2 = torch.randn(B, 2), torch.randn(B, 2)
     model.forward_and_log_det(z1)
-    model.forward_and_log_det(z2)
     first = klj_reg.penalty(model, z1, reduction="none", alpha=1e-2)
-    second = klj_reg.penalty(model, z2, reduction="none", alpha=1e-2)
+    model.forward_and_log_det(z2)
+    second = klj_reg.penalty(model, z2.clone(), reduction="none", alpha=1e-2)
     assert not torch.allclose(first, second)
+    model.forward_and_log_det(z1)
+    model.forward_and_log_det(z2)
+    with pytest.raises(klj_reg.CaptureError, match="dropped unread"):
+        klj_reg.penalty(model, z1, alpha=1e-2)
     inn = freia_model(3, ["AffineCouplingOneSided", "ActNorm"])
     attach(inn)
     inn(z1.new_ones(B, 3), rev=True)

@@ -158,13 +158,30 @@ def test_an_attached_model_saves_and_loads_unattached(backend: str, how: str) ->
 
 
 def test_gradient_accumulation_reads_each_micro_batch(backend: str) -> None:
+    """Each micro-batch's penalty right after its pass, summed: each reads its own pass."""
     model, loss, dim, features = noisy_model(backend)
     klj_reg.attach(model)
     (x1, c1), (x2, c2) = inputs(dim, features), inputs(dim, features)
     want1, want2 = reference(model, loss, x1, c1), reference(model, loss, x2, c2)
     loss(x1, c1)
+    got1 = value_and_grads(klj_reg.penalty(model, x1, alpha=1e-2), model)
     loss(x2, c2)
-    assert_same(value_and_grads(klj_reg.penalty(model, x1, alpha=1e-2), model), want1)
+    got2 = value_and_grads(klj_reg.penalty(model, x2, alpha=1e-2), model)
+    assert_same(got1, want1)
+    assert_same(got2, want2)
+
+
+def test_a_superseded_pass_raises_naming_the_cause(backend: str) -> None:
+    """Two passes, then the penalty of the first: it was dropped when the second began (one
+    unread grad-mode pass is kept, so that passes nobody reads hold no memory)."""
+    model, loss, dim, features = noisy_model(backend)
+    klj_reg.attach(model)
+    (x1, c1), (x2, c2) = inputs(dim, features), inputs(dim, features)
+    want2 = reference(model, loss, x2, c2)
+    loss(x1, c1)
+    loss(x2, c2)
+    with pytest.raises(klj_reg.CaptureError, match="dropped unread"):
+        klj_reg.penalty(model, x1, alpha=1e-2)
     assert_same(value_and_grads(klj_reg.penalty(model, x2, alpha=1e-2), model), want2)
 
 
@@ -186,14 +203,18 @@ def test_a_validation_pass_in_between_changes_nothing(backend: str) -> None:
     torch.testing.assert_close(logged, reference(model, loss, val, val_c)[0])
 
 
-def test_x_that_is_no_pass_among_several_raises(backend: str) -> None:
+def test_x_of_another_batch_raises(backend: str) -> None:
+    """An x of the pass's shape but other values never reads that pass."""
     model, loss, dim, features = noisy_model(backend)
     klj_reg.attach(model)
-    (x1, c1), (x2, c2) = inputs(dim, features), inputs(dim, features)
+    (x1, c1), (x2, _) = inputs(dim, features), inputs(dim, features)
     loss(x1, c1)
-    loss(x2, c2)
-    with pytest.raises(klj_reg.CaptureError, match="same tensor object"):
-        klj_reg.penalty(model, x1.clone(), alpha=1e-2)
+    with pytest.raises(klj_reg.CaptureError, match="not the batch"):
+        klj_reg.penalty(model, x2, alpha=1e-2)
+    assert_same(
+        value_and_grads(klj_reg.penalty(model, x1.clone(), alpha=1e-2), model),
+        reference(model, loss, x1, c1),
+    )
 
 
 # 5. Checkpointing ----------------------------------------------------------------------------
