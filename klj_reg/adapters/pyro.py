@@ -43,6 +43,7 @@ outermost transforms has run its inverse once.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -175,11 +176,14 @@ def _batch_log_abs(layer: Any, shape: torch.Size, rows: Tensor) -> Tensor:
 def install_sylvester(layer: Any, site: Site) -> list[Handle]:
     """Sylvester derives from ``Householder``, which is neutral; it is not (it scales its
     input): named as not regularised, like every transform without an adapter."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    level, frame = 1, sys._getframe(0)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        level, frame = level + 1, frame.f_back  # to the user's attach
     warnings.warn(
         f"klj-reg does not regularise these invertible layers (no adapter): {site.label}. "
-        "Register them with klj_reg.register_adapter if they scale their input, or use "
-        "estimator='hutchinson'.",
-        stacklevel=4,
+        "Register them with klj_reg.register_adapter if they scale their input.",
+        stacklevel=level,
     )
     return []
 
