@@ -183,8 +183,9 @@ def _watch_hierarchy(base: type) -> None:
     base._klj_peer_subclass = True  # type: ignore[attr-defined]
 
 
-def _roots() -> list[type]:
-    """The base classes of the frameworks' models and layers (those installed)."""
+def _roots(suite: str) -> list[type]:
+    """The base classes of the frameworks' models and layers (those installed; Pyro's only
+    for its own suite)."""
     found: list[type] = []
     try:
         import FrEIA.modules
@@ -221,12 +222,14 @@ def _roots() -> list[type]:
         found += [zuko.lazy.LazyTransform, zuko.lazy.Flow]
     except ImportError:
         pass
-    try:
-        import pyro.distributions.torch_transform as pyro_transforms
+    if suite == "pyro":  # importing pyro turns torch's distribution validation back on, which
+        # zuko turns off on import and its suite needs off: only where its suite runs
+        try:
+            import pyro.distributions.torch_transform as pyro_transforms
 
-        found += [pyro_transforms.TransformModule, pyro_transforms.ComposeTransformModule]
-    except ImportError:
-        pass
+            found += [pyro_transforms.TransformModule, pyro_transforms.ComposeTransformModule]
+        except ImportError:
+            pass
     return found
 
 
@@ -439,7 +442,7 @@ def _suite(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     global _enabled
     _enabled = not config.getoption("klj_baseline")
-    for root in _roots():
+    for root in _roots(_suite(config)):
         _watch_hierarchy(root)
     PassBook.end = _end_and_check  # type: ignore[method-assign,assignment]
     PassBook.record = _record_in_a_pass  # type: ignore[method-assign,assignment]

@@ -150,13 +150,13 @@ def test_the_baseline_attaches_nothing_and_too_few_penalties_fail(run: Runner) -
 @pytest.mark.slow
 def test_the_harness_attaches_pyro_transforms_and_checks_their_passes(run: Runner) -> None:
     pytest.importorskip("pyro")
-    result = run("--klj-min-penalties=1", "-v", "test_pyro_suite.py")
+    result = run("--klj-suite=pyro", "--klj-min-penalties=1", "-v", "test_pyro_suite.py")
     result.assert_outcomes(passed=1)
     # each transform and the composed one (and the spline coupling's own elementwise spline,
     # a transform of its own) when built; one checked pass per transform and log_prob
     result.stdout.fnmatch_lines(
         [
-            "klj-reg peer harness [[]mini]: 6 objects attached*; 6 penalties computed and "
+            "klj-reg peer harness [[]pyro]: 6 objects attached*; 6 penalties computed and "
             "checked (6 with their gradient*; 0 failed checks",
             "*by model: *AffineAutoregressive 1*",
         ]
