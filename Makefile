@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/mypy klj_reg
 	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/python -m pytest
 
-# The four frameworks' own test suites (../shared/peer-tests, run from there) with klj-reg
+# The five frameworks' own test suites (../shared/peer-tests, run from there) with klj-reg
 # attached to every model they build: tests/peer/klj_peer_plugin.py. Skipped, with a
 # message, when ../shared/peer-tests is absent. PEER_ARGS go to each pytest run
 # (--klj-baseline: the suites without klj-reg, for comparison).
