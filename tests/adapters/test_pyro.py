@@ -547,3 +547,16 @@ def test_a_conditioned_transform_is_read_and_its_network_is_no_subnet() -> None:
     got = klj_reg.penalty(t, y, alpha=1.0, normaliser="none")
     klj_reg.detach(t)
     torch.testing.assert_close(got, exact_klj([t], y))
+
+
+def test_log_prob_of_samples_reads_the_data_to_latent_maps_from_pyros_caches() -> None:
+    dim = 4
+    layers = mixed(dim)
+    modules = nn.ModuleList([t for t in layers if isinstance(t, nn.Module)])
+    truth.attach(modules)
+    flow = dist.TransformedDistribution(base(dim), layers)
+    y = flow.rsample((BATCH,))  # records nothing
+    flow.log_prob(y)  # each inverse returns what its forward call cached
+    got = klj_reg.penalty(modules, y, alpha=1.0, normaliser="none")
+    klj_reg.detach(modules)
+    torch.testing.assert_close(got, exact_klj(layers, y.detach()))
