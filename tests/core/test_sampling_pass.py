@@ -617,5 +617,8 @@ def test_a_sampling_pass_on_z_is_found_by_z() -> None:
     attach(inn)
     inn(z1.new_ones(B, 3), rev=True)
     inn(torch.randn(B, 3), rev=True)
-    value = klj_reg.penalty(inn, direction="sample", alpha=1e-2)  # the latest
+    with pytest.raises(klj_reg.CaptureError, match="2 grad-mode sampling passes"):
+        klj_reg.penalty(inn, direction="sample", alpha=1e-2)  # which one is meant?
+    inn(torch.randn(B, 3), rev=True)
+    value = klj_reg.penalty(inn, direction="sample", alpha=1e-2)  # the only one
     assert value.shape == ()
