@@ -317,6 +317,28 @@ def watch_method(
     return handles
 
 
+def add_callbacks(
+    obj: Any,
+    name: str,
+    *,
+    before: Callback | None = None,
+    after: Callback | None = None,
+    final: Callback | None = None,
+) -> None:
+    """The callbacks of :func:`watch_method` on an object met during a pass (a transform
+    built per call), whose class's method its capture already holds: no handles (the
+    callbacks go with the object)."""
+    found = obj.__dict__.get(KEY)
+    if found is None:
+        found = obj.__dict__[KEY] = Binding()
+    if before is not None:
+        found.before.setdefault(name, []).append(before)
+    if after is not None:
+        found.after.setdefault(name, []).append(after)
+    if final is not None:
+        found.final.setdefault(name, []).append(final)
+
+
 def strip_inert(module: nn.Module) -> None:
     """Remove the dispatchers and empty bindings that copies of watched modules carried over
     (modules watched for another attached model keep theirs)."""

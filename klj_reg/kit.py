@@ -1,15 +1,16 @@
 """The adapter kit: what an adapter may touch, and the helpers every adapter needs.
 
-An adapter installs, for each supported layer, callbacks that read tensors the layer computes
-anyway and call :meth:`Site.record` on data-to-latent calls (and, where :attr:`Site.sampling`
-asks for it, ``Site.record(..., sampling=True)`` on latent-to-data calls, with the factors of
-the sampling map: log|e| = -log|d|). It touches the model only through a :class:`Site`:
-:meth:`Site.on_forward` / :meth:`Site.on_pre` (module hooks), :meth:`Site.watch_method` (a
-method the framework calls directly), :meth:`Site.stash` (keep a subnetwork's output for the
-layer's own callback), :attr:`Site.state` (what one call stashed), :meth:`Site.add_subnets`
-(weights ``tau`` regularises). It never stores anything on the model: callbacks live in the
-capture, and the hooks find them through the module they run on (:mod:`klj_reg.hooks`), so
-copies and pickles of a model carry none of them.
+Most layers need none of it directly: an adapter declares a reader (:mod:`klj_reg.reader`)
+and the core installs it. A custom installer (layers whose objects are built per call) and a
+model's entry touch the model only through a :class:`Site` (one captured layer) or a
+:class:`Door` (a model's entry): module hooks (``on_forward`` / ``on_pre``), method watches
+(``watch_method``; ``watch_object`` for objects built during a pass), ``Site.record`` of the
+factors of a data-to-latent call (``sampling=True``: of a latent-to-data call, the sampling
+map's factors, log|e| = -log|d|), ``Site.add_subnets`` (weights ``tau`` regularises). Nothing
+is stored on the model: callbacks live in the capture, and the hooks find them through the
+object they run on (:mod:`klj_reg.hooks`), so copies and pickles of a model carry none of
+them; class patches belong to the capture (``Site.patches``), given back on ``detach`` or when
+the model is collected.
 
 This module imports no framework and nothing else of klj-reg's but its leaves.
 """
@@ -86,6 +87,20 @@ class Door:
         return hooks.watch_method(
             obj, name, before=before, after=after, final=final, patches=self.patches
         )
+
+    def watch_object(
+        self,
+        obj: Any,
+        name: str,
+        *,
+        before: hooks.Callback | None = None,
+        after: hooks.Callback | None = None,
+        final: hooks.Callback | None = None,
+    ) -> None:
+        """:meth:`watch_method` for an object met during a pass: no handles (see
+        :meth:`Site.watch_object`)."""
+        self.patches.hold(type(obj), name)
+        hooks.add_callbacks(obj, name, before=before, after=after, final=final)
 
     on_pre = staticmethod(hooks.on_pre)
     on_forward = staticmethod(hooks.on_forward)
@@ -231,6 +246,23 @@ class Site:
             )
         )
 
+    def watch_object(
+        self,
+        obj: Any,
+        name: str,
+        *,
+        before: hooks.Callback | None = None,
+        after: hooks.Callback | None = None,
+        final: hooks.Callback | None = None,
+    ) -> None:
+        """:meth:`watch_method` for an object met during a pass (a transform built per
+        call): no handles, the callbacks go with the object (hold its class's method at
+        install, ``site.patches.hold(cls, name)``, to wrap it outside any compiled call)."""
+        if (type(obj), name) not in self.patches.held:
+            self.watch_method(obj, name, before=before, after=after, final=final)
+        else:
+            hooks.add_callbacks(obj, name, before=before, after=after, final=final)
+
     def stash(self, net: nn.Module, key: str, *, inputs: bool = False) -> Handle:
         """Keep a reference to ``net``'s output (or its first input) in ``state[key]``."""
         state = self.state
@@ -266,11 +298,6 @@ def first_tensor(obj: Any) -> Tensor | None:
             if found is not None:
                 return found
     return None
-
-
-def direction_sign(inverse: bool) -> float:
-    """The scale of log|d| for a layer run in its forward (+1) or inverse (-1) direction."""
-    return -1.0 if inverse else 1.0
 
 
 def inverted(factors: Iterable[Factor]) -> list[Factor]:
@@ -404,10 +431,6 @@ def log_softplus_plus(eps: float) -> Callable[[Tensor], Tensor]:
         found = _LOG_SOFTPLUS[eps] = log_softplus
     return found
 
-
-Installer = Callable[[nn.Module, Site], Iterable[Handle]]
-"""Installs a layer's capture: callbacks that call ``site.record(...)`` on data-to-latent
-calls, returning their handles."""
 
 Entry = Callable[[nn.Module, Door], Iterable[Handle]]
 """Installs a model's entry: callbacks that open and close ``door`` around each of its

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from . import hooks
+from .errors import AdapterMismatchError
 from .kit import FunctionTap, Handle, Site, first_tensor, inverted, returned_log_det
 from .records import Factor
 
@@ -248,74 +249,78 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
         for _, tap in taps:
             tap.listen(True)
 
-    def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        for key, tap in taps:
-            state[key] = tap.latest()
-            tap.listen(False)
-        kept = state.copy()
-        state.clear()
-        call = Call(args, kwargs, out, kept, False, setup)
-        sampling = sample_when is not None and sample_when(module, call)
-        if sampling:
-            if not site.sampling:
+    read_back = read_sample if read_sample is not None else _inverse_of(read)
+
+    def finisher(sample_method: bool) -> hooks.Callback:
+        """After a call of ``method`` (or, ``sample_method``, of ``sample``): take what it
+        kept, and record the factors of its direction (one function: the hot path)."""
+
+        def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            for key, tap in taps:
+                state[key] = tap.latest()
+                tap.listen(False)
+            kept = state.copy()
+            state.clear()
+            call = Call(args, kwargs, out, kept, sample_method, setup)
+            sampling = sample_method
+            if not sampling and sample_when is not None and sample_when(module, call):
+                sampling, call = True, call._replace(sampling=True)
+            if sampling and not site.sampling:
                 return
-            call = call._replace(sampling=True)
-        _record(module, call, sampling)
-
-    def finish_sample(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        for key, tap in taps:
-            state[key] = tap.latest()
-            tap.listen(False)
-        kept = state.copy()
-        state.clear()
-        if site.sampling:
-            _record(module, Call(args, kwargs, out, kept, True, setup), True)
-
-    def _record(module: Any, call: Call, sampling: bool) -> None:
-        missing = [key for key in required if key not in call.kept]
-        if missing:
-            way = "latent-to-data" if sampling else "data-to-latent"
-            raise site.mismatch(
-                f"{site.label} did not compute what klj-reg reads ({', '.join(missing)}) "
-                f"during its {way} call (are its subnetworks called as net(x), not "
-                "net.forward(x)?)"
-            )
-        try:
-            if sampling:
-                result = (
-                    read_sample(module, call)
-                    if read_sample is not None
-                    else _inverse_of(read)(module, call)
-                )
+            for key in required:
+                if key not in kept:
+                    raise _missing(site, required, kept, sampling)
+            try:
+                result = read_back(module, call) if sampling else read(module, call)
+            except Mismatch as error:
+                raise site.mismatch(f"{site.label}: {error}") from None
+            if result is None:
+                return
+            if isinstance(result, Factor):
+                factors: list[Factor] = [result]
+            elif isinstance(result, Tensor):
+                factors = [Factor(source=result)]
             else:
-                result = read(module, call)
-        except Mismatch as error:
-            raise site.mismatch(f"{site.label}: {error}") from None
-        factors = _factors(result)
-        if factors is None:
-            return
-        if dim is not None:
-            size = dim(module, call)
-        else:
-            x = call.x
-            size = (
-                x.shape[1:].numel()
-                if x is not None
-                else max(f.selected().shape[1:].numel() for f in factors)
-            )
-        own = call.log_det if log_det is None else log_det(module, call)
-        site.record(factors, own, size, sampling)
+                factors = [f if isinstance(f, Factor) else Factor(source=f) for f in result]
+            if dim is not None:
+                size = dim(module, call)
+            else:
+                x = args[0] if args else None
+                if isinstance(x, (list, tuple)) and x:
+                    x = x[0]  # FrEIA: a list of inputs
+                if not isinstance(x, Tensor):
+                    x = call.x
+                size = (
+                    x.shape[1:].numel()
+                    if x is not None
+                    else max(f.selected().shape[1:].numel() for f in factors)
+                )
+            if log_det is None:
+                own = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+                own = own if isinstance(own, Tensor) else None
+            else:
+                own = log_det(module, call)
+            site.record(factors, own, size, sampling)
 
-    handles.extend(
-        _watch(layer, site, adapter.method, begin if (required or taps) else None, finish)
-    )
+        return finish
+
+    # What a call keeps is cleared when it ends; before it only where taps must listen.
+    start = begin if taps else None
+    handles.extend(_watch(layer, site, adapter.method, start, finisher(False)))
     if adapter.sample is not None:
-        handles.extend(
-            _watch(
-                layer, site, adapter.sample, begin if (required or taps) else None, finish_sample
-            )
-        )
+        handles.extend(_watch(layer, site, adapter.sample, start, finisher(True)))
     return handles
+
+
+def _missing(
+    site: Site, required: list[str], kept: dict[str, Any], sampling: bool
+) -> AdapterMismatchError:
+    missing = ", ".join(key for key in required if key not in kept)
+    way = "latent-to-data" if sampling else "data-to-latent"
+    return site.mismatch(
+        f"{site.label} did not compute what klj-reg reads ({missing}) during its {way} call "
+        "(are its subnetworks called as net(x), not net.forward(x)?)"
+    )
 
 
 def _keeper(state: dict[str, Any], key: str, spec: Keep) -> hooks.Callback:

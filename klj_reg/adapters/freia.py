@@ -1,22 +1,23 @@
 r"""FrEIA: coupling blocks, AllInOneBlock, ActNorm and friends.
 
 FrEIA maps data to latent with ``rev=False``. Each block's scale ``s`` (the log of its Jacobian
-diagonal) is a local variable, so hooks on the block's subnetworks keep a reference to their
-outputs, and the block's own forward hook turns them into factors with the block's own
-clamping function, only for ``rev=False`` calls:
+diagonal) is a local variable, so each block's reader keeps its subnetworks' outputs during
+its call and turns them into factors with the block's own clamping function:
 
 - two-sided blocks (GLOW, RNVP, GIN) are two triangular factors, one per half;
 - AllInOneBlock is :math:`P \cdot \mathrm{diag}(g) \cdot C`: the coupling factor and the
   global scale :math:`g` are separate factors, the permutation contributes zero.
 
-Attached with ``direction="sample"`` (or ``"both"``), ``rev=True`` calls record too: a
-coupling's scale is a function of its conditioning half, computed by the same subnetwork on
-both directions, so the sampling map's factors are the same tensors with
-:math:`\log e = -\log d`; FrEIA's ``rev=True`` log-det is already that map's.
+Attached with ``direction="sample"`` (or ``"both"``), ``rev=True`` calls (``sample_when=rev``)
+record too: a coupling's scale is a function of its conditioning half, computed by the same
+subnetwork on both directions, so the sampling map's factors are the same tensors with
+:math:`\log e = -\log d` (the core's default); FrEIA's ``rev=True`` log-det is already that
+map's.
 
 FrEIA 0.2 (PyPI) scales AllInOneBlock's subnet output in place (``a *= 0.1``) and clamps with
 ``clamp * tanh(a)``; later versions compute ``a = a * 0.1`` and, on master, ``clamp *
-tanh(a / clamp)``. Which one runs is found by probing each block's ``_affine`` once.
+tanh(a / clamp)``. Which one runs is found by probing each block's ``_affine`` once
+(``prepare``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ def is_rev(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 def rev(block: Any, call: Call) -> bool:
     """``sample_when`` of every FrEIA block: its ``rev=True`` calls map latent to data."""
-    return is_rev(block, call.args, call.kwargs)
+    kwargs = call.kwargs
+    if "rev" in kwargs:
+        return bool(kwargs["rev"])
+    index = _REV_INDEX.get(type(block), -1)
+    if index == -1:
+        index = _rev_index(type(block))
+    args = call.args
+    return index is not None and len(args) > index and bool(args[index])
 
 
 def _soft_clamp(block: Any, width: int, gin: bool) -> dict[str, Any]:

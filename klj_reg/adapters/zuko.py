@@ -133,26 +133,32 @@ def _tap_meta(site: Site, transform: Any, cell: list[Tensor]) -> None:
     """Decorate ``transform.meta`` (an attribute of the per-call transform holding zuko's
     hyper-network function) so that the univariate of each DependentTransform it returns
     appends, to ``cell``, the elementwise ladj it computes."""
-    meta = transform.meta
+    meta, tap = transform.meta, _tapper(site, cell)
 
     def tapped_meta(x: Tensor) -> Any:
         inner = meta(x)
         if isinstance(inner, DependentTransform) and inner.base.domain.event_dim == 0:
-            _tap(site, inner.base, cell)
+            tap(inner.base)
         return inner
 
     transform.meta = tapped_meta
 
 
-def _tap(site: Site, univariate: Any, cell: list[Tensor]) -> None:
-    """Append the ladj of each ``call_and_ladj`` / ``log_abs_det_jacobian`` of an elementwise
-    transform to ``cell``."""
-    for method in ("call_and_ladj", "log_abs_det_jacobian"):
+def _tapper(site: Site, cell: list[Tensor]) -> Callable[[Any], None]:
+    """``tap(univariate)``: append the ladj of each of its ``call_and_ladj`` (``(y, ladj)``)
+    and ``log_abs_det_jacobian`` (``ladj``) calls to ``cell``."""
 
-        def keep(obj: Any, args: Any, kwargs: Any, out: Any, _method: str = method) -> None:
-            cell.append(_ladj(_method, out))
+    def pair(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
+        cell.append(out[1])
 
-        site.watch_method(univariate, method, after=keep)
+    def ladj(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
+        cell.append(out)
+
+    def tap(univariate: Any) -> None:
+        site.watch_object(univariate, "call_and_ladj", after=pair)
+        site.watch_object(univariate, "log_abs_det_jacobian", after=ladj)
+
+    return tap
 
 
 def _record(
@@ -187,7 +193,7 @@ def _record(
         own = None if check is None else check * _flat(ladj)
         site.record([read(ladj_each, x)], own, features, sampling)
 
-    site.watch_method(transform, method, before=before, after=after)
+    site.watch_object(transform, method, before=before, after=after)
 
 
 def _rows_of(ladj: Tensor, x: Tensor) -> Factor:
@@ -253,7 +259,7 @@ def decorate(site: Site, transform: Any) -> None:
             _record(site, forward, "log_abs_det_jacobian", _negated_rows, cell, -1.0, True)
     elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
         cell = []
-        _tap(site, transform.base, cell)
+        _tapper(site, cell)(transform.base)
         _record(site, transform, "call_and_ladj", _rows_of, cell)
         if sampling:  # the inverse's univariate calls the forward's log_abs_det_jacobian
             _record(site, transform.base, "log_abs_det_jacobian", _negated_rows, None, None, True)
@@ -303,7 +309,7 @@ def register_lazy_transform(layer_type: type) -> None:
 def _open(door: Door, output: Any) -> None:
     """Make ``transform.call_and_ladj(x)`` (the whole flow's data-to-latent call) a pass."""
     if isinstance(output, Transform):
-        door.watch_method(output, "call_and_ladj", before=_begin(door), final=_end(door))
+        door.watch_object(output, "call_and_ladj", before=_begin(door), final=_end(door))
 
 
 def _begin(door: Door) -> Callable[..., None]:
@@ -329,7 +335,7 @@ def _open_sampling(door: Door, dist: Any) -> None:
         door.begin(None, None, None, sampling=True)
 
     if callable(getattr(dist, "rsample_and_log_prob", None)):
-        door.watch_method(dist, "rsample_and_log_prob", before=begin, final=_end(door))
+        door.watch_object(dist, "rsample_and_log_prob", before=begin, final=_end(door))
 
 
 @framework.entry("Flow", "LazyTransform")

@@ -158,9 +158,12 @@ def test_a_layer_attached_as_the_model_records_into_the_pass_its_inverse_began(
     layer.inverse(x2)
     want2 = klj_reg.penalty(layer, x2, alpha=1e-2)
     layer.inverse(x1)
-    layer.inverse(x2)
     torch.testing.assert_close(klj_reg.penalty(layer, x1, alpha=1e-2), want1)
+    layer.inverse(x1)
+    layer.inverse(x2)  # one unread pass per model: the pass on x1 is dropped
     torch.testing.assert_close(klj_reg.penalty(layer, x2, alpha=1e-2), want2)
+    with pytest.raises(klj_reg.CaptureError, match="dropped unread"):
+        klj_reg.penalty(layer, x1, alpha=1e-2)
 
 
 @pytest.mark.parametrize("context", [0, CONTEXT_DIM])
@@ -704,6 +707,7 @@ def test_multiscale_glow() -> None:
     recs = records(model, lambda: model.forward_kld(x, y))
     assert len(recs) == 6  # coupling, 1x1 convolution, ActNorm per level
     _, log_det = model.inverse_and_log_det(x)
+    klj_reg.clear(model)  # not a pass to train on
     total = sum(implied_log_det(r) for r in recs.values())
     torch.testing.assert_close(torch.broadcast_to(total, log_det.shape), log_det)
     model.zero_grad()
