@@ -104,38 +104,33 @@ def _halves(block: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
 
-@framework.reads(
-    "GLOWCouplingBlock",
-    "GINCouplingBlock",
-    keep={"a2": "subnet2", "a1": "subnet1"},
-    prepare=_halves,
-    sample_when=rev,
-)
 def two_sided(block: Any, call: Call) -> list[Factor]:
-    r"""GLOW / GIN: subnet2 scales the first half, then subnet1 scales the second. On
-    ``rev=True`` the same subnetworks give the same scales: the sampling map's factors are
-    these with :math:`\log e = -\log d` (the core's default)."""
+    r"""GLOW / GIN / RNVP: the first half is scaled by one subnetwork's output, then the second
+    by the other's. On ``rev=True`` the same subnetworks give the same scales: the sampling
+    map's factors are these with :math:`\log e = -\log d` (the core's default)."""
     first, second = call.setup
     return [
-        Factor(source=call.kept["a2"], **first),
-        Factor(source=call.kept["a1"], **second),
+        Factor(source=call.kept["first"], **first),
+        Factor(source=call.kept["second"], **second),
     ]
 
 
-@framework.reads(
-    "RNVPCouplingBlock",
-    keep={"s2": "subnet_s2", "s1": "subnet_s1"},
+framework.adapter(
+    "GLOWCouplingBlock",
+    "GINCouplingBlock",
+    read=two_sided,
+    keep={"first": "subnet2", "second": "subnet1"},
+    prepare=_halves,
+    sample_when=rev,
+)
+framework.adapter(
+    "RNVPCouplingBlock",  # separate scale and shift subnetworks
+    read=two_sided,
+    keep={"first": "subnet_s2", "second": "subnet_s1"},
     subnets=lambda b: [b.subnet_s1, b.subnet_s2, b.subnet_t1, b.subnet_t2],
     prepare=_halves,
     sample_when=rev,
 )
-def rnvp(block: Any, call: Call) -> list[Factor]:
-    """RNVP: separate scale subnets ``subnet_s2`` (first half) and ``subnet_s1`` (second)."""
-    first, second = call.setup
-    return [
-        Factor(source=call.kept["s2"], **first),
-        Factor(source=call.kept["s1"], **second),
-    ]
 
 
 def _one_side(block: Any) -> dict[str, Any]:

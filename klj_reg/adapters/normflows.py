@@ -2,11 +2,9 @@ r"""normflows: affine and spline couplings, autoregressive flows, ActNorm, LU mi
 
 normflows' ``Flow.forward`` maps latent to data; training (``forward_kld``, ``log_prob``,
 ``inverse_and_log_det``) calls each layer's ``.inverse`` directly, never through
-``Module.__call__``, so module hooks on the layers never fire. Each captured layer's
-``inverse`` is watched with :meth:`klj_reg.kit.Site.watch_method` (class patch,
-per-instance dispatch) and records the layer from what it returned and what its subnetworks returned
-(these are called through ``__call__``, so forward hooks on them stash their outputs). Its
-``forward`` is watched only to drop whatever a latent-to-data (sampling) call stashed.
+``Module.__call__``. Each layer's reader (:mod:`klj_reg.reader`) therefore watches
+``method="inverse"`` and keeps its subnetworks' outputs (called through ``__call__``) during
+that call; ``sample="forward"`` reads the other direction.
 
 The factors, as the diagonal :math:`d` of the data-to-latent map (the layer's ``.inverse``):
 
