@@ -3,11 +3,14 @@
 
 Per regime and backend, every KLJ row is compared with plain IB γ→∞ **of the same seed**
 (same initialisation, training subset and batch order): the paired difference of the
-typicality AUROC per OoD set and of its mean over the sets with headroom, with the sign count.
+typicality AUROC per OoD set and of its mean over the four sets (the *headline*), with the sign
+count; the mean over the sets with headroom is reported beside it.
 
 - **Headroom** (the gate, on plain seed 0 before any KLJ run): a set whose typicality AUROC
   is within :data:`CHANCE_BAND` points of 50 or at least :data:`CEILING` is *pinned* for that
-  regime and backend and left out of the headline mean (reported all the same).
+  regime and backend: flagged, and left out of the secondary *headroom mean* (amendment 2:
+  the headline is the four-set mean, as the paper's and the issue's metric, because the
+  paper's own baseline sits at chance on Noisy, where it reports its largest gain).
 - **Overfitting** (the gate of regime B): plain seed 0's training accuracy (eval mode, first
   2,000 training images) minus test accuracy must exceed :data:`GAP` points.
 - **Plateau**: a run is scorable when the least-squares trend of its test ``L_x`` over the last
@@ -109,12 +112,15 @@ def compare(
         n: [auroc(row[s], n, SECONDARY) - auroc(plain[s], n, SECONDARY) for s in seeds]
         for n in OOD_NAMES
     }
-    diffs = [headline(row[s], sets) - headline(plain[s], sets) for s in seeds]
+    diffs = [headline(row[s], OOD_NAMES) - headline(plain[s], OOD_NAMES) for s in seeds]
+    room = [headline(row[s], sets) - headline(plain[s], sets) for s in seeds]
     acc = [row[s]["metrics"]["accuracy"] - plain[s]["metrics"]["accuracy"] for s in seeds]
     ok = all(scorable(row[s]) and scorable(plain[s]) for s in seeds)
     out = {
         "seeds": seeds,
         "headline": diffs,
+        "headroom": room,
+        "headroom_mean": statistics.fmean(room) if room else math.nan,
         "mean": statistics.fmean(diffs) if diffs else math.nan,
         "positive": sum(d > 0 for d in diffs),
         "per_set": per_set,
@@ -174,7 +180,7 @@ def analyse(out: pathlib.Path) -> dict[str, Any]:
         plain = found.get("plain", {})
         g = gate(plain.get(0), regime)
         sets = [n for n in OOD_NAMES if n not in g["pinned"]]
-        cell: dict[str, Any] = {"gate": g, "headline_sets": sets, "rows": {}}
+        cell: dict[str, Any] = {"gate": g, "headroom_sets": sets, "rows": {}}
         for row in rows(backend):
             runs = found.get(row.key, {})
             for r in runs.values():
@@ -251,31 +257,28 @@ def markdown(a: dict[str, Any]) -> str:
                 )
             )
         lines.append(
-            "- headline: mean over "
-            + ", ".join(NAMES[n] for n in cell["headline_sets"])
+            "- headline: the mean over the four sets; headroom mean (secondary): over "
+            + (", ".join(NAMES[n] for n in cell["headroom_sets"]) or "none")
             + f"; scorable: |trend of test L_x over the last third| <= {DRIFT:g} nats/dim"
         )
         head = " | ".join(NAMES[n] for n in OOD_NAMES)
         lines += [
             "",
             f"| row | seeds | {head} | headline | Δ headline (paired) [per seed] | k/n | "
-            "Δ acc | L_x drift | reading |",
-            "|---|---|" + "---|" * len(OOD_NAMES) + "---|---|---|---|---|---|",
+            "Δ headroom mean | Δ acc | L_x drift | reading |",
+            "|---|---|" + "---|" * len(OOD_NAMES) + "---|---|---|---|---|---|---|",
         ]
         for entry in cell["rows"].values():
             typ = " | ".join(_f(_mean(entry["typicality"][n])) for n in OOD_NAMES)
             seeds = len(entry["seeds"])
             hl = _mean(
-                [
-                    _mean([entry["typicality"][n][i] for n in cell["headline_sets"]])
-                    for i in range(seeds)
-                ]
+                [_mean([entry["typicality"][n][i] for n in OOD_NAMES]) for i in range(seeds)]
             )
             drift_max = max((abs(d) for d in entry["drift"] if math.isfinite(d)), default=math.nan)
             p = entry.get("paired")
             if p is None:
                 lines.append(
-                    f"| {entry['label']} | {seeds} | {typ} | {_f(hl)} | | | | "
+                    f"| {entry['label']} | {seeds} | {typ} | {_f(hl)} | | | | | "
                     f"{_f(drift_max, 3)} | baseline |"
                 )
                 continue
@@ -283,7 +286,8 @@ def markdown(a: dict[str, Any]) -> str:
             lines.append(
                 f"| {entry['label']} | {seeds} | {typ} | {_f(hl)} | {_f(p['mean'], 1, True)} "
                 f"[{per}] | {p['positive']}/{len(p['headline'])} | "
-                f"{_f(_mean(p['accuracy']), 1, True)} | {_f(drift_max, 3)} | {p['reading']} |"
+                f"{_f(p['headroom_mean'], 1, True)} | {_f(_mean(p['accuracy']), 1, True)} | "
+                f"{_f(drift_max, 3)} | {p['reading']} |"
             )
         lines += [
             "",

@@ -139,22 +139,29 @@ def test_rules_pinned_sets_pairing_plateau_and_verdict(tmp_path: pathlib.Path) -
             for key in keys[1:]:
                 auc = dict(BASE, rot_rgb=60.0 + seed)
                 if regime == "B" and key == "jac0.01":
-                    auc["rot_rgb"] += 5.0 + seed  # helps in B: +5, +6, +7 on the only free set
+                    auc["rot_rgb"] += 5.0 + seed  # +5, +6, +7 on one set: +1.25.. on four
+                if regime == "B" and key == "rc0.01":
+                    auc["noisy"] += 10.0 + 2 * seed  # +10, +12, +14 on a pinned set: helps
                 if regime == "A" and key == "rc0.01":
                     auc["tinyimagenet"] += [3.0, -1.0, 4.0][seed]  # mixed signs
                 drifting = regime == "A" and key == "rc0.001"
                 _write(tmp_path, _run(regime, key, seed, auc, lx_end=5.0 if drifting else 1.0))
     a = calibrated_report.write(tmp_path)
     cell = a["cells"]["A/freia"]
-    # QuickDraw at 99 and Noisy at 51 are pinned: the headline is Rot and TinyImageNet
+    # QuickDraw at 99 and Noisy at 51 are pinned: flagged, out of the headroom mean (Rot and
+    # TinyImageNet); the headline is the four-set mean
     assert set(cell["gate"]["pinned"]) == {"quickdraw", "noisy"}
-    assert cell["headline_sets"] == ["rot_rgb", "tinyimagenet"]
+    assert cell["headroom_sets"] == ["rot_rgb", "tinyimagenet"]
     rows = cell["rows"]
     assert rows["rc0.001"]["paired"]["reading"].startswith("unscorable")
     assert rows["rc0.01"]["paired"]["positive"] == 2
     assert rows["rc0.01"]["paired"]["reading"] == "no detectable effect"
     b = a["cells"]["B/freia"]["rows"]["jac0.01"]["paired"]
-    assert b["headline"] == pytest.approx([2.5, 3.0, 3.5]) and b["reading"] == "helps"
+    assert b["headroom"] == pytest.approx([2.5, 3.0, 3.5])  # +5..7 on Rot, over 2 sets
+    assert b["headline"] == pytest.approx([1.25, 1.5, 1.75])  # over 4 sets
+    assert b["reading"] == "no detectable effect"  # below +2 on the four-set mean
+    big = a["cells"]["B/freia"]["rows"]["rc0.01"]["paired"]
+    assert big["headline"] == pytest.approx([2.5, 3.0, 3.5]) and big["reading"] == "helps"
     assert a["cells"]["B/freia"]["gate"]["overfits"] is True
     # regime A has an unscorable row: no verdict, whatever B says
     assert a["verdicts"]["freia"].startswith("no verdict")
@@ -189,7 +196,7 @@ def test_fallback_regime_stands_for_b_only_when_b_does_not_overfit(tmp_path: pat
         for seed in range(3):
             _write(tmp_path, _run(regime, "plain", seed, BASE, train_acc=train_acc))
             for key in keys[1:]:
-                gain = 4.0 if regime == "B2" and key == "rc0.01" else 0.0
+                gain = 10.0 if regime == "B2" and key == "rc0.01" else 0.0
                 auc = dict(BASE, rot_rgb=BASE["rot_rgb"] + gain)
                 _write(tmp_path, _run(regime, key, seed, auc, train_acc=train_acc))
     a = calibrated_report.analyse(tmp_path)
