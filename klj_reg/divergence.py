@@ -65,49 +65,81 @@ class _KLJGroups(torch.autograd.Function):
     ``continued_k`` False skips the tangent continuation where ``2 scale_k s_k`` cannot exceed
     its threshold."""
 
-    generate_vmap_rule = True  # torch.func.vmap: its forward and backward are torch ops
+    @staticmethod
+    def forward(ctx: Any, specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
+        ctx.save_for_backward(*s)
+        ctx.specs = specs
+        return _klj_groups(specs, s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return _klj_groups_backward(ctx, grad)
+
+
+class _KLJGroupsFunc(torch.autograd.Function):
+    """:class:`_KLJGroups` for ``torch.func`` transforms (``grad``, ``vmap``), which need
+    ``setup_context`` apart from ``forward``; torch binds the arguments of such a function
+    through ``inspect`` at every call, so eager calls use :class:`_KLJGroups`."""
+
+    generate_vmap_rule = True  # its forward and backward are torch operators
 
     @staticmethod
     def forward(specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
-        total: Tensor | None = None
-        for (k, weight, continued), t in zip(specs, s, strict=True):
-            two_s = t * k
-            if continued:
-                u = two_s.clamp_max(U_CONTINUED)
-                terms = torch.expm1(u).sub_(u).add_(two_s.sub_(u), alpha=SLOPE_CONTINUED)
-            else:
-                terms = torch.expm1(two_s).sub_(two_s)
-            value = terms.sum()
-            if weight != 1.0:
-                value = value.mul_(weight)
-            total = value if total is None else total + value
-        assert total is not None
-        return total
+        return _klj_groups(specs, s)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        # Separate from forward, as torch.func's transforms (grad, vmap) require.
         ctx.save_for_backward(*inputs[1:])
         ctx.specs = inputs[0]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        grads: list[Tensor | None] = [None]
-        graph = torch.is_grad_enabled()  # create_graph: out of place, so that it differentiates
-        for (k, weight, continued), t, needed in zip(
-            ctx.specs, ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True
-        ):
-            if not needed:
-                grads.append(None)
-            elif graph:
-                u = k * t
-                grads.append(grad * (k * weight) * torch.expm1(u.clamp_max(U_CONTINUED)))
-            else:
-                u = t * k
-                if continued:
-                    u.clamp_max_(U_CONTINUED)
-                grads.append(u.expm1_().mul_(grad * (k * weight)))
-        return tuple(grads)
+        return _klj_groups_backward(ctx, grad)
+
+
+def _apply_groups(specs: tuple[tuple[float, float, bool], ...], *s: Tensor) -> Tensor:
+    """The weighted sum of :func:`klj_terms` over groups, as one autograd node."""
+    functional = torch._C._are_functorch_transforms_active()
+    result: Tensor = (_KLJGroupsFunc if functional else _KLJGroups).apply(specs, *s)
+    return result
+
+
+def _klj_groups(specs: tuple[tuple[float, float, bool], ...], s: tuple[Tensor, ...]) -> Tensor:
+    """The forward of :class:`_KLJGroups`."""
+    total: Tensor | None = None
+    for (k, weight, continued), t in zip(specs, s, strict=True):
+        two_s = t * k
+        if continued:
+            u = two_s.clamp_max(U_CONTINUED)
+            terms = torch.expm1(u).sub_(u).add_(two_s.sub_(u), alpha=SLOPE_CONTINUED)
+        else:
+            terms = torch.expm1(two_s).sub_(two_s)
+        value = terms.sum()
+        if weight != 1.0:
+            value = value.mul_(weight)
+        total = value if total is None else total + value
+    assert total is not None
+    return total
+
+
+def _klj_groups_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward of :class:`_KLJGroups`."""
+    grads: list[Tensor | None] = [None]
+    graph = torch.is_grad_enabled()  # create_graph: out of place, so that it differentiates
+    for (k, weight, continued), t, needed in zip(
+        ctx.specs, ctx.saved_tensors, ctx.needs_input_grad[1:], strict=True
+    ):
+        if not needed:
+            grads.append(None)
+        elif graph:
+            u = k * t
+            grads.append(grad * (k * weight) * torch.expm1(u.clamp_max(U_CONTINUED)))
+        else:
+            u = t * k
+            if continued:
+                u.clamp_max_(U_CONTINUED)
+            grads.append(u.expm1_().mul_(grad * (k * weight)))
+    return tuple(grads)
 
 
 def klj_sum(
@@ -121,7 +153,7 @@ def klj_sum(
     if bounds is not None:
         lo, hi = bounds
         continued = 2.0 * scale * (hi if scale >= 0 else lo) > U_CONTINUED
-    result: Tensor = _KLJGroups.apply(((2.0 * scale, 1.0, continued),), log_abs_d)
+    result: Tensor = _apply_groups(((2.0 * scale, 1.0, continued),), log_abs_d)
     return result
 
 
@@ -284,7 +316,7 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
             inputs.append(s)
         else:
             extra.append(s.sum() * (-2.0 * scale * weight))
-    total: Tensor | None = _KLJGroups.apply(tuple(specs), *inputs) if inputs else None
+    total: Tensor | None = _apply_groups(tuple(specs), *inputs) if inputs else None
     for term in extra:
         total = term if total is None else total + term
     assert total is not None

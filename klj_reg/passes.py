@@ -108,12 +108,14 @@ class Pass:
         "records",
         "untracked",
         "sampling",
+        "order",
     )
 
     def __init__(
         self, inputs: Tensor | None, batch: int | None, dim: int | None, sampling: bool = False
     ) -> None:
         self.sampling = sampling
+        self.order = 0  # when it began, among its book's passes
         self.batch = batch
         self.dim = dim
         self.grad = torch.is_grad_enabled()
@@ -205,6 +207,8 @@ class PassBook:
         self.running_own = False
         """Whether the pass in progress is one the penalty runs itself."""
         self.user_ran = False
+        self.began = 0
+        """Passes begun so far (each pass's ``order``)."""
         """Whether a pass of the user's (not one the penalty ran) has begun since attach."""
 
     # Recording ----------------------------------------------------------------------------
@@ -242,6 +246,10 @@ class PassBook:
             active.remove(self)
 
     def _keep(self, new: Pass) -> None:
+        self.began += 1
+        new.order = self.began
+        if new._input is not None and self.dropped:
+            self._undrop(new._input())
         if not new.grad:
             self.latest_no_grad = new
             return
@@ -257,11 +265,20 @@ class PassBook:
         if not p.records:
             return
         same = p._input is not None and new._input is not None and p._input() is new._input()
-        if not same:
-            self.superseded[p.sampling] += 1
+        if same:
+            return  # the new pass on the same tensor is the one a penalty on it reads
+        self.superseded[p.sampling] += 1
         if p._input is not None:
             p.records, p.data = {}, None
             self.dropped.append(p)
+
+    def _undrop(self, inputs: Tensor | None) -> None:
+        """Forget that a pass on ``inputs`` was superseded: a newer one on it began, or was
+        read."""
+        if inputs is not None:
+            kept = [p for p in self.dropped if p._input is not None and p._input() is not inputs]
+            if len(kept) < len(self.dropped):
+                self.dropped = deque(kept, maxlen=MAX_DROPPED)
 
     def record(self, site: Site, record: LayerRecord, sampling: bool = False) -> None:
         """Store a layer's record in the pass in progress (``sampling``: a record of the
@@ -352,7 +369,13 @@ class PassBook:
         if no_grad is not None and not wanted(no_grad):
             no_grad = None
         if x is None:
-            found = grad[-1] if grad else (no_grad if no_grad_ok else None)
+            found = grad[-1] if grad else None
+            if (
+                no_grad is not None
+                and no_grad_ok
+                and (found is None or no_grad.order > found.order)
+            ):
+                found = no_grad  # gradients off: the latest pass, a no-grad one
             if found is not None and found is not no_grad:
                 self._check_unambiguous(found, grad)
         else:
@@ -416,6 +439,8 @@ class PassBook:
         else:
             self.grad = [p for p in self.grad if p is not found]
             self.superseded[found.sampling] = 0
+            if found._input is not None and self.dropped:
+                self._undrop(found._input())
         if self.implicit is found:
             self.implicit = None
 
