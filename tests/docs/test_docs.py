@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
-FRAMEWORKS = ("FrEIA", "nflows", "normflows", "zuko")
+FRAMEWORKS = ("FrEIA", "nflows", "normflows", "zuko", "pyro")
 LANGUAGES = {"python", "bash", "text", "yaml"}
 
 
