@@ -310,7 +310,12 @@ class PassBook:
         return current is not None and site.name in current.records
 
     def clear(self) -> None:
-        """Forget every pass."""
+        """Forget every pass, the one in progress in this thread included (``detach``, or a
+        pass left open: e.g. one layer of a list-of-transforms model called by hand, which
+        would otherwise keep this thread's other models from recording outside a pass)."""
+        self.active = None
+        if self in _local.books:
+            _local.books.remove(self)
         self.grad.clear()
         self.latest_no_grad = None
         self.implicit = None

@@ -348,3 +348,27 @@ def test_a_pass_open_in_another_thread_keeps_this_threads_records() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert klj_reg.penalty(a, alpha=1.0) > 0  # A's pass, ended in its thread
+
+
+@pytest.mark.usefixtures("scale_adapter")
+def test_detach_ends_a_pass_left_open_in_this_thread() -> None:
+    """A pass that never ended (a list-of-transforms model with one transform called by
+    hand) kept this thread's other models from recording outside a pass, even after its
+    model was detached; detaching (or clearing) it ends it."""
+    from klj_reg import passes
+    from tests.core.test_monitor import Chain
+
+    a, b = Chain(2, D), Chain(2, D)
+    truth.attach(b)
+    capture = klj_reg.attach(a)
+    capture.book.begin(None, 8, D)  # begun, never ended
+    assert passes._active()
+    klj_reg.detach(a)
+    assert not passes._active()
+    x = torch.randn(8, D)
+    h = x
+    for layer in b.layers:
+        h, _ = layer(h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read from b's own records: no pass of its own
+        assert torch.isfinite(klj_reg.penalty(b, x, alpha=1.0))
