@@ -57,6 +57,22 @@ def _all(size: str) -> dict[str, str]:
 
 ADAM = TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4, clip=8.0)
 
+_OVERFIT = Preset(
+    name="overfit",
+    sizes=_all("small"),
+    train=TrainConfig(epochs=150, batch_size=64, bn_refresh=4000),
+    train_limit=4000,
+    test_limit=None,
+    ood_limit=1000,
+    parallel=2,
+    seeds=(0, 1, 2),
+    eval_batch=500,
+    resolution=16,
+    curves=True,
+    notes="converged's flow, 16x16 images and SGD schedule on a class-balanced 4,000 images "
+    "for 150 epochs: the same ~9,300 steps as converged on a set small enough to overfit",
+)
+
 _PRESETS = {
     "smoke": Preset(
         name="smoke",
@@ -98,34 +114,12 @@ _PRESETS = {
         "over 30 epochs of a class-balanced 20,000 images (alpha chosen on 15-epoch runs); "
         "~8 min per run on one free core",
     ),
-    "overfit": Preset(
-        name="overfit",
-        sizes=_all("small"),
-        train=TrainConfig(epochs=150, batch_size=64, bn_refresh=4000),
-        train_limit=4000,
-        test_limit=None,
-        ood_limit=1000,
-        parallel=2,
-        seeds=(0, 1, 2),
-        eval_batch=500,
-        resolution=16,
-        curves=True,
-        notes="converged's flow, 16x16 images and SGD schedule on a class-balanced 4,000 "
-        "images for 150 epochs: the same 9,375 steps as converged on a set small enough to "
-        "overfit",
-    ),
-    "overfit2k": Preset(
+    "overfit": _OVERFIT,
+    "overfit2k": replace(
+        _OVERFIT,
         name="overfit2k",
-        sizes=_all("small"),
-        train=TrainConfig(epochs=300, batch_size=64, bn_refresh=2000, augment=False),
+        train=replace(_OVERFIT.train, epochs=300, bn_refresh=2000, augment=False),
         train_limit=2000,
-        test_limit=None,
-        ood_limit=1000,
-        parallel=2,
-        seeds=(0, 1, 2),
-        eval_batch=500,
-        resolution=16,
-        curves=True,
         notes="the overfit preset's fallback: a class-balanced 2,000 images for 300 epochs "
         "without augmentation (the same ~9,300 steps)",
     ),
