@@ -8,10 +8,13 @@ through ``Module.__call__`` (normflows' ``flow.inverse``) is watched the same wa
 attribute is wrapped once (:func:`watch_method`) and the wrapper dispatches to the callbacks
 of the instance it runs on.
 
-A binding's copy is empty: ``copy.deepcopy`` (EMA and SWA copies, ``AveragedModel``) and
-``pickle`` (``torch.save(model)``) carry the dispatchers over, which then find nothing to call,
-so a copy never records into the original's capture, and the records (tensors inside the
-user's autograd graph) are never copied.
+A binding's copy is empty: ``copy.deepcopy`` (EMA and SWA copies, ``AveragedModel``) carries
+the dispatchers over, which then find nothing to call, so a copy never records into the
+original's capture, and the records (tensors inside the user's autograd graph) are never
+copied. A pickle (``torch.save(model)``) holds nothing of klj-reg, so it loads where klj-reg
+is not installed: a binding is pickled as ``None`` and each dispatcher as :data:`INERT`, a
+built-in that takes any arguments and does nothing (the hook tables keep their shape;
+``attach`` removes those).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ class Binding:
     def __copy__(self) -> Binding:
         return Binding()
 
-    def __reduce__(self) -> tuple[type[Binding], tuple[()]]:
-        return Binding, ()
+    def __reduce__(self) -> tuple[type[None], tuple[()]]:
+        return type(None), ()  # loads as None: nothing of klj-reg in a pickle
 
     def empty(self) -> bool:
         """No callback and no capture left."""
@@ -82,7 +85,34 @@ def bind(module: nn.Module) -> Binding:
     return found
 
 
-class PreDispatch:
+INERT = (getattr, (slice(None), "__init__"))
+"""What a dispatcher is pickled as: ``slice(None).__init__``, a built-in that accepts any
+arguments and returns ``None`` (``object.__init__`` of a type with its own ``__new__``), so
+that a pickled model's hooks load and run, doing nothing, without klj-reg."""
+
+
+def is_inert(hook: Any) -> bool:
+    """Whether ``hook`` is what a pickled dispatcher loads as (:data:`INERT`)."""
+    return isinstance(getattr(hook, "__self__", None), slice) and hook.__name__ == "__init__"
+
+
+class _Dispatch:
+    """What every dispatcher shares: it holds nothing, so a copy is itself, and a pickle of it
+    is :data:`INERT`."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return INERT
+
+    def __copy__(self) -> _Dispatch:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Dispatch:
+        return self
+
+
+class PreDispatch(_Dispatch):
     """A forward pre-hook (with kwargs) calling the module's ``pre`` callbacks."""
 
     __slots__ = ()
@@ -94,7 +124,7 @@ class PreDispatch:
                 fn(module, args, kwargs)
 
 
-class ForwardDispatch:
+class ForwardDispatch(_Dispatch):
     """A forward hook (with kwargs) calling the module's ``forward`` callbacks."""
 
     __slots__ = ()
@@ -108,7 +138,7 @@ class ForwardDispatch:
                 fn(module, args, kwargs, output)
 
 
-class EndDispatch:
+class EndDispatch(_Dispatch):
     """A forward hook run whether the call returns or raises (``always_call``), calling the
     module's ``ended`` callbacks with the module."""
 
@@ -132,7 +162,7 @@ def _install_dispatcher(module: nn.Module, found: Binding, kind: str) -> None:
     # A copy of a watched module carries a dispatcher over: replace it.
     table = module._forward_pre_hooks if kind == "pre" else module._forward_hooks
     for key, hook in list(table.items()):
-        if type(hook) is cls:
+        if type(hook) is cls or is_inert(hook):
             del table[key]
             module._forward_hooks_with_kwargs.pop(key, None)
             module._forward_hooks_always_called.pop(key, None)
@@ -340,8 +370,9 @@ def add_callbacks(
 
 
 def strip_inert(module: nn.Module) -> None:
-    """Remove the dispatchers and empty bindings that copies of watched modules carried over
-    (modules watched for another attached model keep theirs)."""
+    """Remove the dispatchers and empty bindings that copies of watched modules carried over,
+    and what a pickle of them loads as (modules watched for another attached model keep
+    theirs)."""
     for sub in module.modules():
         found = binding(sub)
         if found is not None and not found.empty():
@@ -351,7 +382,9 @@ def strip_inert(module: nn.Module) -> None:
             (sub._forward_pre_hooks, sub._forward_pre_hooks_with_kwargs),
             (sub._forward_hooks, sub._forward_hooks_with_kwargs),
         ):
-            for key in [k for k, hook in table.items() if isinstance(hook, DISPATCHERS)]:
+            for key in [
+                k for k, hook in table.items() if isinstance(hook, DISPATCHERS) or is_inert(hook)
+            ]:
                 del table[key]
                 kwargs.pop(key, None)
                 sub._forward_hooks_always_called.pop(key, None)
