@@ -436,6 +436,13 @@ def effects(summary: list[dict[str, Any]], alpha: float) -> str:
     return "\n".join(lines)
 
 
+def _commit_text(payload: dict[str, Any]) -> str:
+    """The commit the runs were made at, ``-dirty`` with uncommitted changes."""
+    found = payload.get("commit") or {}
+    head = found.get("commit") or "unknown"
+    return f"{head[:7]}{'-dirty' if found.get('dirty') else ''}"
+
+
 def summary_md(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
     return (
@@ -445,7 +452,7 @@ def summary_md(payload: dict[str, Any]) -> str:
         f"{cfg['settings']['hidden']}, {cfg['settings']['steps']} Adam steps (lr "
         f"{cfg['settings']['lr']:g}, batch {cfg['settings']['batch']}) per run; "
         f"wall time {payload['wall_seconds']:.0f} s with {cfg['jobs']} worker(s) on "
-        f"{machine_text(payload['machine'])}.\n\n"
+        f"{machine_text(payload['machine'])}; commit {_commit_text(payload)}.\n\n"
         "Test NLL: bits/dim of the clean 360 test digits (17 levels; lower is better). "
         "AUROC: test digits vs OoD sets by NLL (higher is better). "
         "r: fraction of training images with N(0, 1) noise added; p: class-balanced "
