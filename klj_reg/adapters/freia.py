@@ -244,11 +244,17 @@ def all_in_one(block: Any, call: Call) -> list[Factor]:
     return out
 
 
-def _act_norm(block: Any) -> tuple[Tensor, float, int]:
-    log_scale = getattr(block, "log_scale", None)
-    source, sign = (log_scale, -1.0) if isinstance(log_scale, nn.Parameter) else (block.scale, 1.0)
+def _act_norm(block: Any) -> tuple[str, float, int]:
+    """The name of the parameter holding the log-scale (read in each call: a parameter
+    replaced since attach, or swapped in by ``torch.func.functional_call``, is the one the
+    call used), its sign, and the pixels sharing each channel's scale."""
+    name, sign = (
+        ("log_scale", -1.0)
+        if isinstance(getattr(block, "log_scale", None), nn.Parameter)
+        else ("scale", 1.0)
+    )
     dims = block.dims_in[0] if isinstance(block.dims_in, list) else block.dims_in  # master: [dims]
-    return source, sign, int(torch.Size(dims[1:]).numel())
+    return name, sign, int(torch.Size(dims[1:]).numel())
 
 
 @framework.reads("ActNorm", prepare=_act_norm, sample_when=rev)
@@ -256,8 +262,8 @@ def act_norm(block: Any, call: Call) -> Factor:
     """ActNorm: per-channel factor, shared by every pixel and sample: ``exp(scale)`` in FrEIA
     0.2 (``x * exp(scale) + bias``), ``exp(-log_scale)`` on master (``(x - loc) / scale``, where
     ``scale`` is ``exp(log_scale)``)."""
-    source, sign, pixels = call.setup
-    return Factor(source=source, repeat=pixels, scale=sign)
+    name, sign, pixels = call.setup
+    return Factor(source=getattr(block, name), repeat=pixels, scale=sign)
 
 
 def _uniform_log_det(block: Any, call: Call) -> Tensor:

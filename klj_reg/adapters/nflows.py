@@ -316,17 +316,22 @@ def act_norm(layer: Any, call: Call) -> Factor:
     return Factor(source=scale, log_abs=as_row, repeat=_per_channel(call, scale.numel()))
 
 
-def _batch_log_abs(layer: Any) -> Callable[[Tensor], Tensor]:
+def _batch_log_abs(unconstrained: Tensor, eps: float) -> Callable[[Tensor], Tensor]:
+    """``log(weight) - log(var + eps) / 2`` of a variance ``(1, D)``, with nflows' ``weight``
+    (``softplus(unconstrained_weight) + eps``) of the parameter the call read."""
+    log_weight = log_softplus_plus(eps)
+
     def log_abs(var: Tensor) -> Tensor:
-        return torch.log(layer.weight).unsqueeze(0) - 0.5 * torch.log(var + layer.eps)
+        return log_weight(unconstrained).unsqueeze(0) - 0.5 * torch.log(var + eps)
 
     return log_abs
 
 
-@reads("BatchNorm", prepare=_batch_log_abs)
+@reads("BatchNorm")
 def batch_norm(layer: Any, call: Call) -> Factor:
-    """``weight / sqrt(var + eps)``, var the batch's (training) or the running one."""
-    log_abs = call.setup
+    """``weight / sqrt(var + eps)``, var the batch's (training) or the running one; the
+    weight's parameter is the one the call read (not the layer's at penalty time)."""
+    log_abs = _batch_log_abs(layer.unconstrained_weight, layer.eps)
     if layer.training:
         return Factor(source=call.args[0], log_abs=lambda x: log_abs(x.var(0, keepdim=True)))
     return Factor(source=layer.running_var.unsqueeze(0), log_abs=log_abs)
@@ -361,12 +366,13 @@ def qr_linear(layer: Any, call: Call) -> Factor:
 
 @reads("SVDLinear")
 def svd_linear(layer: Any, call: Call) -> Factor:
-    """``SVDLinear``: the singular values."""
-    source = layer.unconstrained_diagonal.unsqueeze(0)
+    """``SVDLinear``: the singular values ``softplus(u) + eps`` (the layer's own
+    ``diagonal``), through the activation shared with ``LULinear``."""
     return Factor(
-        source=source,
-        log_abs=lambda _: layer.log_diagonal.unsqueeze(0),
+        source=layer.unconstrained_diagonal,
+        log_abs=as_row,
         repeat=_per_channel(call, layer.features),
+        activation=log_softplus_plus(layer.eps),
     )
 
 

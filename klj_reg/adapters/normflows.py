@@ -206,9 +206,8 @@ def cc_affine_const(layer: Any, call: Call) -> Factor:
     shape = tuple(layer.shape)
     y = call.args[1] if len(call.args) > 1 else call.kwargs["y"]
     repeat = call.args[0].shape[1:].numel() // math.prod(shape)
-    return Factor(
-        source=y, log_abs=lambda y: -(layer.s + (y @ layer.s_cc).view(-1, *shape)), repeat=repeat
-    )
+    s, s_cc = layer.s, layer.s_cc  # the parameters this call used
+    return Factor(source=y, log_abs=lambda y: -(s + (y @ s_cc).view(-1, *shape)), repeat=repeat)
 
 
 def _lu_only(layer: Any) -> None:
@@ -257,38 +256,49 @@ TAP = FunctionTap(
 constrained one."""
 
 
+def _spline_settings(owner: Any) -> dict[str, Any]:
+    """The spline settings ``owner`` (the normflows transform) uses, read during the call that
+    records it (``tail_bound`` may be a buffer)."""
+    settings = {
+        "min_bin_width": owner.min_bin_width,
+        "min_bin_height": owner.min_bin_height,
+        "min_derivative": owner.min_derivative,
+    }
+    if owner.tails is not None:
+        settings["tails"], settings["tail_bound"] = owner.tails, owner.tail_bound
+    return settings
+
+
 def _spline_log_abs(
-    owner: Any, x: Tensor, widths: Tensor, heights: Tensor, derivs: Tensor
+    settings: dict[str, Any], x: Tensor, widths: Tensor, heights: Tensor, derivs: Tensor
 ) -> Tensor:
     """Elementwise log|dy/dx| of the data-to-latent (``inverse=False``) spline, with the
-    spline function and settings ``owner`` (the normflows transform) uses."""
-    if owner.tails is None:
-        fn: Any = splines.rational_quadratic_spline
-        kwargs: dict[str, Any] = {}
-    else:
-        fn = splines.unconstrained_rational_quadratic_spline
-        kwargs = {"tails": owner.tails, "tail_bound": owner.tail_bound}
+    spline function and :func:`_spline_settings` the normflows transform uses."""
+    fn: Any = (
+        splines.unconstrained_rational_quadratic_spline
+        if "tails" in settings
+        else splines.rational_quadratic_spline
+    )
     _, log_abs = fn(
         inputs=x,
         unnormalized_widths=widths,
         unnormalized_heights=heights,
         unnormalized_derivatives=derivs,
         inverse=False,
-        min_bin_width=owner.min_bin_width,
-        min_bin_height=owner.min_bin_height,
-        min_derivative=owner.min_derivative,
-        **kwargs,
+        **settings,
     )
     return log_abs
 
 
 def _cdf_log_abs(cdf: Any) -> Map:
-    """Elementwise derivative of a PiecewiseRationalQuadraticCDF at its input ``x``."""
+    """Elementwise derivative of a PiecewiseRationalQuadraticCDF at its input ``x``, from the
+    spline parameters and settings read now, during the call (not at penalty time)."""
+    params = (cdf.unnormalized_widths, cdf.unnormalized_heights, cdf.unnormalized_derivatives)
+    settings = _spline_settings(cdf)
 
     def log_abs(x: Tensor) -> Tensor:
-        params = (cdf.unnormalized_widths, cdf.unnormalized_heights, cdf.unnormalized_derivatives)
         w, h, d = (p.unsqueeze(0).expand(x.shape[0], *p.shape) for p in params)
-        return _spline_log_abs(cdf, x, w, h, d)
+        return _spline_log_abs(settings, x, w, h, d)
 
     return _once(log_abs)
 
@@ -344,6 +354,7 @@ def _lazy_spline(layer: Any, call: Call, x: Tensor) -> Factor:
     hidden = getattr(ar.autoregressive_net, "hidden_features", None)
     params, version = call.kept["params"]
     divided = params._version != version
+    settings = _spline_settings(ar)
 
     def log_abs(p: Tensor) -> Tensor:
         q = p.view(x.shape[0], x.shape[1], ar._output_dim_multiplier())
@@ -351,7 +362,7 @@ def _lazy_spline(layer: Any, call: Call, x: Tensor) -> Factor:
         w, h, d = q[..., :nb], q[..., nb : 2 * nb], q[..., 2 * nb :]
         if hidden is not None and not divided:
             w, h = w / math.sqrt(hidden), h / math.sqrt(hidden)
-        return _spline_log_abs(ar, x, w, h, d)
+        return _spline_log_abs(settings, x, w, h, d)
 
     return Factor(source=params, log_abs=_once(log_abs))
 

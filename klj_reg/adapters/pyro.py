@@ -46,14 +46,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterator
-from functools import partial
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyro.distributions.conditional as conditional
 import pyro.distributions.torch_transform as torch_transform
 import pyro.distributions.transforms as transforms
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kit import Door, Handle, Site
@@ -153,23 +153,32 @@ def read_spline(layer: Any, call: Call) -> Factor | None:
 
 @framework.reads("BatchNorm", method="_inv_call", dim=_dim, log_det=_own_log_det)
 def read_batch_norm(layer: Any, call: Call) -> Factor:
-    r""":math:`\log|d_i| = \log\gamma_i - \tfrac12\log(\sigma_i^2 + \epsilon)`."""
+    r""":math:`\log|d_i| = \log\gamma_i - \tfrac12\log(\sigma_i^2 + \epsilon)`, with the
+    :math:`\gamma` parameter (and moving variance) of this call, not the layer's later."""
     y = call.x
     assert y is not None
     if layer.training:
-        return Factor(source=_rows(y, 1), log_abs=partial(_batch_log_abs, layer, y.shape))
+        return Factor(
+            source=_rows(y, 1), log_abs=_batch_log_abs(layer.gamma, layer.epsilon, y.shape)
+        )
     var = layer.moving_variance
     return Factor(
         source=(layer.constrained_gamma.log() - 0.5 * torch.log(var + layer.epsilon))[None]
     )
 
 
-def _batch_log_abs(layer: Any, shape: torch.Size, rows: Tensor) -> Tensor:
+def _batch_log_abs(gamma: Tensor, epsilon: float, shape: torch.Size) -> Callable[[Tensor], Tensor]:
     """Batch norm in training, from its input as rows: the variance over the input's first
-    axis (Pyro's), one row ``(1, D)`` for a batch of vectors, else one per sample."""
-    y = rows.reshape(shape)
-    log_d = layer.constrained_gamma.log() - 0.5 * torch.log(y.var(0, keepdim=True) + layer.epsilon)
-    return log_d if y.dim() == 2 else _rows(log_d.expand(shape), 1)
+    axis (Pyro's), one row ``(1, D)`` for a batch of vectors, else one per sample; with
+    Pyro's ``constrained_gamma``, ``relu(gamma) + 1e-6``, of the ``gamma`` the call read."""
+
+    def log_abs(rows: Tensor) -> Tensor:
+        y = rows.reshape(shape)
+        log_gamma = torch.log(F.relu(gamma) + 1e-6)
+        log_d = log_gamma - 0.5 * torch.log(y.var(0, keepdim=True) + epsilon)
+        return log_d if y.dim() == 2 else _rows(log_d.expand(shape), 1)
+
+    return log_abs
 
 
 @framework.layers("Sylvester")
