@@ -28,6 +28,7 @@ from .errors import CompileOrderError, UnsupportedModelError
 from .kit import Door, Handle, Site, TapRelease, module_entry
 from .passes import DIRECTIONS, Pass, PassBook
 from .records import LayerRecord
+from .shape import Shape
 
 
 def not_a_module_fix(model: Any) -> str:
@@ -63,6 +64,7 @@ class Capture:
         self.monitors: list[Any] = []  # monitor.Monitor objects fed by each penalty
         self.patches = hooks.Patches()  # the class patches this capture holds
         self.finalizer: weakref.finalize | None = None  # gives them back if the model goes
+        self.shape: Shape | None = None  # the module tree at attach, checked by each pass
 
     @property
     def records(self) -> dict[str, LayerRecord]:
@@ -215,7 +217,8 @@ def _left_out(model: nn.Module, capture: Capture) -> list[str]:
 
 
 def attach(model: nn.Module, direction: str = "data") -> Capture:
-    """Install capture hooks on every supported layer of ``model`` (idempotent).
+    """Install capture hooks on every supported layer of ``model`` (on an attached model: a
+    no-op, or a new scan if its module tree changed since).
 
     Call it before ``torch.compile``; :func:`klj_reg.penalty` calls it on first use
     otherwise. Raises :class:`UnsupportedModelError` when no layer is supported, and
@@ -248,7 +251,9 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
                 "first use): call klj_reg.detach(model), then klj_reg.attach(model, "
                 f"direction={direction!r}), before the model's first pass."
             )
-        return existing
+        if existing.shape is None or not existing.shape.changed():
+            return existing
+        detach(model)  # the model changed since attach: scan it again
     inner = unwrap(model)
     if isinstance(model, nn.Module) and (
         _is_compiled(model) or (isinstance(inner, nn.Module) and _compiled_wrapper_ran(inner))
@@ -285,6 +290,8 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
             "penalty(fn, x, estimator='exact' or 'hutchinson') on the data-to-latent map."
         )
     capture.handles.extend(_entry(model, capture))
+    capture.shape = Shape(model, ((n, s.module, s.subnets) for n, s in capture.sites.items()))
+    capture.book.check = capture.shape.check
     left = _left_out(model, capture)
     if left:
         warnings.warn(

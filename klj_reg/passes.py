@@ -207,6 +207,8 @@ class PassBook:
         self.running_own = False
         """Whether the pass in progress is one the penalty runs itself."""
         self.user_ran = False
+        self.check: Callable[[], None] | None = None
+        """Run as each pass begins: raises if the model changed since attach (``Shape``)."""
         self.began = 0
         """Passes begun so far (each pass's ``order``)."""
         """Whether a pass of the user's (not one the penalty ran) has begun since attach."""
@@ -225,6 +227,8 @@ class PassBook:
         direction the model is not attached for begins nothing."""
         if not (self.sampling if sampling else self.data) or self.paused:
             return
+        if self.check is not None:
+            self.check()  # the model's shape since attach (raises if it changed)
         active = _local.books
         if self in active:
             active.remove(self)  # a pass that ended with an exception

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import klj_reg
+from klj_reg.capture import get_capture
 from tests import truth
 from tests.truth import (
     assert_log_det,
@@ -170,6 +171,10 @@ def test_scales_not_computed_in_the_call_are_an_error_not_a_stale_read() -> None
     flow.sample(5)  # the inverse runs the watched subnetwork: its output is stashed
     shape = (layer.num_identity_features, 2 * layer.num_transform_features)
     layer.transform_net = perturb(net_maker()(*shape))  # no klj-reg hook on this one
+    with pytest.raises(klj_reg.CaptureError, match=r"transform_net \(.*\), captured, is gone"):
+        flow.log_prob(x)  # the pass names the change (tests/core/test_model_changes.py)
+    capture = get_capture(flow)
+    capture.book.check = None  # past that check, the call itself still refuses
     with pytest.raises(klj_reg.AdapterMismatchError, match="did not compute"):
         flow.log_prob(x)
 
