@@ -280,10 +280,14 @@ _warned_untrainable: weakref.WeakSet[Capture] = weakref.WeakSet()
 
 
 def untrainable_layers(records: list[LayerRecord]) -> list[str]:
-    """Layers whose record carries no gradient (no factor's tensor requires grad: a layer
-    without trainable parameters, such as a fixed standardisation)."""
+    """Layers whose record carries no gradient (no factor's log|d| requires grad: a layer
+    without trainable parameters, such as a fixed standardisation). A factor's map may hold
+    the parameter (a batch norm's weight beside the batch's variance), so the maps run: once
+    per capture, off the hot path."""
     return [
-        r.name or "<model>" for r in records if not any(f.source.requires_grad for f in r.factors)
+        r.name or "<model>"
+        for r in records
+        if not any(f.source.requires_grad or f.log_abs_d().requires_grad for f in r.factors)
     ]
 
 

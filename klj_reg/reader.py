@@ -133,7 +133,8 @@ class Adapter:
         read_sample: The factors of a latent-to-data call, of the sampling map (default:
             ``read``'s with :math:`\\log e = -\\log d`).
         prepare: ``prepare(layer)``, run once at attach (probes, maps): what it returns is
-            ``call.setup``.
+            ``call.setup``. It holds no parameter or buffer: the reader reads those during
+            the call (``functional_call`` swaps them for the call only).
         install: A custom installer ``install(layer, site) -> handles`` instead of all the
             above (layers whose objects are built per call, such as zuko's transforms).
         framework: The framework errors name (``"user"``: errors point to your adapter).

@@ -25,8 +25,8 @@ from tests import truth
 pytestmark = [
     pytest.mark.usefixtures("float64"),  # normflows and pyro allocate in the default dtype
     # Batch norm in training and CCAffineConst keep their parameter in the factor's map, not
-    # its source (the input, the class): the untrained-capture warning does not see it.
-    pytest.mark.filterwarnings("ignore:nothing klj-reg captured"),
+    # its source (the input, the class): the untrained-capture warning must still see it.
+    pytest.mark.filterwarnings("error:nothing klj-reg captured"),
 ]
 
 D = 4
