@@ -25,6 +25,8 @@ from torch import Tensor
 import klj_reg
 from klj_reg import linear
 
+from ..common.records import run_metadata
+
 DELTAS = (0.2, 0.5, 2.0, 5.0)
 ALPHAS = (0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         f"b error {hdss['bias_error_after_lbfgs']:.1e}"
     )
     with open(args.out / "linear.json", "w") as f:
-        json.dump({"fig2": one_d, "theorem3": hdss}, f, indent=1)
+        json.dump({**run_metadata("cpu"), "fig2": one_d, "theorem3": hdss}, f, indent=1)
     print(f"wrote {args.out}/fig2.png, theorem3.png, linear.json")
     return 0
 
