@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3000, help="Adam steps for Theorem 3")
     args = parser.parse_args(argv)
+    metadata = run_metadata("cpu")  # before anything is written: the tree as it ran
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         f"b error {hdss['bias_error_after_lbfgs']:.1e}"
     )
     with open(args.out / "linear.json", "w") as f:
-        json.dump({**run_metadata("cpu"), "fig2": one_d, "theorem3": hdss}, f, indent=1)
+        json.dump({**metadata, "fig2": one_d, "theorem3": hdss}, f, indent=1)
     print(f"wrote {args.out}/fig2.png, theorem3.png, linear.json")
     return 0
 
