@@ -54,7 +54,57 @@ class Sink(Protocol):
     def has_record(self, site: Site) -> bool: ...
 
 
-class Door:
+class Watches:
+    """Method watches, shared by a model's entry (:class:`Door`) and a layer's
+    :class:`Site`: class patches are held by the capture (``patches``)."""
+
+    __slots__ = ()
+    patches: hooks.Patches
+
+    def missing(self, what: str) -> Exception:
+        """The error for a method this framework version lacks (a site's names the
+        framework and version its adapter declared)."""
+        return AttributeError(what)
+
+    def watch_method(
+        self,
+        obj: Any,
+        name: str,
+        *,
+        before: hooks.Callback | None = None,
+        after: hooks.Callback | None = None,
+        final: hooks.Callback | None = None,
+    ) -> list[Handle]:
+        """Callbacks around ``obj.<name>(...)``, a method the framework calls directly (the
+        class is patched while the capture holds it; see :func:`klj_reg.hooks.watch_method`);
+        raises :meth:`missing` if ``obj`` lacks it."""
+        if not callable(getattr(obj, name, None)):
+            raise self.missing(
+                f"{type(obj).__name__} has no method {name!r}, which its klj-reg adapter watches"
+            )
+        return list(
+            hooks.watch_method(
+                obj, name, before=before, after=after, final=final, patches=self.patches
+            )
+        )
+
+    def watch_object(
+        self,
+        obj: Any,
+        name: str,
+        *,
+        before: hooks.Callback | None = None,
+        after: hooks.Callback | None = None,
+        final: hooks.Callback | None = None,
+    ) -> None:
+        """:meth:`watch_method` for an object met during a pass (a transform built per
+        call): no handles, the callbacks go with the object (hold its class's method at
+        install, ``site.patches.hold(cls, name)``, to wrap it outside any compiled call)."""
+        self.patches.hold(type(obj), name)
+        hooks.add_callbacks(obj, name, before=before, after=after, final=final)
+
+
+class Door(Watches):
     """A model's entry: its adapter calls ``begin`` when a data-to-latent pass of the model
     starts on ``inputs`` (``batch`` samples of dimension ``dim``) and ``end`` when it ends;
     ``begin(..., sampling=True)`` for a latent-to-data pass (``inputs``, ``batch`` and ``dim``
@@ -74,40 +124,12 @@ class Door:
         self.sampling: bool = book.sampling
         self.patches = patches
 
-    def watch_method(
-        self,
-        obj: Any,
-        name: str,
-        *,
-        before: hooks.Callback | None = None,
-        after: hooks.Callback | None = None,
-        final: hooks.Callback | None = None,
-    ) -> list[Handle]:
-        """Callbacks around ``obj.<name>(...)`` (see :func:`klj_reg.hooks.watch_method`)."""
-        return hooks.watch_method(
-            obj, name, before=before, after=after, final=final, patches=self.patches
-        )
-
-    def watch_object(
-        self,
-        obj: Any,
-        name: str,
-        *,
-        before: hooks.Callback | None = None,
-        after: hooks.Callback | None = None,
-        final: hooks.Callback | None = None,
-    ) -> None:
-        """:meth:`watch_method` for an object met during a pass: no handles (see
-        :meth:`Site.watch_object`)."""
-        self.patches.hold(type(obj), name)
-        hooks.add_callbacks(obj, name, before=before, after=after, final=final)
-
     on_pre = staticmethod(hooks.on_pre)
     on_forward = staticmethod(hooks.on_forward)
     on_end = staticmethod(hooks.on_end)
 
 
-class Site:
+class Site(Watches):
     """One captured layer, as its adapter sees it.
 
     Attributes:
@@ -224,44 +246,8 @@ class Site:
         """Call ``fn(module, args, kwargs)`` before each ``module(...)``."""
         return hooks.on_pre(module, fn)
 
-    def watch_method(
-        self,
-        obj: Any,
-        name: str,
-        *,
-        before: hooks.Callback | None = None,
-        after: hooks.Callback | None = None,
-        final: hooks.Callback | None = None,
-    ) -> list[Handle]:
-        """Callbacks around ``obj.<name>(...)``, a method the framework calls directly (the
-        class is patched while the capture holds it); raises :class:`AdapterMismatchError`
-        if this framework version lacks it."""
-        if not callable(getattr(obj, name, None)):
-            raise self.mismatch(
-                f"{type(obj).__name__} has no method {name!r}, which its klj-reg adapter watches"
-            )
-        return list(
-            hooks.watch_method(
-                obj, name, before=before, after=after, final=final, patches=self.patches
-            )
-        )
-
-    def watch_object(
-        self,
-        obj: Any,
-        name: str,
-        *,
-        before: hooks.Callback | None = None,
-        after: hooks.Callback | None = None,
-        final: hooks.Callback | None = None,
-    ) -> None:
-        """:meth:`watch_method` for an object met during a pass (a transform built per
-        call): no handles, the callbacks go with the object (hold its class's method at
-        install, ``site.patches.hold(cls, name)``, to wrap it outside any compiled call)."""
-        if (type(obj), name) not in self.patches.held:
-            self.watch_method(obj, name, before=before, after=after, final=final)
-        else:
-            hooks.add_callbacks(obj, name, before=before, after=after, final=final)
+    def missing(self, what: str) -> Exception:
+        return self.mismatch(what)
 
     def stash(self, net: nn.Module, key: str, *, inputs: bool = False) -> Handle:
         """Keep a reference to ``net``'s output (or its first input) in ``state[key]``."""

@@ -98,6 +98,13 @@ def _fresh_penalty(model: nn.Module) -> Tensor:
         return klj_reg.penalty(model, X, alpha=1.0)
 
 
+def _assert_reads_as_attached_fresh(model: nn.Module) -> None:
+    """The attached model's penalty on its waiting pass is that of a fresh capture."""
+    value = klj_reg.penalty(model, X, alpha=1.0)
+    klj_reg.detach(model)
+    torch.testing.assert_close(value, _fresh_penalty(model))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_change_that_matters_raises_at_the_next_pass_naming_it(case: str) -> None:
     build, change, named = CASES[case]
@@ -124,9 +131,7 @@ def test_attach_again_scans_the_changed_model(case: str) -> None:
     capture = klj_reg.attach(model)
     assert capture is get_capture(model)
     _run(model)
-    value = klj_reg.penalty(model, X, alpha=1.0)
-    klj_reg.detach(model)
-    torch.testing.assert_close(value, _fresh_penalty(model))
+    _assert_reads_as_attached_fresh(model)
 
 
 def test_attach_on_an_unchanged_model_is_a_no_op() -> None:
@@ -147,9 +152,7 @@ def test_a_change_outside_the_flow_layers_is_taken_silently() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(flow)
-    value = klj_reg.penalty(flow, X, alpha=1.0)
-    klj_reg.detach(flow)
-    torch.testing.assert_close(value, _fresh_penalty(flow))
+    _assert_reads_as_attached_fresh(flow)
 
 
 def test_a_monitor_survives_attach_again() -> None:
