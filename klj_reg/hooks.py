@@ -202,28 +202,26 @@ class Handle:
             self.module.__dict__.pop(KEY, None)
 
 
+def _on(module: nn.Module, kind: str, fn: Callback) -> Handle:
+    found = bind(module)
+    _install_dispatcher(module, found, kind)
+    getattr(found, kind).append(fn)
+    return Handle(module, kind, None, fn)
+
+
 def on_pre(module: nn.Module, fn: Callback) -> Handle:
     """Call ``fn(module, args, kwargs)`` before each ``module(...)``."""
-    found = bind(module)
-    _install_dispatcher(module, found, "pre")
-    found.pre.append(fn)
-    return Handle(module, "pre", None, fn)
+    return _on(module, "pre", fn)
 
 
 def on_forward(module: nn.Module, fn: Callback) -> Handle:
     """Call ``fn(module, args, kwargs, output)`` after each ``module(...)``."""
-    found = bind(module)
-    _install_dispatcher(module, found, "forward")
-    found.forward.append(fn)
-    return Handle(module, "forward", None, fn)
+    return _on(module, "forward", fn)
 
 
 def on_end(module: nn.Module, fn: Callback) -> Handle:
     """Call ``fn(module)`` after each ``module(...)``, whether it returns or raises."""
-    found = bind(module)
-    _install_dispatcher(module, found, "ended")
-    found.ended.append(fn)
-    return Handle(module, "ended", None, fn)
+    return _on(module, "ended", fn)
 
 
 # Methods called directly --------------------------------------------------------------------
