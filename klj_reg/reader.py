@@ -286,11 +286,7 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             if dim is not None:
                 size = dim(module, call)
             else:
-                x = args[0] if args else None
-                if isinstance(x, (list, tuple)) and x:
-                    x = x[0]  # FrEIA: a list of inputs
-                if not isinstance(x, Tensor):
-                    x = call.x
+                x = call.x  # the first tensor argument (of a list of inputs too)
                 size = (
                     x.shape[1:].numel()
                     if x is not None
