@@ -123,6 +123,13 @@ def _attach(obj: nn.Module) -> None:
         return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=QUIET)
+        # A part attached when its own __init__ finished and changed since by the
+        # constructor around it (zuko's SOSPF inserts soft clips into MAF's transforms) is
+        # scanned again, as a user who changes an attached model attaches it again.
+        for part in obj.modules():
+            if part is not obj and get_capture(part) is not None:
+                again = klj_reg.attach(part)
+                _models[again.book] = weakref.ref(part)
         try:
             capture = klj_reg.attach(obj)
         except klj_reg.UnsupportedModelError:
