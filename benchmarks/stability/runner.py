@@ -290,9 +290,14 @@ def selection_runs(config: str, quick: bool) -> list[Run]:
 
 def choose_alpha(results: list[dict[str, Any]]) -> float:
     """The alpha whose selection run ends with the lowest validation NLL (a failed run counts
-    as +inf; ties go to the smaller alpha). Reads only selection runs' results."""
+    as +inf; ties go to the smaller alpha). Reads only selection runs' results. When every
+    selection run failed, the tie rule gives the smallest alpha (the gallery's protocol since
+    its first run), where :func:`klj_reg.pick_alpha` refuses to choose."""
     if any(r["split"] != "validation" for r in results):
         raise ValueError("choose_alpha reads validation runs only")
-    return klj_reg.pick_alpha(
-        {r["alpha"]: r["final_nll"] if r["final_nll"] is not None else math.inf for r in results}
-    )
+    scores = {
+        r["alpha"]: r["final_nll"] if r["final_nll"] is not None else math.inf for r in results
+    }
+    if not any(math.isfinite(s) for s in scores.values()):
+        return min(scores)
+    return klj_reg.pick_alpha(scores)

@@ -196,6 +196,9 @@ def test_choose_alpha_prefers_the_lowest_validation_nll_and_skips_failures() -> 
         {"split": "validation", "alpha": 1.0, "final_nll": 0.2},
     ]
     assert runner.choose_alpha(runs) == 1e-1  # tie: the smaller alpha
+    # every selection run failed (near-singular, high-lr): the smallest alpha, not an error
+    failed = [{"split": "validation", "alpha": a, "final_nll": None} for a in (1.0, 1e-2, 1e-3)]
+    assert runner.choose_alpha(failed) == 1e-3
 
 
 def test_every_configuration_cites_a_report_and_every_backend_appears() -> None:
