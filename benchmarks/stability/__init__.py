@@ -216,8 +216,10 @@ def summary_md(payload: dict[str, Any]) -> str:
         + report.paired_table(payload["runs"], cfgs)
         + "\n\n## The monitor on plain runs\n\n"
         "`klj_reg.Monitor(model, window=20, factor=10, every=1)` fed with every training "
-        "batch: a layer is flagged when its KLJ is non-finite or exceeds 10x the larger of 1 "
-        "and its minimum over the previous 20 steps. A failure counts as *flagged* when the "
+        "batch: a layer is flagged when its KLJ is non-finite or exceeds 10x the larger of "
+        "the median of its previous 20 values and its floor (0.1 per entry of its Jacobian "
+        "diagonal; the monitor's defaults since c693f62, before which the reference was the "
+        "window's minimum and the floor 1 per layer). A failure counts as *flagged* when the "
         f"last flag at or before the failing step came at most {runner.WARNING_WINDOW} steps "
         "before it; *lead*: steps from that flag to the failure; *false alarms*: surviving "
         "plain runs that were flagged at any step. Held-out failures are detected at "
