@@ -207,11 +207,11 @@ class PassBook:
         self.running_own = False
         """Whether the pass in progress is one the penalty runs itself."""
         self.user_ran = False
-        self.check: Callable[[], None] | None = None
-        """Run as each pass begins: raises if the model changed since attach (``Shape``)."""
+        """Whether a pass of the user's (not one the penalty ran) has begun since attach."""
         self.began = 0
         """Passes begun so far (each pass's ``order``)."""
-        """Whether a pass of the user's (not one the penalty ran) has begun since attach."""
+        self.check: Callable[[], None] | None = None
+        """Run as each pass begins: raises if the model changed since attach (``Shape``)."""
 
     # Recording ----------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ class Shape:
                 for end in range(len(parts) + 1):
                     prefix = ".".join(parts[:end])
                     if prefix not in found:
-                        try:
+                        try:  # (a module shared by two paths is named once by named_modules)
                             found[prefix] = model.get_submodule(prefix)
                         except AttributeError:  # a part recorded under its layer's name
                             break
@@ -50,10 +50,7 @@ class Shape:
         captured.update(id(m) for m in found.values())
         self.captured = captured
         """The modules whose replacement or removal changes what is read."""
-        self.watched: list[tuple[str, nn.Module, tuple[nn.Module | None, ...], tuple[str, ...]]]
-        self.watched = [
-            (path, m, tuple(m._modules.values()), tuple(m._modules)) for path, m in found.items()
-        ]
+        self.watched = [_seen(path, m) for path, m in found.items()]
 
     def check(self) -> None:
         """Raise if a watched module's children changed in a way that matters; accept any
@@ -70,12 +67,7 @@ class Shape:
                         "klj_reg.attach(model) again after changing the model (it scans the "
                         "model again)."
                     )
-                self.watched[i] = (
-                    path,
-                    module,
-                    tuple(module._modules.values()),
-                    tuple(module._modules),
-                )
+                self.watched[i] = _seen(path, module)
 
     def changed(self) -> bool:
         """Whether any watched module's children differ from those seen (any change)."""
@@ -99,6 +91,14 @@ class Shape:
             if child is not None and id(child) not in now and id(child) in self.captured:
                 out.append(f"{_join(path, name)} ({type(child).__name__}), captured, is gone")
         return out
+
+
+Seen = tuple[str, nn.Module, tuple[nn.Module | None, ...], tuple[str, ...]]
+"""``(path, module, its children, their names)``."""
+
+
+def _seen(path: str, module: nn.Module) -> Seen:
+    return path, module, tuple(module._modules.values()), tuple(module._modules)
 
 
 def _has_flow_layer(module: nn.Module) -> bool:

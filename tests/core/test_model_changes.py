@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -105,31 +106,32 @@ def _assert_reads_as_attached_fresh(model: nn.Module) -> None:
     torch.testing.assert_close(value, _fresh_penalty(model))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_change_that_matters_raises_at_the_next_pass_naming_it(case: str) -> None:
-    build, change, named = CASES[case]
+def _attached_used_and_changed(case: str) -> tuple[nn.Module, Any]:
+    """The case's model, attached and trained one pass, then changed: with its capture."""
+    build, change, _ = CASES[case]
     torch.manual_seed(0)
     model = build()
-    klj_reg.attach(model)
+    capture = klj_reg.attach(model)
     _run(model)
     klj_reg.penalty(model, X, alpha=1.0)
     change(model)
+    return model, capture
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_change_that_matters_raises_at_the_next_pass_naming_it(case: str) -> None:
+    model, _ = _attached_used_and_changed(case)
     with pytest.raises(CaptureError, match="changed after klj_reg.attach") as error:
         _run(model)
-    assert named in str(error.value)
+    assert CASES[case][2] in str(error.value)
     assert "klj_reg.attach(model) again" in str(error.value)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_attach_again_scans_the_changed_model(case: str) -> None:
-    build, change, _ = CASES[case]
-    torch.manual_seed(0)
-    model = build()
-    klj_reg.attach(model)
-    _run(model)
-    change(model)
+    model, before = _attached_used_and_changed(case)
     capture = klj_reg.attach(model)
-    assert capture is get_capture(model)
+    assert capture is not before and capture is get_capture(model)
     _run(model)
     _assert_reads_as_attached_fresh(model)
 
