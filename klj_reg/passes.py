@@ -74,12 +74,24 @@ def _active() -> list[PassBook]:
     return _local.books
 
 
+class _Held:
+    """A strong reference called like a weak one: ``_Held(t)() is t``."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t
+
+    def __call__(self) -> Tensor:
+        return self.t
+
+
 def _weak(t: Tensor) -> Callable[[], Tensor | None]:
     """A weak reference to ``t`` (a strong one where a tensor cannot be weakly referenced)."""
     try:
         return weakref.ref(t)
     except TypeError:  # pragma: no cover - every torch.Tensor takes weak references
-        return lambda: t
+        return _Held(t)
 
 
 class Pass:
@@ -126,10 +138,13 @@ class Pass:
         self.data: Tensor | None = None
         if inputs is None:
             return
-        self._input = _weak(inputs)
-        if torch.compiler.is_compiling():  # traced: no view tracking (a graph break)
-            self._root, self.data = self._input, inputs
+        if torch.compiler.is_compiling():
+            # Traced: no view tracking, and a strong reference (torch < 2.6 cannot trace
+            # weakref.ref: each was a graph break).
+            self._input = self._root = _Held(inputs)
+            self.data = inputs
             return
+        self._input = _weak(inputs)
         base = inputs._base
         self._root = self._input if base is None else _weak(base)
         self.data = inputs.detach()  # its values, without the graph that made it
@@ -246,7 +261,9 @@ class PassBook:
             return
         self.active = None
         active = _local.books
-        if self in active:
+        if active and active[-1] is self:
+            active.pop()  # the innermost, as a rule (and traceable by torch < 2.6)
+        elif self in active:
             active.remove(self)
 
     def _keep(self, new: Pass) -> None:

@@ -84,13 +84,18 @@ class Call(NamedTuple):
     @property
     def x(self) -> Tensor | None:
         """The call's first tensor argument (positional, else keyword)."""
-        found = first_tensor(self.args)
-        return found if found is not None else first_tensor(tuple(self.kwargs.values()))
+        return _first_argument(self.args, self.kwargs)
 
     @property
     def log_det(self) -> Tensor | None:
         """The log-determinant the call returned as ``output[1]``, or ``None``."""
         return returned_log_det(self.output)
+
+
+def _first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """A call's first tensor argument (positional, else keyword)."""
+    found = first_tensor(args)
+    return found if found is not None else first_tensor(tuple(kwargs.values()))
 
 
 Factors = Tensor | Factor | Iterable[Tensor | Factor] | None
@@ -286,7 +291,9 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             if dim is not None:
                 size = dim(module, call)
             else:
-                x = call.x  # the first tensor argument (of a list of inputs too)
+                # The first tensor argument (of a list of inputs too). Not call.x: torch < 2.6
+                # cannot trace a NamedTuple's property (a graph break under torch.compile).
+                x = _first_argument(args, kwargs)
                 size = (
                     x.shape[1:].numel()
                     if x is not None
