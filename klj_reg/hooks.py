@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -37,9 +37,21 @@ class Binding:
     """What klj-reg keeps on one module: the callbacks its dispatchers call, and on the root
     of an attached model, its capture. Copies (``deepcopy``, ``pickle``) are empty."""
 
-    __slots__ = ("pre", "forward", "ended", "before", "after", "final", "handles", "capture")
+    __slots__ = (
+        "pre",
+        "forward",
+        "ended",
+        "before",
+        "after",
+        "final",
+        "handles",
+        "capture",
+        "shared",
+    )
 
     def __init__(self) -> None:
+        self.shared = False
+        """Whether objects share it (:class:`Prepared`): copied before any change."""
         self.pre: list[Callback] = []
         self.forward: list[Callback] = []
         self.ended: list[Callback] = []
@@ -78,11 +90,8 @@ def binding(module: nn.Module) -> Binding | None:
 
 
 def bind(module: nn.Module) -> Binding:
-    """The module's binding, created on first use."""
-    found = module.__dict__.get(KEY)
-    if not isinstance(found, Binding):
-        found = module.__dict__[KEY] = Binding()
-    return found
+    """The module's binding, its own (a shared one copied), created on first use."""
+    return _own(module)
 
 
 INERT = (getattr, (slice(None), "__init__"))
@@ -345,6 +354,70 @@ def watch_method(
     return handles
 
 
+class On(NamedTuple):
+    """The callbacks of :func:`watch_method` around one method, ``name``."""
+
+    name: str
+    before: Callback | None = None
+    after: Callback | None = None
+    final: Callback | None = None
+
+
+def _add(found: Binding, on: On) -> None:
+    for kind, fn in (("before", on.before), ("after", on.after), ("final", on.final)):
+        if fn is not None:
+            table: dict[str, list[Callback]] = getattr(found, kind)
+            table.setdefault(on.name, []).append(fn)
+
+
+def _own(obj: Any) -> Binding:
+    """``obj``'s binding, its own (a shared one copied), created on first use."""
+    found = obj.__dict__.get(KEY)
+    if not isinstance(found, Binding):  # none yet (or a pickle's None)
+        found = obj.__dict__[KEY] = Binding()
+    elif found.shared:
+        own = Binding()
+        for kind in ("before", "after", "final"):
+            setattr(own, kind, {k: list(v) for k, v in getattr(found, kind).items()})
+        found = obj.__dict__[KEY] = own
+    return found
+
+
+class Prepared:
+    """Callbacks for the objects met during a pass (a transform built per call), made once:
+    ``prepared(obj)`` gives ``obj`` the callbacks of each :class:`On`, sharing one binding
+    among all such objects (no allocation per object; one that has callbacks already gets
+    its own copy, with these after its own). ``patches`` holds the methods of each class met
+    (hold them at install too, so that no class changes inside a compiled call)."""
+
+    __slots__ = ("binding", "names", "patches", "classes")
+
+    def __init__(self, *ons: On, patches: Patches) -> None:
+        self.binding = Binding()
+        self.binding.shared = True
+        for on in ons:
+            _add(self.binding, on)
+        self.names = tuple(dict.fromkeys(on.name for on in ons))
+        self.patches = patches
+        self.classes: set[type] = set()
+
+    def __call__(self, obj: Any) -> None:
+        cls = type(obj)
+        if cls not in self.classes:
+            for name in self.names:
+                self.patches.hold(cls, name)
+            self.classes.add(cls)
+        table = obj.__dict__
+        if table.get(KEY) is None:
+            table[KEY] = self.binding
+            return
+        found = _own(obj)
+        for kind in ("before", "after", "final"):
+            mine: dict[str, list[Callback]] = getattr(found, kind)
+            for name, fns in getattr(self.binding, kind).items():
+                mine.setdefault(name, []).extend(fns)
+
+
 def add_callbacks(
     obj: Any,
     name: str,
@@ -356,15 +429,7 @@ def add_callbacks(
     """The callbacks of :func:`watch_method` on an object met during a pass (a transform
     built per call), whose class's method its capture already holds: no handles (the
     callbacks go with the object)."""
-    found = obj.__dict__.get(KEY)
-    if found is None:
-        found = obj.__dict__[KEY] = Binding()
-    if before is not None:
-        found.before.setdefault(name, []).append(before)
-    if after is not None:
-        found.after.setdefault(name, []).append(after)
-    if final is not None:
-        found.final.setdefault(name, []).append(final)
+    _add(_own(obj), On(name, before, after, final))
 
 
 def strip_inert(module: nn.Module) -> None:

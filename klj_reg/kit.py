@@ -99,9 +99,16 @@ class Watches:
     ) -> None:
         """:meth:`watch_method` for an object met during a pass (a transform built per
         call): no handles, the callbacks go with the object (hold its class's method at
-        install, ``site.patches.hold(cls, name)``, to wrap it outside any compiled call)."""
+        install, ``site.patches.hold(cls, name)``, to wrap it outside any compiled call).
+        Callbacks made once, at install, are cheaper per object: :meth:`watcher`."""
         self.patches.hold(type(obj), name)
         hooks.add_callbacks(obj, name, before=before, after=after, final=final)
+
+    def watcher(self, *ons: hooks.On) -> hooks.Prepared:
+        """``watch = watcher(On(name, before=, after=, final=), ...)``, made once (at
+        install): ``watch(obj)`` is :meth:`watch_object` of each on an object met during a
+        pass, with one binding shared by all of them (nothing allocated per object)."""
+        return hooks.Prepared(*ons, patches=self.patches)
 
 
 class Door(Watches):

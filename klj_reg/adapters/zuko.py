@@ -36,11 +36,14 @@ The per-call transforms are watched like any method a framework calls directly
 (:meth:`klj_reg.kit.Site.watch_method`): their class's method is wrapped while the capture
 holds it, and the callbacks sit in the object's own ``__dict__``, holding nothing of it. So an
 attached transform behaves like an unattached one however it is called (``fn =
-t.call_and_ladj; fn(x); fn(x)``), and is freed with the pass that made it.
+t.call_and_ladj; fn(x); fn(x)``), and is freed with the pass that made it. The callbacks are
+made once per layer (:meth:`klj_reg.kit.Watches.watcher`): a per-call transform gets a binding
+they share, so a call allocates nothing for the capture but the tapped ``meta``.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from types import ModuleType
@@ -56,6 +59,7 @@ from torch.distributions.transforms import _InverseTransform
 from torch.distributions.utils import _sum_rightmost
 
 from ..errors import CaptureError
+from ..hooks import On
 from ..kit import Door, Handle, Site, on_forward, warn_left_out
 from ..records import Factor
 from ..registry import Registrar, register_adapter
@@ -119,8 +123,8 @@ def _flat(t: Tensor) -> Tensor:
     return t if t.dim() == 1 else t.reshape(-1)
 
 
-Read = Callable[[Tensor, Tensor], Factor]
-"""``(elementwise ladj or the call's ladj, x) -> factor``."""
+Read = Callable[[Tensor, Tensor, Any], Factor]
+"""``(elementwise ladj or the call's ladj, x, the watched transform) -> factor``."""
 
 
 def _ladj(method: str, out: Any) -> Tensor:
@@ -129,47 +133,14 @@ def _ladj(method: str, out: Any) -> Tensor:
     return out[1] if method == "call_and_ladj" else out
 
 
-def _tap_meta(site: Site, transform: Any, cell: list[Tensor]) -> None:
-    """Decorate ``transform.meta`` (an attribute of the per-call transform holding zuko's
-    hyper-network function) so that the univariate of each DependentTransform it returns
-    appends, to ``cell``, the elementwise ladj it computes."""
-    meta, tap = transform.meta, _tapper(site, cell)
-
-    def tapped_meta(x: Tensor) -> Any:
-        inner = meta(x)
-        if isinstance(inner, DependentTransform) and inner.base.domain.event_dim == 0:
-            tap(inner.base)
-        return inner
-
-    transform.meta = tapped_meta
-
-
-def _tapper(site: Site, cell: list[Tensor]) -> Callable[[Any], None]:
-    """``tap(univariate)``: append the ladj of each of its ``call_and_ladj`` (``(y, ladj)``)
-    and ``log_abs_det_jacobian`` (``ladj``) calls to ``cell``."""
-
-    def pair(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
-        cell.append(out[1])
-
-    def ladj(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
-        cell.append(out)
-
-    def tap(univariate: Any) -> None:
-        site.watch_object(univariate, "call_and_ladj", after=pair)
-        site.watch_object(univariate, "log_abs_det_jacobian", after=ladj)
-
-    return tap
-
-
-def _record(
+def _recorder(
     site: Site,
-    transform: Any,
     method: str,
     read: Read,
     cell: list[Tensor] | None = None,
     check: float | None = 1.0,
     sampling: bool = False,
-) -> None:
+) -> On:
     """Record ``site`` after each ``transform.<method>(x, ...)``: the factor ``read`` makes of
     the elementwise ladj tapped into ``cell`` (or of the returned ladj, ``cell`` None), with
     ``check`` times the returned ladj for the self-check (``None``: unchecked)."""
@@ -191,32 +162,34 @@ def _record(
             ladj_each = ladj
         features = x.shape[-1] if x.dim() else 1
         own = None if check is None else check * _flat(ladj)
-        site.record([read(ladj_each, x)], own, features, sampling)
+        site.record([read(ladj_each, x, obj)], own, features, sampling)
 
-    site.watch_object(transform, method, before=before, after=after)
+    return On(method, before if cell is not None else None, after)
 
 
-def _rows_of(ladj: Tensor, x: Tensor) -> Factor:
+def _rows_of(ladj: Tensor, x: Tensor, obj: Any) -> Factor:
     """The factor of a layer from its elementwise ladj: log d."""
     return Factor(source=_rows(ladj, ladj.shape[-1] if ladj.dim() else 1))
 
 
-def _negated_rows(ladj: Tensor, x: Tensor) -> Factor:
+def _negated_rows(ladj: Tensor, x: Tensor, obj: Any) -> Factor:
     """The factor of an inverse from its forward's elementwise ladj: log e = -log d."""
-    return _rows_of(ladj, x)._replace(scale=-1.0)
+    return _rows_of(ladj, x, obj)._replace(scale=-1.0)
 
 
-def _elementwise_rows(ladj: Tensor, x: Tensor) -> Factor:
+def _elementwise_rows(ladj: Tensor, x: Tensor, obj: Any) -> Factor:
     """An elementwise transform's own ladj, broadcast to ``x``."""
     features = x.shape[-1] if x.dim() else 1
     return Factor(source=_rows(ladj.expand(x.shape), features))
 
 
-def _lu(lower: Tensor, negate: bool) -> Read:
-    """LULinearTransform ``L U``: the factor ``L`` (``U`` has a unit diagonal)."""
+def _lu(negate: bool) -> Read:
+    """LULinearTransform ``L U`` (or its inverse): the factor ``L`` (``U`` has a unit
+    diagonal)."""
 
-    def read(ladj: Tensor, x: Tensor) -> Factor:
-        diag = torch.diagonal(lower, dim1=-2, dim2=-1)
+    def read(ladj: Tensor, x: Tensor, obj: Any) -> Factor:
+        forward: Any = obj.inv if isinstance(obj, _InverseTransform) else obj
+        diag = torch.diagonal(forward.L, dim1=-2, dim2=-1)
         return Factor(
             source=_rows(diag, diag.shape[-1]), log_abs=_neg_log_abs if negate else _log_abs
         )
@@ -232,47 +205,107 @@ def _neg_log_abs(diag: Tensor) -> Tensor:
     return -diag.abs().log()
 
 
+def _tapped_meta(meta: Callable[[Tensor], Any], tap: Callable[[Any], None], x: Tensor) -> Any:
+    """zuko's ``meta(x)``, whose DependentTransform's univariate gets ``tap``."""
+    inner = meta(x)
+    if isinstance(inner, DependentTransform) and inner.base.domain.event_dim == 0:
+        tap(inner.base)
+    return inner
+
+
+class _Decorator:
+    """What one captured lazy module does to each Transform it returns, its callbacks made
+    once (:meth:`klj_reg.kit.Watches.watcher`): per call, a watched object gets a shared
+    binding, and nothing else is allocated but the tapped ``meta``. A model runs in one thread
+    at a time (docs/training-loops.md), so one cell per layer holds the elementwise ladj its
+    univariate computes, from the tap to the call's end."""
+
+    __slots__ = ("site", "cell", "made", "tap")
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.cell: list[Tensor] = []
+        self.made: dict[str, Callable[[Any], None]] = {}
+        self.tap = self.watch("tap")
+
+    def watch(self, role: str) -> Callable[[Any], None]:
+        """The prepared callbacks of ``role``, made on first use."""
+        found = self.made.get(role)
+        if found is None:
+            found = self.made[role] = self.site.watcher(*self._ons(role))
+        return found
+
+    def _ons(self, role: str) -> list[On]:
+        site, cell, sampling = self.site, self.cell, self.site.sampling
+        if role == "tap":  # a univariate's elementwise ladj, into the cell
+
+            def pair(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
+                cell.append(out[1])
+
+            def ladj(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
+                cell.append(out)
+
+            return [On("call_and_ladj", after=pair), On("log_abs_det_jacobian", after=ladj)]
+        if role == "meta":  # sampling: zuko's inverse ladj, minus the forward's at the sample
+            ons = [_recorder(site, "call_and_ladj", _rows_of, cell)]
+            if sampling:
+                ons.append(_recorder(site, "log_abs_det_jacobian", _negated_rows, cell, -1.0, True))
+            return ons
+        if role == "meta-inverse":
+            return [_recorder(site, "call_and_ladj", _negated_rows, cell)]
+        if role == "meta-inverse-sampling":  # sampling runs the forward's call_and_ladj
+            return [_recorder(site, "call_and_ladj", _rows_of, cell, sampling=True)]
+        if role == "dependent":
+            return [_recorder(site, "call_and_ladj", _rows_of, cell)]
+        if role == "dependent-base":  # the tap; sampling: the inverse's univariate calls it
+            ons = self._ons("tap")
+            if sampling:
+                ons.append(_recorder(site, "log_abs_det_jacobian", _negated_rows, None, None, True))
+            return ons
+        if role in ("lu", "lu-inverse"):
+            ons = [_recorder(site, "call_and_ladj", _lu(role == "lu-inverse"))]
+            if sampling and role == "lu":
+                ons.append(_recorder(site, "log_abs_det_jacobian", _lu(True), None, -1.0, True))
+            return ons
+        # "elementwise" / "elementwise-inverse": the transform's own ladj, unchecked
+        ons = [_recorder(site, "call_and_ladj", _elementwise_rows, check=None)]
+        if sampling and role == "elementwise":
+            ons.append(_recorder(site, "log_abs_det_jacobian", _negated_rows, None, None, True))
+        return ons
+
+    def __call__(self, transform: Any) -> None:
+        """Make ``transform.call_and_ladj`` (the data-to-latent call) record the site's
+        factors, and, where the site records sampling passes, its inverse's."""
+        if not isinstance(transform, Transform):
+            return  # e.g. a deprecated ``Unconditional`` building a distribution
+        inverse = isinstance(transform, _InverseTransform)
+        forward = transform.inv if inverse else transform
+        if isinstance(forward, ORTHOGONAL):
+            return
+        if isinstance(forward, META):
+            forward.meta = functools.partial(_tapped_meta, forward.meta, self.tap)
+            if not inverse:
+                self.watch("meta")(transform)
+                return
+            self.watch("meta-inverse")(transform)
+            if self.site.sampling:
+                self.watch("meta-inverse-sampling")(forward)
+        elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
+            self.watch("dependent-base")(transform.base)
+            self.watch("dependent")(transform)
+        elif isinstance(forward, LULinearTransform):
+            self.watch("lu-inverse" if inverse else "lu")(transform)
+        elif transform.domain.event_dim == 0:
+            self.watch("elementwise-inverse" if inverse else "elementwise")(transform)
+        else:
+            _left_out(self.site, transform)
+
+
 def _left_out(site: Site, transform: Transform) -> None:
     if site.state.get("warned"):
         return
     site.state["warned"] = True
     warn_left_out([site.label], f"it returns a {type(transform).__name__}")
-
-
-def decorate(site: Site, transform: Any) -> None:
-    """Make ``transform.call_and_ladj`` (the data-to-latent call) record ``site``'s factors,
-    and, where the site records sampling passes, its inverse's."""
-    if not isinstance(transform, Transform):
-        return  # e.g. a deprecated ``Unconditional`` building a distribution
-    inverse = isinstance(transform, _InverseTransform)
-    forward = transform.inv if inverse else transform
-    sampling = site.sampling
-    if isinstance(forward, ORTHOGONAL):
-        return
-    if isinstance(forward, META):
-        cell: list[Tensor] = []
-        _tap_meta(site, forward, cell)
-        _record(site, transform, "call_and_ladj", _negated_rows if inverse else _rows_of, cell)
-        if sampling and inverse:  # sampling runs the forward transform's call_and_ladj
-            _record(site, forward, "call_and_ladj", _rows_of, cell, sampling=True)
-        elif sampling:  # zuko's inverse ladj: minus the forward's at the sample
-            _record(site, forward, "log_abs_det_jacobian", _negated_rows, cell, -1.0, True)
-    elif isinstance(transform, DependentTransform) and transform.base.domain.event_dim == 0:
-        cell = []
-        _tapper(site, cell)(transform.base)
-        _record(site, transform, "call_and_ladj", _rows_of, cell)
-        if sampling:  # the inverse's univariate calls the forward's log_abs_det_jacobian
-            _record(site, transform.base, "log_abs_det_jacobian", _negated_rows, None, None, True)
-    elif isinstance(forward, LULinearTransform):
-        _record(site, transform, "call_and_ladj", _lu(forward.L, inverse))
-        if sampling and not inverse:
-            _record(site, forward, "log_abs_det_jacobian", _lu(forward.L, True), None, -1.0, True)
-    elif transform.domain.event_dim == 0:
-        _record(site, transform, "call_and_ladj", _elementwise_rows, check=None)
-        if sampling and not inverse:
-            _record(site, transform, "log_abs_det_jacobian", _negated_rows, None, None, True)
-    else:
-        _left_out(site, transform)
 
 
 @framework.layers(*CAPTURED_NAMES)
@@ -292,9 +325,10 @@ def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
     for cls in (*WATCHED, *univariates):
         for method in ("call_and_ladj", "log_abs_det_jacobian"):
             site.patches.hold(cls, method)
+    decorate = _Decorator(site)
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        decorate(site, output)
+        decorate(output)
 
     return [site.on_forward(module, hook)]
 
@@ -306,52 +340,37 @@ def register_lazy_transform(layer_type: type) -> None:
     register_adapter(layer_type, install=install_lazy, framework="zuko")
 
 
-def _open(door: Door, output: Any) -> None:
-    """Make ``transform.call_and_ladj(x)`` (the whole flow's data-to-latent call) a pass."""
-    if isinstance(output, Transform):
-        door.watch_object(output, "call_and_ladj", before=_begin(door), final=_end(door))
-
-
-def _begin(door: Door) -> Callable[..., None]:
-    def begin(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
-        door.begin(x, x.shape[:-1].numel() if x.dim() else 1, x.shape[-1] if x.dim() else 1)
-
-    return begin
-
-
-def _end(door: Door) -> Callable[[Any], None]:
-    def end(obj: Any) -> None:
-        door.end()
-
-    return end
-
-
-def _open_sampling(door: Door, dist: Any) -> None:
-    """Make ``dist.rsample_and_log_prob`` of a flow's distribution a sampling pass
-    (``rsample`` and ``sample`` compute no log-determinant, so there is nothing to read)."""
-
-    def begin(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        door.begin(None, None, None, sampling=True)
-
-    if callable(getattr(dist, "rsample_and_log_prob", None)):
-        door.watch_object(dist, "rsample_and_log_prob", before=begin, final=_end(door))
-
-
 @framework.entry("Flow", "LazyTransform")
 def entry(model: nn.Module, door: Door) -> list[Handle]:
     """A Flow's pass is ``flow(c).log_prob(x)``'s ``transform.call_and_ladj(x)``; a
     LazyTransform's, ``t(c).call_and_ladj(x)``. Where the door opens sampling passes, a
-    Flow's ``flow(c).rsample_and_log_prob()`` opens one."""
+    Flow's ``flow(c).rsample_and_log_prob()`` opens one (``rsample`` and ``sample`` compute
+    no log-determinant, so there is nothing to read)."""
+
+    def begin(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        door.begin(x, x.shape[:-1].numel() if x.dim() else 1, x.shape[-1] if x.dim() else 1)
+
+    def begin_sampling(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        door.begin(None, None, None, sampling=True)
+
+    def end(obj: Any) -> None:
+        door.end()
 
     door.patches.hold(ComposedTransform, "call_and_ladj")
-    if door.sampling:
+    opens = door.watcher(On("call_and_ladj", before=begin, final=end))
+    flow = isinstance(model, Flow)
+    sampling = door.sampling and flow
+    if sampling:
         door.patches.hold(zuko.distributions.NormalizingFlow, "rsample_and_log_prob")
+    opens_sampling = door.watcher(On("rsample_and_log_prob", before=begin_sampling, final=end))
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if door.sampling and isinstance(model, Flow):
-            _open_sampling(door, output)
-        _open(door, output.transform if isinstance(model, Flow) else output)
+        if sampling and callable(getattr(output, "rsample_and_log_prob", None)):
+            opens_sampling(output)
+        transform = output.transform if flow else output
+        if isinstance(transform, Transform):
+            opens(transform)
 
     return [on_forward(model, hook)]
 

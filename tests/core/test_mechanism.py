@@ -223,3 +223,73 @@ def test_two_captures_share_a_class_patch_until_the_last_goes() -> None:
     gc.collect()
     if (spline_cls, "inverse") not in hooks._patched:  # held by no model of another test
         assert spline_cls.__dict__["inverse"] is own
+
+
+# Callbacks of objects built during a pass ----------------------------------------------------
+
+
+class _Thing:
+    def go(self, v: int) -> int:
+        return v + 1
+
+
+def test_prepared_callbacks_are_shared_and_copied_before_a_change() -> None:
+    patches = hooks.Patches()
+    own = _Thing.__dict__["go"]
+    seen: list[tuple[str, int]] = []
+    shared = hooks.Prepared(
+        hooks.On("go", after=lambda o, args, kw, out: seen.append(("shared", out))),
+        patches=patches,
+    )
+    a, b = _Thing(), _Thing()
+    shared(a)
+    shared(b)
+    assert _Thing.__dict__["go"] is not own  # held on first use
+    assert a.__dict__[hooks.KEY] is b.__dict__[hooks.KEY]  # nothing allocated per object
+    # A callback of a's own goes on a copy: b keeps only the shared one.
+    hooks.watch_method(
+        a, "go", after=lambda o, args, kw, out: seen.append(("a", out)), patches=patches
+    )
+    assert a.__dict__[hooks.KEY] is not b.__dict__[hooks.KEY]
+    # A second prepared set on b: b gets its own copy, the shared callbacks first.
+    more = hooks.Prepared(
+        hooks.On("go", before=lambda o, args, kw: seen.append(("before", args[0]))),
+        patches=patches,
+    )
+    more(b)
+    assert a.go(1) == 2 and b.go(5) == 6
+    assert seen == [("shared", 2), ("a", 2), ("before", 5), ("shared", 6)]
+    c = _Thing()
+    shared(c)
+    assert c.__dict__[hooks.KEY] is shared.binding  # the copies left the shared set alone
+    patches.release()
+    assert _Thing.__dict__["go"] is own
+
+
+def test_zuko_per_call_transforms_allocate_no_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    zuko = pytest.importorskip("zuko")
+    torch.manual_seed(0)
+    flow = zuko.flows.MAF(3, transforms=3, hidden_features=[8], passes=3)
+    attach(flow, direction="both")
+    x = torch.randn(16, 3)
+
+    def step() -> None:
+        loss = -flow().log_prob(x).mean() + klj_reg.penalty(flow, x, alpha=1e-2)
+        loss.backward()
+        y, log_q = flow().rsample_and_log_prob((4,))
+        klj_reg.penalty(flow, alpha=1e-2).backward()
+
+    step()  # callbacks made on first use
+    made = []
+    init = hooks.Binding.__init__
+
+    def counted(self: hooks.Binding) -> None:
+        made.append(self)
+        init(self)
+
+    monkeypatch.setattr(hooks.Binding, "__init__", counted)
+    step()
+    step()
+    assert made == []
+    t1, t2 = flow().transform, flow().transform
+    assert t1.__dict__[hooks.KEY] is t2.__dict__[hooks.KEY]
