@@ -786,3 +786,66 @@ def test_overhead_zoo_compiled_column(tmp_path: Any) -> None:
     assert "| compiled | compiled + capture | their ratio |" in table
     ratio = r["variants"]["compiled+capture"]["ratio"] / r["variants"]["compiled"]["ratio"]
     assert f"{ratio:.3f} |" in table
+
+
+def test_zoo_comparison_reads_paired_differences_and_repeat_noise(tmp_path: Any) -> None:
+    """benchmarks.overhead.compare on made-up reports with a known answer: per-model
+    differences of the run means, sign counts per backend, and each version's repeat noise."""
+    compare = pytest.importorskip("benchmarks.overhead.compare")
+
+    def report(commit: str, values: dict[str, float]) -> dict[str, Any]:
+        return {
+            "commit": commit,
+            "results": [
+                {
+                    "name": name,
+                    "family": name.split("/")[0],
+                    "backend": name.split("/")[1],
+                    "capture_minus_floor": {"median": v},
+                }
+                for name, v in values.items()
+            ],
+        }
+
+    names = ["maf/zuko/small", "maf/nflows/small", "glow/zuko/image"]
+    before = [
+        report("a" * 40, dict(zip(names, v, strict=True)))
+        for v in ([0.10, 0.05, 0.02], [0.12, 0.05, 0.04])
+    ]
+    after = [
+        report("b" * 40, dict(zip(names, v, strict=True)))
+        for v in ([0.07, 0.06, 0.03], [0.07, 0.08, 0.03])
+    ]
+    paths = {}
+    for label, runs in (("before", before), ("after", after)):
+        paths[label] = []
+        for i, r in enumerate(runs):
+            path = tmp_path / f"{label}{i}.json"
+            path.write_text(json.dumps(r))
+            paths[label].append(str(path))
+    compare.main(
+        [
+            "--before",
+            ",".join(paths["before"]),
+            "--after",
+            ",".join(paths["after"]),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    diffs = {m["name"]: m["difference"] for m in result["models"]}
+    assert diffs == pytest.approx(
+        {"maf/zuko/small": -0.04, "maf/nflows/small": 0.02, "glow/zuko/image": 0.0}
+    )
+    assert result["by_backend"]["zuko"] == {
+        "models": 2,
+        "median_difference": pytest.approx(-0.02),
+        "fell": 1,
+        "rose": 0,
+    }
+    assert result["overall"]["fell"] == 1 and result["overall"]["rose"] == 1
+    assert result["noise"]["before"] == pytest.approx(0.02)  # |0.10-0.12|, 0, |0.02-0.04|
+    assert result["noise"]["after"] == pytest.approx(0.0)
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "| backend zuko | 2 | -0.0200 | 1 / 0 |" in text
