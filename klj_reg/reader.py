@@ -291,9 +291,13 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             if dim is not None:
                 size = dim(module, call)
             else:
-                # The first tensor argument (of a list of inputs too). Not call.x: torch < 2.6
-                # cannot trace a NamedTuple's property (a graph break under torch.compile).
-                x = _first_argument(args, kwargs)
+                # The first tensor argument (of a list of inputs too), the usual places
+                # first. Not call.x: torch < 2.6 cannot trace a NamedTuple's property.
+                x = args[0] if args else None
+                if isinstance(x, (list, tuple)):
+                    x = x[0] if x else None
+                if not isinstance(x, Tensor):
+                    x = _first_argument(args, kwargs)
                 size = (
                     x.shape[1:].numel()
                     if x is not None

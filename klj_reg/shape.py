@@ -4,9 +4,10 @@ Hooks sit on the modules found at ``attach``: a flow layer appended or put in pl
 afterwards has none (it would be left out of the penalty), and a subnetwork replaced inside a
 captured layer takes the hooks its reader needs with it. Each pass therefore compares, before
 it begins, the children of every module on the path from the model to a captured layer, and
-of each captured layer, with those seen at ``attach``: one tuple of references per module, no
-walk of the tree. A change that touches neither a captured layer nor a flow layer (a new base
-distribution, a head that is not a flow layer) is accepted as the new shape; any other raises
+of each captured layer, with those seen at ``attach``: one dict comparison per module (the
+same names, the identical modules), no walk of the tree. A change that touches neither a
+captured layer nor a flow layer (a new base distribution, a head that is not a flow layer) is
+accepted as the new shape; any other raises
 :class:`~klj_reg.errors.CaptureError` naming what changed, and ``attach`` on the changed model
 scans it again.
 """
@@ -55,9 +56,9 @@ class Shape:
     def check(self) -> None:
         """Raise if a watched module's children changed in a way that matters; accept any
         other change as the new shape."""
-        for i, (path, module, children, names) in enumerate(self.watched):
-            if tuple(module._modules.values()) != children:
-                changes = self._changes(path, module, children, names)
+        for i, (path, module, seen) in enumerate(self.watched):
+            if module._modules != seen:  # C-level: same names, the very same modules
+                changes = self._changes(path, module, seen)
                 if changes:
                     raise CaptureError(
                         f"{self.model_name} changed after klj_reg.attach: "
@@ -71,34 +72,31 @@ class Shape:
 
     def changed(self) -> bool:
         """Whether any watched module's children differ from those seen (any change)."""
-        return any(tuple(m._modules.values()) != kids for _, m, kids, _ in self.watched)
+        return any(m._modules != seen for _, m, seen in self.watched)
 
     def _changes(
-        self,
-        path: str,
-        module: nn.Module,
-        children: tuple[nn.Module | None, ...],
-        names: tuple[str, ...],
+        self, path: str, module: nn.Module, seen: dict[str, nn.Module | None]
     ) -> list[str]:
         """The changes of ``module``'s children that matter, in words."""
-        before = {id(c) for c in children if c is not None}
+        before = {id(c) for c in seen.values() if c is not None}
         now = {id(c) for c in module._modules.values() if c is not None}
         out = []
         for name, child in module._modules.items():
             if child is not None and id(child) not in before and _has_flow_layer(child):
                 out.append(f"{_join(path, name)} ({type(child).__name__}) is new")
-        for name, child in zip(names, children, strict=True):
+        for name, child in seen.items():
             if child is not None and id(child) not in now and id(child) in self.captured:
                 out.append(f"{_join(path, name)} ({type(child).__name__}), captured, is gone")
         return out
 
 
-Seen = tuple[str, nn.Module, tuple[nn.Module | None, ...], tuple[str, ...]]
-"""``(path, module, its children, their names)``."""
+Seen = tuple[str, nn.Module, dict[str, nn.Module | None]]
+"""``(path, module, a copy of its children by name)``: compared with ``module._modules`` as
+dicts (equal names, identical modules), without building anything per pass."""
 
 
 def _seen(path: str, module: nn.Module) -> Seen:
-    return path, module, tuple(module._modules.values()), tuple(module._modules)
+    return path, module, dict(module._modules)
 
 
 def _has_flow_layer(module: nn.Module) -> bool:
