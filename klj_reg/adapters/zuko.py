@@ -161,7 +161,8 @@ def _recorder(
         else:
             ladj_each = ladj
         features = x.shape[-1] if x.dim() else 1
-        own = None if check is None else check * _flat(ladj)
+        # The layer's own ladj for the self-check, as returned where it is (no operator).
+        own = None if check is None else _flat(ladj) if check == 1.0 else check * _flat(ladj)
         site.record([read(ladj_each, x, obj)], own, features, sampling)
 
     return On(method, before if cell is not None else None, after)
