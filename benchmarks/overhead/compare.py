@@ -33,6 +33,15 @@ def _meta(report: dict[str, Any]) -> dict[str, str]:
     return {r["name"]: f"{r['family']}/{r['backend']}" for r in report["results"]}
 
 
+def _commit(report: dict[str, Any]) -> str:
+    """``sha`` (``sha-dirty`` for a run on a modified tree) of a report's commit record."""
+    found = report.get("commit")
+    if isinstance(found, dict):
+        sha = str(found.get("commit"))
+        return f"{sha[:7]}-dirty" if found.get("dirty") else sha[:7]
+    return str(found)[:7]
+
+
 def _repeat_noise(runs: list[dict[str, float]]) -> float | None:
     """Median over models of the spread between a version's two runs (None with one run)."""
     if len(runs) < 2:
@@ -75,10 +84,7 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[s
         return {g: _summary(d) for g, d in sorted(groups.items())}
 
     return {
-        "commits": {
-            "before": [r.get("commit") for r in before],
-            "after": [r.get("commit") for r in after],
-        },
+        "commits": {"before": [_commit(r) for r in before], "after": [_commit(r) for r in after]},
         "noise": {"before": _repeat_noise(b_runs), "after": _repeat_noise(a_runs)},
         "overall": _summary(m["difference"] for m in models),
         "by_backend": grouped("backend"),
@@ -102,8 +108,8 @@ def markdown(result: dict[str, Any]) -> str:
     out = [
         "# The capture's host cost, before and after (zoo, alternated runs)",
         "",
-        f"Before: {', '.join(str(c)[:7] for c in result['commits']['before'])}; after: "
-        f"{', '.join(str(c)[:7] for c in result['commits']['after'])}. Quantity: each "
+        f"Before: {', '.join(result['commits']['before'])}; after: "
+        f"{', '.join(result['commits']['after'])}. Quantity: each "
         "model's median (capture - floor) / plain, averaged over its runs; difference = after "
         "- before (negative: cheaper). Repeat noise (median over models of |run 1 - run 2| of "
         f"the same code): {shown}.",
