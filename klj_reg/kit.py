@@ -293,6 +293,18 @@ def first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
+def first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """A call's first tensor argument (positional, else keyword; the first of a list of
+    inputs too), the usual places looked at first (the hot path of every captured call)."""
+    x = args[0] if args else None
+    if isinstance(x, (list, tuple)):
+        x = x[0] if x else None
+    if isinstance(x, Tensor):
+        return x
+    found = first_tensor(args)
+    return found if found is not None else first_tensor(tuple(kwargs.values()))
+
+
 def inverted(factors: Iterable[Factor]) -> list[Factor]:
     r"""The factors of the inverse map at the same point: :math:`\log e = -\log d` (for a
     layer's sampling call, whose tensors give the data-to-latent diagonal :math:`d`)."""
@@ -452,9 +464,7 @@ def begin_on_first_tensor(
     """Open ``door`` on a call's first tensor argument (positional, else keyword): a pass of
     ``x.shape[0]`` samples of dimension ``x.shape[1:].numel()``. ``sampling``: a
     latent-to-data pass, opened on nothing when the call has no tensor argument."""
-    x = first_tensor(args)
-    if x is None:
-        x = first_tensor(tuple(kwargs.values()))
+    x = first_argument(args, kwargs)
     if x is not None:
         if sampling:
             door.begin(x, x.shape[0] if x.dim() else 1, x.shape[1:].numel(), sampling=True)

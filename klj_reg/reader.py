@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import hooks
 from .errors import AdapterMismatchError
-from .kit import FunctionTap, Handle, Site, first_tensor, inverted, returned_log_det
+from .kit import FunctionTap, Handle, Site, first_argument, inverted, returned_log_det
 from .records import Factor
 
 CALL = "__call__"
@@ -84,18 +84,12 @@ class Call(NamedTuple):
     @property
     def x(self) -> Tensor | None:
         """The call's first tensor argument (positional, else keyword)."""
-        return _first_argument(self.args, self.kwargs)
+        return first_argument(self.args, self.kwargs)
 
     @property
     def log_det(self) -> Tensor | None:
         """The log-determinant the call returned as ``output[1]``, or ``None``."""
         return returned_log_det(self.output)
-
-
-def _first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
-    """A call's first tensor argument (positional, else keyword)."""
-    found = first_tensor(args)
-    return found if found is not None else first_tensor(tuple(kwargs.values()))
 
 
 Factors = Tensor | Factor | Iterable[Tensor | Factor] | None
@@ -291,13 +285,8 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             if dim is not None:
                 size = dim(module, call)
             else:
-                # The first tensor argument (of a list of inputs too), the usual places
-                # first. Not call.x: torch < 2.6 cannot trace a NamedTuple's property.
-                x = args[0] if args else None
-                if isinstance(x, (list, tuple)):
-                    x = x[0] if x else None
-                if not isinstance(x, Tensor):
-                    x = _first_argument(args, kwargs)
+                # Not call.x: torch < 2.6 cannot trace a NamedTuple's property.
+                x = first_argument(args, kwargs)
                 size = (
                     x.shape[1:].numel()
                     if x is not None
