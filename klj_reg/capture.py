@@ -105,7 +105,7 @@ class Capture:
             handle.remove()
         self.handles.clear()
         if self.finalizer is not None:
-            self.finalizer()  # gives the patches and taps back, and is gone
+            self.finalizer.detach()  # the handles and patches go back here, now
             self.finalizer = None
         self.patches.release()
         self.book.clear()
@@ -242,6 +242,7 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
             "log_prob; 'sample': sampling passes such as reverse_kld or "
             f"rsample_and_log_prob; 'both'), got {direction!r}"
         )
+    give_back_collected()
     existing = get_capture(model)
     if existing is not None:
         if existing.direction != direction:
@@ -301,20 +302,32 @@ def attach(model: nn.Module, direction: str = "data") -> Capture:
             stacklevel=2,
         )
     hooks.bind(model).capture = capture
-    # A model dropped without detach gives its patches back when it is collected (the
-    # finalizer holds no module, only classes and taps); detach runs it, which removes it.
+    # A model dropped without detach gives its patches back once it is collected (the
+    # finalizer holds no module, only classes and taps); detach removes the finalizer.
     taps = [h for h in capture.handles if isinstance(h, (TapRelease, hooks.Patches))]
-    capture.finalizer = weakref.finalize(model, _give_back, [capture.patches, *taps])
+    capture.finalizer = weakref.finalize(model, _collected.append, [capture.patches, *taps])
     return capture
 
 
-def _give_back(releases: list[Any]) -> None:
-    for release in releases:
-        release.remove()
+_collected: list[list[Any]] = []
+"""The patches and taps of models collected without :func:`detach`, given back by the next
+:func:`attach` or :func:`detach`, not by the finalizer itself: the garbage collector runs
+finalizers at any allocation, also while ``torch.compile`` traces a wrapped method, and a
+class method restored between the trace and its guards fails that compile (dynamo guards
+the wrapper's closure). Until then a left-over wrapper only calls the original method."""
+
+
+def give_back_collected() -> None:
+    """Give back the patches and taps of models collected without :func:`detach`."""
+    while _collected:
+        for release in _collected.pop():
+            release.remove()
 
 
 def detach(model: nn.Module) -> None:
-    """Remove ``model``'s capture hooks and records (no-op if not attached)."""
+    """Remove ``model``'s capture hooks and records (no-op if not attached), and give back
+    the class patches of models collected without ``detach``."""
+    give_back_collected()
     capture = get_capture(model)
     if capture is not None:
         capture.remove()

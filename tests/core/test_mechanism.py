@@ -191,7 +191,8 @@ def test_a_collected_model_gives_its_class_patches_back() -> None:
     spline_cls = nf.flows.CoupledRationalQuadraticSpline
     own = spline_cls.__dict__["inverse"]
     function = splines.rational_quadratic_spline
-    gc.collect()  # models earlier tests dropped without detach give theirs back now
+    gc.collect()  # models earlier tests dropped without detach give theirs back
+    klj_reg.detach(nn.Linear(1, 1))  # now
     holders = hooks._patched.get((spline_cls, "inverse"), (None, None, 0, None))[2]
     model = _spline_flow()
     klj_reg.attach(model)
@@ -199,10 +200,16 @@ def test_a_collected_model_gives_its_class_patches_back() -> None:
     assert splines.rational_quadratic_spline is not function
     assert hooks._patched[(spline_cls, "inverse")][2] == holders + 1
     before = len(weakref.finalize._registry)  # type: ignore[attr-defined]
+    wrapper, tap = spline_cls.__dict__["inverse"], splines.rational_quadratic_spline
     del model
     gc.collect()
-    assert hooks._patched.get((spline_cls, "inverse"), (None, None, 0, None))[2] == holders
     assert len(weakref.finalize._registry) == before - 1  # type: ignore[attr-defined]
+    # The collector (which may run inside a torch.compile trace) changes no class or
+    # function: the next attach or detach gives them back.
+    assert spline_cls.__dict__["inverse"] is wrapper
+    assert splines.rational_quadratic_spline is tap
+    klj_reg.detach(nn.Linear(1, 1))
+    assert hooks._patched.get((spline_cls, "inverse"), (None, None, 0, None))[2] == holders
     if holders == 0:  # no other attached model holds the class or the functions
         assert spline_cls.__dict__["inverse"] is own
         assert splines.rational_quadratic_spline is function
@@ -221,6 +228,7 @@ def test_two_captures_share_a_class_patch_until_the_last_goes() -> None:
     assert float(klj_reg.penalty(b, x, alpha=1.0)) >= 0.0
     del b
     gc.collect()
+    klj_reg.detach(nn.Linear(1, 1))  # gives back what collected models held
     if (spline_cls, "inverse") not in hooks._patched:  # held by no model of another test
         assert spline_cls.__dict__["inverse"] is own
 
