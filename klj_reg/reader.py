@@ -256,11 +256,15 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
         kept, and record the factors of its direction (one function: the hot path)."""
 
         def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            for key, tap in taps:
-                state[key] = tap.latest()
-                tap.listen(False)
-            kept = state.copy()
-            state.clear()
+            if taps:
+                for key, tap in taps:
+                    state[key] = tap.latest()
+                    tap.listen(False)
+            if state:
+                kept = state.copy()
+                state.clear()
+            else:
+                kept = {}
             call = Call(args, kwargs, out, kept, sample_method, setup)
             sampling = sample_method
             if not sampling and sample_when is not None and sample_when(module, call):
@@ -277,11 +281,11 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             if result is None:
                 return
             if isinstance(result, Factor):
-                factors: list[Factor] = [result]
+                factors: tuple[Factor, ...] = (result,)
             elif isinstance(result, Tensor):
-                factors = [Factor(source=result)]
+                factors = (Factor(source=result),)
             else:
-                factors = [f if isinstance(f, Factor) else Factor(source=f) for f in result]
+                factors = tuple([f if isinstance(f, Factor) else Factor(source=f) for f in result])
             if dim is not None:
                 size = dim(module, call)
             else:
@@ -294,7 +298,8 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
                 )
             if log_det is None:
                 own = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-                own = own if isinstance(own, Tensor) else None
+                if own is not None and not isinstance(own, Tensor):
+                    own = None
             else:
                 own = log_det(module, call)
             site.record(factors, own, size, sampling)
