@@ -302,8 +302,9 @@ def _release_method(cls: type, name: str) -> None:
 
 class Patches:
     """The class patches one capture holds, each ``(class, method)`` once. It holds no module
-    (only classes), so a capture's patches can be given back by a finalizer of its model:
-    :meth:`release` restores each class whose last holder this was."""
+    (only classes), so a capture's patches can be given back after its model is collected
+    (:func:`klj_reg.capture.give_back_collected`): :meth:`release` restores each class whose
+    last holder this was."""
 
     __slots__ = ("held",)
 

@@ -9,8 +9,8 @@ factors of a data-to-latent call (``sampling=True``: of a latent-to-data call, t
 map's factors, log|e| = -log|d|), ``Site.add_subnets`` (weights ``tau`` regularises). Nothing
 is stored on the model: callbacks live in the capture, and the hooks find them through the
 object they run on (:mod:`klj_reg.hooks`), so copies and pickles of a model carry none of
-them; class patches belong to the capture (``Site.patches``), given back on ``detach`` or when
-the model is collected.
+them; class patches belong to the capture (``Site.patches``), given back on ``detach`` or, for a
+model collected without it, at the next ``attach`` or ``detach``.
 
 This module imports no framework and nothing else of klj-reg's but its leaves.
 """
@@ -119,8 +119,8 @@ class Door(Watches):
     (the model was attached with ``direction="sample"`` or ``"both"``).
 
     ``watch_method``, ``on_pre``, ``on_forward`` and ``on_end`` install the entry's callbacks;
-    class patches are held by the capture (given back on ``detach`` or when the model is
-    collected), so an entry may also watch objects it meets during a pass (a transform built
+    class patches are held by the capture (given back on ``detach``, or after the model's
+    collection), so an entry may also watch objects it meets during a pass (a transform built
     per call)."""
 
     __slots__ = ("begin", "end", "sampling", "patches")
@@ -155,7 +155,7 @@ class Site(Watches):
             also records the layer's latent-to-data calls (``record(..., sampling=True)``),
             or calls :meth:`no_sampling` if it cannot.
         unsampled: Why the layer's sampling calls cannot be recorded (``None``: they can).
-        patches: The class patches of the capture (given back on ``detach`` or collection).
+        patches: The class patches of the capture (given back on ``detach``, or after collection).
     """
 
     __slots__ = (
@@ -583,8 +583,9 @@ def _spline_result(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> t
 
 class TapRelease:
     """A site's hold on a :class:`FunctionTap`; ``remove()`` gives it back (once). It holds no
-    module, so a model's capture can give its taps back when the model is collected without
-    ``detach`` (:func:`klj_reg.attach`), leaving the framework's functions unwrapped."""
+    module, so a model's capture can give its taps back after the model is collected without
+    ``detach`` (at the next :func:`klj_reg.attach` or :func:`klj_reg.detach`), leaving the
+    framework's functions unwrapped."""
 
     def __init__(self, tap: FunctionTap) -> None:
         self.tap: FunctionTap | None = tap
