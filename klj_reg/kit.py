@@ -293,6 +293,20 @@ def first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
+def member(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name)`` for a parameter or buffer, found in the module's own tables
+    first: the tensor the call used (also one ``torch.func.functional_call`` swapped in),
+    without ``nn.Module.__getattr__``'s failed ordinary lookup before it (an AttributeError
+    raised and caught: about a microsecond per read, in the hot path of every captured call).
+    Anything else (a parametrized tensor, a property) is ``getattr``'s."""
+    found: Tensor | None = module._parameters.get(name)
+    if found is None:
+        found = module._buffers.get(name)
+        if found is None:
+            return getattr(module, name)
+    return found
+
+
 def first_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """A call's first tensor argument (positional, else keyword; the first of a list of
     inputs too), the usual places looked at first (the hot path of every captured call)."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kit import Door, Handle, module_entry
+from ..kit import Door, Handle, member, module_entry
 from ..reader import Call, Mismatch
 from ..records import Factor
 from ..registry import Registrar
@@ -240,7 +240,7 @@ def all_in_one(block: Any, call: Call) -> list[Factor]:
     coupling, global_fields, pixels = call.setup
     out = [Factor(source=call.kept["a"], **coupling)]
     if global_fields is not None:
-        out.append(Factor(source=block.global_scale, repeat=pixels, **global_fields))
+        out.append(Factor(source=member(block, "global_scale"), repeat=pixels, **global_fields))
     return out
 
 
@@ -263,7 +263,7 @@ def act_norm(block: Any, call: Call) -> Factor:
     0.2 (``x * exp(scale) + bias``), ``exp(-log_scale)`` on master (``(x - loc) / scale``, where
     ``scale`` is ``exp(log_scale)``)."""
     name, sign, pixels = call.setup
-    return Factor(source=getattr(block, name), repeat=pixels, scale=sign)
+    return Factor(source=member(block, name), repeat=pixels, scale=sign)
 
 
 def _uniform_log_det(block: Any, call: Call) -> Tensor:
@@ -294,7 +294,7 @@ framework.adapter(
 @framework.reads("OrthogonalTransform", sample_when=rev)
 def orthogonal(block: Any, call: Call) -> Factor:
     """OrthogonalTransform: ``diag(exp(log_e(scaling))) R``; R contributes zero."""
-    return Factor(source=block.scaling, log_abs=block._log_e)
+    return Factor(source=member(block, "scaling"), log_abs=block._log_e)
 
 
 @framework.entry("InvertibleModule")

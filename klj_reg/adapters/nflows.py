@@ -66,6 +66,7 @@ from ..kit import (
     inverted,
     log_sigmoid_plus_2_eps,
     log_softplus_plus,
+    member,
     module_entry,
     warn_left_out,
 )
@@ -331,15 +332,15 @@ def _batch_log_abs(unconstrained: Tensor, eps: float) -> Callable[[Tensor], Tens
 def batch_norm(layer: Any, call: Call) -> Factor:
     """``weight / sqrt(var + eps)``, var the batch's (training) or the running one; the
     weight's parameter is the one the call read (not the layer's at penalty time)."""
-    log_abs = _batch_log_abs(layer.unconstrained_weight, layer.eps)
+    log_abs = _batch_log_abs(member(layer, "unconstrained_weight"), layer.eps)
     if layer.training:
         return Factor(source=call.args[0], log_abs=lambda x: log_abs(x.var(0, keepdim=True)))
-    return Factor(source=layer.running_var.unsqueeze(0), log_abs=log_abs)
+    return Factor(source=member(layer, "running_var").unsqueeze(0), log_abs=log_abs)
 
 
 @reads("PointwiseAffineTransform")
 def pointwise_affine(layer: Any, call: Call) -> Factor:
-    shape, scale = call.args[0].shape[1:], layer._scale
+    shape, scale = call.args[0].shape[1:], member(layer, "_scale")
     if scale.numel() == 1:
         return Factor(source=scale.reshape(1, 1), log_abs=torch.log, repeat=shape.numel())
     return Factor(source=scale.expand(shape).unsqueeze(0), log_abs=torch.log)
@@ -350,7 +351,7 @@ def lu_linear(layer: Any, call: Call) -> Factor:
     """``LULinear``: :math:`U`'s diagonal ``softplus(u) + eps``, through one activation
     shared by every ``LULinear`` (no operators per layer before it)."""
     return Factor(
-        source=layer.unconstrained_upper_diag,
+        source=member(layer, "unconstrained_upper_diag"),
         log_abs=as_row,
         repeat=_per_channel(call, layer.features),
         activation=log_softplus_plus(layer.eps),
@@ -360,7 +361,7 @@ def lu_linear(layer: Any, call: Call) -> Factor:
 @reads("QRLinear")
 def qr_linear(layer: Any, call: Call) -> Factor:
     r"""``QRLinear``: :math:`\mathrm{diag}(R)`."""
-    source = layer.log_upper_diag.unsqueeze(0)
+    source = member(layer, "log_upper_diag").unsqueeze(0)
     return Factor(source=source, repeat=_per_channel(call, layer.features))
 
 
@@ -369,7 +370,7 @@ def svd_linear(layer: Any, call: Call) -> Factor:
     """``SVDLinear``: the singular values ``softplus(u) + eps`` (the layer's own
     ``diagonal``), through the activation shared with ``LULinear``."""
     return Factor(
-        source=layer.unconstrained_diagonal,
+        source=member(layer, "unconstrained_diagonal"),
         log_abs=as_row,
         repeat=_per_channel(call, layer.features),
         activation=log_softplus_plus(layer.eps),

@@ -79,6 +79,7 @@ from ..kit import (
     framework_version,
     log_sigmoid_plus_2_eps,
     log_softplus_plus,
+    member,
     warn_left_out,
 )
 from ..reader import Call, Keep, Mismatch, install
@@ -195,7 +196,7 @@ def maf(layer: Any, call: Call) -> Factor:
 @reads("AffineConstFlow")
 def affine_const(layer: Any, call: Call) -> Factor:
     """ActNorm / AffineConstFlow: :math:`e^{-s}`, one per element of ``s``, shared."""
-    s = layer.s
+    s = member(layer, "s")
     repeat = call.args[0].shape[1:].numel() // s.shape[1:].numel()
     return Factor(source=s, repeat=repeat, scale=-1.0)
 
@@ -206,7 +207,7 @@ def cc_affine_const(layer: Any, call: Call) -> Factor:
     shape = tuple(layer.shape)
     y = call.args[1] if len(call.args) > 1 else call.kwargs["y"]
     repeat = call.args[0].shape[1:].numel() // math.prod(shape)
-    s, s_cc = layer.s, layer.s_cc  # the parameters this call used
+    s, s_cc = member(layer, "s"), member(layer, "s_cc")  # the parameters this call used
     return Factor(source=y, log_abs=lambda y: -(s + (y @ s_cc).view(-1, *shape)), repeat=repeat)
 
 
@@ -227,7 +228,7 @@ def lu_mixing(layer: Any, call: Call) -> Factor | None:
     :math:`\pm e^{\log S}`, shared, repeated over pixels."""
     if not layer.use_lu:
         return None
-    log_s = layer.log_S
+    log_s = member(layer, "log_S")
     repeat = call.args[0].shape[1:].numel() // log_s.numel()
     return Factor(source=log_s, log_abs=as_row, repeat=repeat)
 

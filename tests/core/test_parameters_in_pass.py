@@ -313,3 +313,31 @@ def test_load_state_dict_assign_penalises_the_new_parameters(case: Case) -> None
     assert all(g is None for g in grads[len(trained) :]), "the replaced parameters"
     expected, expected_grads = _truth(case, pristine, state, trained, x)
     _assert_same(value, list(grads[: len(trained)]), expected, expected_grads, trained)
+
+
+def test_member_reads_the_tensor_the_call_used() -> None:
+    """``kit.member`` (how readers read a layer's parameters and buffers in its call) gives
+    what ``getattr`` gives: a parameter, a buffer, a tensor ``functional_call`` swapped in, a
+    parametrized tensor, and any other attribute."""
+    from torch.nn.utils import parametrize
+
+    from klj_reg.kit import member
+
+    layer = nn.Linear(3, 3)
+    layer.register_buffer("running", torch.ones(3))
+    layer.tag = "x"  # type: ignore[assignment]
+    for name in ("weight", "bias", "running", "tag", "in_features"):
+        assert member(layer, name) is getattr(layer, name)
+    swapped = torch.zeros(3)
+    seen = {}
+
+    def read(module: nn.Module, args: Any, out: Any) -> None:
+        seen["bias"], seen["running"] = member(module, "bias"), member(module, "running")
+
+    layer.register_forward_hook(read)
+    torch.func.functional_call(layer, {"bias": swapped, "running": swapped}, (torch.ones(1, 3),))
+    assert seen["bias"] is swapped and seen["running"] is swapped
+    parametrize.register_parametrization(layer, "weight", nn.Identity())
+    torch.testing.assert_close(member(layer, "weight"), layer.weight)
+    with pytest.raises(AttributeError):
+        member(layer, "absent")
