@@ -256,10 +256,9 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
         kept, and record the factors of its direction (one function: the hot path)."""
 
         def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            if taps:
-                for key, tap in taps:
-                    state[key] = tap.latest()
-                    tap.listen(False)
+            for key, tap in taps:
+                state[key] = tap.latest()
+                tap.listen(False)
             if state:
                 kept = state.copy()
                 state.clear()
@@ -296,12 +295,7 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
                     if x is not None
                     else max(f.selected().shape[1:].numel() for f in factors)
                 )
-            if log_det is None:
-                own = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-                if own is not None and not isinstance(own, Tensor):
-                    own = None
-            else:
-                own = log_det(module, call)
+            own = returned_log_det(out) if log_det is None else log_det(module, call)
             site.record(factors, own, size, sampling)
 
         return finish
