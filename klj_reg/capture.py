@@ -116,7 +116,9 @@ class Capture:
 def unwrap(model: Any) -> Any:
     """The user's module behind DDP / DataParallel / ``torch.compile`` wrappers."""
     while True:
-        if hasattr(model, "_orig_mod") and isinstance(model, nn.Module):
+        # torch.compile's wrapper holds the module as a child: looked up in ``_modules``,
+        # not by hasattr (nn.Module.__getattr__ raises and catches for every other model).
+        if isinstance(model, nn.Module) and "_orig_mod" in model._modules:
             model = model._orig_mod
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             if isinstance(model, nn.DataParallel) and not isinstance(

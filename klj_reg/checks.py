@@ -18,6 +18,7 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ from .divergence import _float32, _per_sample_sum
 from .errors import AdapterMismatchError, NonFiniteScaleError, NonFiniteScaleWarning
 from .kit import Site
 from .records import LayerRecord
+
+_LEFT = {False: attrgetter("checks_left"), True: attrgetter("sample_checks_left")}
+_NAME = attrgetter("name")
 
 NONTRIVIAL = 1e-2
 """A check only counts once some |log d| exceeds this: at identity any formula agrees."""
@@ -109,7 +113,13 @@ def check(
     of a sampling pass, checked on batches of their own (``Site.sample_checks_left``)."""
     raise_error = finite is True
     left = "sample_checks_left" if sampling else "checks_left"
-    pending = [r for r in records if r.log_det is not None and getattr(sites[r.name], left) > 0]
+    # Once every layer is verified (the steady state), one pass at C level finds it.
+    lefts = map(_LEFT[sampling], map(sites.__getitem__, map(_NAME, records)))
+    pending = (
+        [r for r in records if r.log_det is not None and getattr(sites[r.name], left) > 0]
+        if any(lefts)
+        else []
+    )
     total = value.detach() if value.dim() == 0 else value.detach().sum()
     if not pending:
         if finite is False:

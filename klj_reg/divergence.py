@@ -267,6 +267,7 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
     extra: list[Tensor] = []  # released-code: the raw pre-activations' mean squares
     ones = 0  # released-code: pass-through entries filled with ones, per sample
     low = (torch.float16, torch.bfloat16)
+    released = form != "jacobian"
     for record in records:
         for factor in record.factors:
             log_abs = factor.log_abs
@@ -281,15 +282,18 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
             if t.dtype in low:
                 t = t.float()
             activation = factor.activation
-            key = (batch, factor.repeat, t.dtype, _key(activation), factor.scale)
-            if activation is not None:
+            key: Group
+            if activation is None:
+                key = (batch, factor.repeat, t.dtype, None, factor.scale)
+            else:
+                key = (batch, factor.repeat, t.dtype, _key(activation), factor.scale)
                 activations.setdefault(key[3], activation)
             found = groups.get(key)
             if found is None:
                 groups[key] = [t]
             else:
                 found.append(t)
-            if form != "jacobian" and factor.raw is not None:
+            if released and factor.raw is not None:
                 raw = _float32(factor.raw(factor.source))
                 extra.append(raw.square().sum() / raw.shape[0])
                 ones += record.dim - raw.shape[1:].numel()

@@ -35,7 +35,7 @@ from .fallback import exact_klj, hutchinson_klj
 from .fused import fused_divergence
 from .monitor import monitors_of
 from .passes import Pass
-from .records import LayerRecord, flow_dim
+from .records import LayerRecord, as_row, flow_dim
 
 ESTIMATORS = ("capture", "exact", "hutchinson")
 NORMALISERS = ("dim", "layers", "none")
@@ -95,7 +95,9 @@ def _normaliser(normaliser: str | float | None, form: str, dim: int, layers: int
     if isinstance(normaliser, str):
         if normaliser not in NORMALISERS:
             raise ValueError(f"normaliser must be one of {NORMALISERS} or a number > 0")
-        return {"dim": float(dim), "layers": float(layers), "none": 1.0}[normaliser]
+        if normaliser == "dim":
+            return float(dim)
+        return float(layers) if normaliser == "layers" else 1.0
     if isinstance(normaliser, bool) or not isinstance(normaliser, (int, float)):
         raise ValueError(f"normaliser must be one of {NORMALISERS} or a number > 0")
     if not (math.isfinite(normaliser) and normaliser > 0):
@@ -127,7 +129,9 @@ def _flow_fn(model: Any, context: Any) -> Callable[[Tensor], tuple[Tensor, Tenso
 
 
 def _batch_of(records: list[LayerRecord]) -> int:
-    sizes = {f.batch for r in records for f in r.factors} - {1}
+    # Factor.batch, inline (one per factor, each step).
+    sizes = {f.source.shape[0] for r in records for f in r.factors if f.log_abs is not as_row}
+    sizes.discard(1)
     if len(sizes) > 1:
         raise CaptureError(
             f"captured layers disagree on the batch size ({sorted(sizes)}) within one pass: a "

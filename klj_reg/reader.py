@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import hooks
 from .errors import AdapterMismatchError
 from .kit import FunctionTap, Handle, Site, first_argument, inverted, returned_log_det
-from .records import Factor
+from .records import Factor, LayerRecord
 
 CALL = "__call__"
 """The watched call of a layer that the framework calls through ``Module.__call__``."""
@@ -207,7 +207,7 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
         raise site.mismatch(f"{site.label}: {error}") from None
     state = site.state
     handles: list[Handle] = []
-    required: list[str] = []
+    required: set[str] = set()
     taps: list[tuple[str, FunctionTap]] = []
     kept_modules: list[nn.Module] = []
     keeps = adapter.keep(layer) if callable(adapter.keep) else adapter.keep
@@ -221,7 +221,7 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
         if obj is None or (keep.method == CALL and not isinstance(obj, nn.Module)):
             continue  # absent (or a plain function standing in for a network)
         if not keep.optional:
-            required.append(key)
+            required.add(key)
         keeper = _keeper(state, key, keep)
         if keep.method == CALL:
             handles.append(hooks.on_forward(obj, keeper))
@@ -250,10 +250,14 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             tap.listen(True)
 
     read_back = read_sample if read_sample is not None else _inverse_of(read)
+    name, kind, record_in = site.name, site.kind, site.sink.record
+    new_tuple = tuple.__new__  # a NamedTuple without its Python __new__ (all fields given)
 
     def finisher(sample_method: bool) -> hooks.Callback:
         """After a call of ``method`` (or, ``sample_method``, of ``sample``): take what it
-        kept, and record the factors of its direction (one function: the hot path)."""
+        kept, and record the factors of its direction (one function: the hot path, where
+        each Python call counts: the record and the call are built as tuples, and the
+        usual places of the input are looked at inline)."""
 
         def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             for key, tap in taps:
@@ -264,15 +268,14 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
                 state.clear()
             else:
                 kept = {}
-            call = Call(args, kwargs, out, kept, sample_method, setup)
             sampling = sample_method
+            call: Call = new_tuple(Call, (args, kwargs, out, kept, sampling, setup))
             if not sampling and sample_when is not None and sample_when(module, call):
-                sampling, call = True, call._replace(sampling=True)
+                sampling, call = True, new_tuple(Call, (args, kwargs, out, kept, True, setup))
             if sampling and not site.sampling:
                 return
-            for key in required:
-                if key not in kept:
-                    raise _missing(site, required, kept, sampling)
+            if required and not kept.keys() >= required:
+                raise _missing(site, required, kept, sampling)
             try:
                 result = read_back(module, call) if sampling else read(module, call)
             except Mismatch as error:
@@ -284,19 +287,34 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             elif isinstance(result, Tensor):
                 factors = (Factor(source=result),)
             else:
-                factors = tuple([f if isinstance(f, Factor) else Factor(source=f) for f in result])
+                items = tuple(result)  # (of factors, as a rule: checked at C level)
+                factors = (
+                    items
+                    if all(map(isinstance, items, (Factor,) * len(items)))
+                    else tuple([f if isinstance(f, Factor) else Factor(source=f) for f in items])
+                )
             if dim is not None:
                 size = dim(module, call)
             else:
-                # Not call.x: torch < 2.6 cannot trace a NamedTuple's property.
-                x = first_argument(args, kwargs)
+                # first_argument's usual cases, inline (not call.x: torch < 2.6 cannot trace
+                # a NamedTuple's property).
+                x = args[0] if args else None
+                if isinstance(x, (list, tuple)):
+                    x = x[0] if x else None
+                if not isinstance(x, Tensor):
+                    x = first_argument(args, kwargs)
                 size = (
                     x.shape[1:].numel()
                     if x is not None
                     else max(f.selected().shape[1:].numel() for f in factors)
                 )
-            own = returned_log_det(out) if log_det is None else log_det(module, call)
-            site.record(factors, own, size, sampling)
+            if log_det is None:  # kit.returned_log_det, inline
+                own = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+                if not isinstance(own, Tensor):
+                    own = None
+            else:
+                own = log_det(module, call)
+            record_in(site, new_tuple(LayerRecord, (name, kind, factors, own, size)), sampling)
 
         return finish
 
@@ -309,9 +327,9 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
 
 
 def _missing(
-    site: Site, required: list[str], kept: dict[str, Any], sampling: bool
+    site: Site, required: set[str], kept: dict[str, Any], sampling: bool
 ) -> AdapterMismatchError:
-    missing = ", ".join(key for key in required if key not in kept)
+    missing = ", ".join(sorted(key for key in required if key not in kept))
     way = "latent-to-data" if sampling else "data-to-latent"
     return site.mismatch(
         f"{site.label} did not compute what klj-reg reads ({missing}) during its {way} call "

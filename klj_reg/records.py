@@ -97,4 +97,4 @@ def flow_dim(records: list[LayerRecord]) -> int:
     """The flow's dimension :math:`D` as its captured layers see it: the longest Jacobian
     diagonal of any layer (a multi-scale flow's later layers see part of it), whatever
     module the flow sits in and whatever else (a condition) the model's call takes."""
-    return max((r.dim for r in records), default=1)
+    return max([r.dim for r in records], default=1)

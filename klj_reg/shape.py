@@ -27,7 +27,7 @@ class Shape:
     module on the path from the root to each captured layer, to each subnetwork its reader
     watches, and per captured layer."""
 
-    __slots__ = ("model_name", "watched", "captured")
+    __slots__ = ("model_name", "watched", "captured", "modules", "children")
 
     def __init__(
         self, model: nn.Module, layers: Iterable[tuple[str, nn.Module, Iterable[nn.Module]]]
@@ -52,12 +52,19 @@ class Shape:
         self.captured = captured
         """The modules whose replacement or removal changes what is read."""
         self.watched = [_seen(path, m) for path, m in found.items()]
+        self.modules = [m for _, m, _ in self.watched]
+        self.children = [seen for _, _, seen in self.watched]
 
     def check(self) -> None:
         """Raise if a watched module's children changed in a way that matters; accept any
         other change as the new shape."""
+        # One list comparison per pass (dicts compared at C level: the same names, the very
+        # same modules); only a change looks module by module. (No operator.attrgetter:
+        # dynamo cannot trace it, and this runs inside a compiled forward.)
+        if [m._modules for m in self.modules] == self.children:
+            return
         for i, (path, module, seen) in enumerate(self.watched):
-            if module._modules != seen:  # C-level: same names, the very same modules
+            if module._modules != seen:
                 changes = self._changes(path, module, seen)
                 if changes:
                     raise CaptureError(
@@ -69,10 +76,11 @@ class Shape:
                         "model again)."
                     )
                 self.watched[i] = _seen(path, module)
+                self.children[i] = self.watched[i][2]
 
     def changed(self) -> bool:
         """Whether any watched module's children differ from those seen (any change)."""
-        return any(m._modules != seen for _, m, seen in self.watched)
+        return [m._modules for m in self.modules] != self.children
 
     def _changes(
         self, path: str, module: nn.Module, seen: dict[str, nn.Module | None]
