@@ -17,6 +17,7 @@ layers of ActNorm-like scaling + affine coupling, or MAF), to keep the file fast
 
 from __future__ import annotations
 
+import dis
 import gc
 import importlib
 import json
@@ -852,3 +853,44 @@ def test_zoo_comparison_reads_paired_differences_and_repeat_noise(tmp_path: Any)
     text = (tmp_path / "out" / "compare.md").read_text()
     assert "| backend zuko | 2 | -0.0200 | 1 / 0 |" in text
     assert "Before: aaaaaaa, aaaaaaa; after: bbbbbbb, bbbbbbb." in text
+
+
+def _straight(a: int = 1, b: int = 2) -> int:
+    c = a + b
+    d = c * 2
+    return d - a
+
+
+def test_host_work_counter_counts_every_executed_bytecode() -> None:
+    """benchmarks.overhead.count's counter against dis: a function without branches
+    executes each of its instructions once, in one frame; klj-reg's own frames only are
+    none for a model that is not attached."""
+    count = pytest.importorskip("benchmarks.overhead.count")
+    counter = count._Counter()
+    codes, frames, out = counter.run(_straight)
+    assert out == 5
+    # (RESUME, where a frame starts, is reported as the frame's call event, not an opcode)
+    executed = [i for i in dis.get_instructions(_straight) if i.opname != "RESUME"]
+    assert (codes, frames) == (len(executed), 1)
+    model, loss_fn, dim, features = tiny("freia")
+    x, c = inputs(dim, features, batch=4)
+    own = count._Counter(own=True)
+    assert own.run(lambda: loss_fn(x, c))[:2] == (0, 0)
+    capture = klj_reg.attach(model)
+    codes, frames, _ = own.run(lambda: loss_fn(x, c))
+    assert codes > 0 and frames >= 2 * len(capture.sites)  # each layer's callback and reader
+
+
+def test_host_work_count_runs_on_a_zoo_model(tmp_path: Any) -> None:
+    """``python -m benchmarks.overhead.count``: the phases add up to the step, klj-reg's own
+    forward work is part of the forward's, and the report is written."""
+    count = pytest.importorskip("benchmarks.overhead.count")
+    count.main(["--zoo", "actnorm-lu/freia/small", "--batch", "8", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "count.json").read_text())
+    (row,) = report["results"]
+    assert row["name"] == "actnorm-lu/freia/small" and row["layers"] > 0
+    for key in ("bytecodes", "frames"):
+        phases = [row[p][key] for p in ("forward", "penalty", "backward")]
+        assert row["step"][key] == sum(phases) and min(phases[:2]) > 0
+        assert 0 < row["klj_reg_forward_per_layer"][key] * row["layers"] <= row["forward"][key]
+    assert "| actnorm-lu/freia/small |" in (tmp_path / "count.md").read_text()
