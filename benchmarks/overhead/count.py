@@ -174,13 +174,67 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any], ops: bool) -> st
     return "\n".join(lines) + "\n"
 
 
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Markdown: per model and per family, the step's bytecodes, frames and aten operators
+    in two count reports (``after - before``; negative: less work)."""
+
+    def fmt(a: float, b: float) -> str:
+        return f"{a:,.0f} -> {b:,.0f} ({b - a:+,.0f})"
+
+    old = {r["name"]: r for r in before["results"]}
+    rows = [(old[r["name"]], r) for r in after["results"] if r["name"] in old]
+    ops = all("aten_ops" in r for pair in rows for r in pair)
+    head = "| {} | bytecodes | frames |" + (" aten ops |" if ops else "")
+    rule = "|---|---:|---:|" + ("---:|" if ops else "")
+
+    def line(name: str, a: list[dict[str, Any]], b: list[dict[str, Any]]) -> str:
+        def total(rs: list[dict[str, Any]], key: str) -> float:
+            return float(sum(r["step"][key] if key != "aten_ops" else r[key] for r in rs))
+
+        keys = ["bytecodes", "frames"] + (["aten_ops"] if ops else [])
+        return f"| {name} | " + " | ".join(fmt(total(a, k), total(b, k)) for k in keys) + " |"
+
+    families: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for pair in rows:
+        families.setdefault(f"{pair[1]['family']} ({pair[1]['backend']})", []).append(pair)
+    out = [
+        f"# Host work per step, counted: `{commit_text(before['commit'])}` -> "
+        f"`{commit_text(after['commit'])}`",
+        "",
+        "Per step (forward + penalty + backward, attached minus plain, self-checks done), "
+        "summed over the models of each family and backend.",
+        "",
+        head.format("family (backend)"),
+        rule,
+    ]
+    out += [line(k, [a for a, _ in v], [b for _, b in v]) for k, v in sorted(families.items())]
+    out += ["", head.format("model"), rule]
+    out += [line(b["name"], [a], [b]) for a, b in rows]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="", help="comma-separated zoo patterns (all: empty)")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=pathlib.Path,
+        metavar=("BEFORE", "AFTER"),
+        help="compare two count.json reports (into --out/compare.md) instead of counting",
+    )
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--ops", action="store_true", help="also count aten operators")
     parser.add_argument("--out", type=pathlib.Path, help="write count.md and count.json here")
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        before, after = (json.loads(p.read_text()) for p in args.compare)
+        text = compare(before, after)
+        print(text)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "compare.md").write_text(text)
+        return
     settings = Settings(device="cpu", batch=args.batch)
     models = Z.zoo()
     if args.zoo:
