@@ -894,3 +894,28 @@ def test_host_work_count_runs_on_a_zoo_model(tmp_path: Any) -> None:
         assert row["step"][key] == sum(phases) and min(phases[:2]) > 0
         assert 0 < row["klj_reg_forward_per_layer"][key] * row["layers"] <= row["forward"][key]
     assert "| actnorm-lu/freia/small |" in (tmp_path / "count.md").read_text()
+
+
+def test_host_work_comparison_sums_families(tmp_path: Any) -> None:
+    """``count --compare``: per family the sums of its models' step counts, after minus
+    before, on made-up reports with a known answer."""
+    count = pytest.importorskip("benchmarks.overhead.count")
+
+    def row(name: str, codes: int, frames: int, ops: int) -> dict[str, Any]:
+        family, backend, _ = name.split("/")
+        step = {"bytecodes": codes, "frames": frames}
+        return {"name": name, "family": family, "backend": backend, "step": step, "aten_ops": ops}
+
+    def report(commit: str, rows: list[dict[str, Any]]) -> Path:
+        path = tmp_path / f"{commit}.json"
+        path.write_text(json.dumps({"commit": {"commit": commit, "dirty": False}, "results": rows}))
+        return path
+
+    before = report(
+        "a" * 40, [row("maf/zuko/small", 100, 10, 5), row("maf/zuko/tabular", 50, 5, 5)]
+    )
+    after = report("b" * 40, [row("maf/zuko/small", 90, 12, 6), row("maf/zuko/tabular", 70, 5, 6)])
+    count.main(["--compare", str(before), str(after), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "| maf (zuko) | 150 -> 160 (+10) | 15 -> 17 (+2) | 10 -> 12 (+2) |" in text
+    assert "| maf/zuko/small | 100 -> 90 (-10) | 10 -> 12 (+2) | 5 -> 6 (+1) |" in text
