@@ -43,7 +43,8 @@ class Keep(NamedTuple):
             ``"prqct.transform_net"``; ``""``: the layer itself). An absent object (``None``)
             keeps nothing.
         method: Which call of that object: ``"__call__"`` (a module's forward hook) or a
-            method's name (watched).
+            method's name (watched). (The layer's own ``"__call__"``, an adapter's
+            ``method``, is watched through its class's ``forward``.)
         inputs: Keep the call's first argument instead of its output.
         optional: A call of the layer may leave it out (the reader then sees no key);
             otherwise the core raises :class:`~klj_reg.AdapterMismatchError`.
@@ -251,13 +252,12 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
 
     read_back = read_sample if read_sample is not None else _inverse_of(read)
     name, kind, record_in = site.name, site.kind, site.sink.record
-    new_tuple = tuple.__new__  # a NamedTuple without its Python __new__ (all fields given)
 
     def finisher(sample_method: bool) -> hooks.Callback:
         """After a call of ``method`` (or, ``sample_method``, of ``sample``): take what it
         kept, and record the factors of its direction (one function: the hot path, where
-        each Python call counts: the record and the call are built as tuples, and the
-        usual places of the input are looked at inline)."""
+        each Python call counts: the record goes to the pass book directly, and the usual
+        places of the input and the log-det are looked at inline)."""
 
         def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             for key, tap in taps:
@@ -269,9 +269,9 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             else:
                 kept = {}
             sampling = sample_method
-            call: Call = new_tuple(Call, (args, kwargs, out, kept, sampling, setup))
+            call = Call(args, kwargs, out, kept, sampling, setup)
             if not sampling and sample_when is not None and sample_when(module, call):
-                sampling, call = True, new_tuple(Call, (args, kwargs, out, kept, True, setup))
+                sampling, call = True, Call(args, kwargs, out, kept, True, setup)
             if sampling and not site.sampling:
                 return
             if required and not kept.keys() >= required:
@@ -314,7 +314,7 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
                     own = None
             else:
                 own = log_det(module, call)
-            record_in(site, new_tuple(LayerRecord, (name, kind, factors, own, size)), sampling)
+            record_in(site, LayerRecord(name, kind, factors, own, size), sampling)
 
         return finish
 
@@ -370,10 +370,13 @@ def _watch(
     before: hooks.Callback | None,
     after: hooks.Callback,
 ) -> list[Handle]:
-    if method == CALL:
-        found = [hooks.on_pre(layer, before)] if before is not None else []
-        return [*found, hooks.on_forward(layer, after)]
-    return site.watch_method(layer, method, before=before, after=after)
+    # A layer's Module.__call__ is watched through its class's ``forward`` (patched while the
+    # capture holds it), not torch's forward hooks: a module without hooks takes
+    # ``Module.__call__``'s fast path, and torch's hook path (about 100 bytecodes and three
+    # Python calls per call) is not paid for each captured layer.
+    return site.watch_method(
+        layer, "forward" if method == CALL else method, before=before, after=after
+    )
 
 
 def legacy(fn: Callable[..., Any]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from . import registry
@@ -27,7 +28,7 @@ class Shape:
     module on the path from the root to each captured layer, to each subnetwork its reader
     watches, and per captured layer."""
 
-    __slots__ = ("model_name", "watched", "captured", "modules", "children")
+    __slots__ = ("model_name", "watched", "captured", "modules", "children", "ids")
 
     def __init__(
         self, model: nn.Module, layers: Iterable[tuple[str, nn.Module, Iterable[nn.Module]]]
@@ -54,14 +55,19 @@ class Shape:
         self.watched = [_seen(path, m) for path, m in found.items()]
         self.modules = [m for _, m, _ in self.watched]
         self.children = [seen for _, _, seen in self.watched]
+        self.ids = [_ids(seen) for seen in self.children]
 
     def check(self) -> None:
         """Raise if a watched module's children changed in a way that matters; accept any
         other change as the new shape."""
         # One list comparison per pass (dicts compared at C level: the same names, the very
-        # same modules); only a change looks module by module. (No operator.attrgetter:
-        # dynamo cannot trace it, and this runs inside a compiled forward.)
-        if [m._modules for m in self.modules] == self.children:
+        # same modules); only a change looks at what changed. Traced by torch.compile, the
+        # modules are compared by id (dynamo before torch 2.6 cannot compare dicts of
+        # modules whose class klj-reg wraps).
+        if torch.compiler.is_compiling():
+            if [_ids(m._modules) for m in self.modules] == self.ids:
+                return
+        elif [m._modules for m in self.modules] == self.children:
             return
         for i, (path, module, seen) in enumerate(self.watched):
             if module._modules != seen:
@@ -77,6 +83,7 @@ class Shape:
                     )
                 self.watched[i] = _seen(path, module)
                 self.children[i] = self.watched[i][2]
+                self.ids[i] = _ids(self.children[i])
 
     def changed(self) -> bool:
         """Whether any watched module's children differ from those seen (any change)."""
@@ -101,6 +108,10 @@ class Shape:
 Seen = tuple[str, nn.Module, dict[str, nn.Module | None]]
 """``(path, module, a copy of its children by name)``: compared with ``module._modules`` as
 dicts (equal names, identical modules), without building anything per pass."""
+
+
+def _ids(children: dict[str, nn.Module | None]) -> list[tuple[str, int]]:
+    return [(name, id(child)) for name, child in children.items()]
 
 
 def _seen(path: str, module: nn.Module) -> Seen:

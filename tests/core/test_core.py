@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from dataclasses import dataclass
 
@@ -391,9 +392,22 @@ def test_batch_mismatch_is_detected() -> None:
 def test_detach_removes_every_hook_and_capturing_is_scoped() -> None:
     model = Stack()
     before = [dict(m._forward_hooks) for m in model.modules()]
+    classes = {type(layer) for layer in model.layers}
+
+    def holders() -> dict[type, int]:  # captures holding each layer class's forward
+        return {c: klj_reg.hooks._patched.get((c, "forward"), (0, 0, 0))[2] for c in classes}
+
+    gc.collect()
+    klj_reg.capture.give_back_collected()  # what models collected without detach held
+    held = holders()  # (other live captures in this process may hold them too)
     klj_reg.attach(model)
+    # the captured layers' class forward is wrapped while attached, and given back
+    assert holders() == {c: n + 1 for c, n in held.items()}
+    assert all(getattr(c.forward, "_klj_wrapper", False) for c in classes)
     klj_reg.detach(model)
     assert [dict(m._forward_hooks) for m in model.modules()] == before
+    assert holders() == held
+    assert all(getattr(c.forward, "_klj_wrapper", False) == bool(held[c]) for c in classes)
     assert klj_reg.capture.get_capture(model) is None
     with klj_reg.capturing(model) as capture:
         model(torch.randn(2, 4))
@@ -404,7 +418,10 @@ def test_detach_removes_every_hook_and_capturing_is_scoped() -> None:
 def test_attach_is_idempotent() -> None:
     model = Stack()
     assert klj_reg.attach(model) is klj_reg.attach(model)
-    assert all(len(layer._forward_hooks) == 1 for layer in model.layers)
+    for layer in model.layers:  # watched once, through its class's forward (no torch hook)
+        found = klj_reg.hooks.binding(layer)
+        assert found is not None and len(found.after["forward"]) == 1
+        assert not layer._forward_hooks and not layer._forward_pre_hooks
 
 
 def test_a_copied_model_does_not_write_into_the_original() -> None:

@@ -863,8 +863,8 @@ def _straight(a: int = 1, b: int = 2) -> int:
 
 def test_host_work_counter_counts_every_executed_bytecode() -> None:
     """benchmarks.overhead.count's counter against dis: a function without branches
-    executes each of its instructions once, in one frame; klj-reg's own frames only are
-    none for a model that is not attached."""
+    executes each of its instructions once, in one frame; klj-reg's own frames grow by at
+    least each captured layer's callback and reader once the model is attached."""
     count = pytest.importorskip("benchmarks.overhead.count")
     counter = count._Counter()
     codes, frames, out = counter.run(_straight)
@@ -875,10 +875,11 @@ def test_host_work_counter_counts_every_executed_bytecode() -> None:
     model, loss_fn, dim, features = tiny("freia")
     x, c = inputs(dim, features, batch=4)
     own = count._Counter(own=True)
-    assert own.run(lambda: loss_fn(x, c))[:2] == (0, 0)
+    # Unattached: at most the class wrappers that other live captures hold (no callback).
+    plain_codes, plain_frames, _ = own.run(lambda: loss_fn(x, c))
     capture = klj_reg.attach(model)
     codes, frames, _ = own.run(lambda: loss_fn(x, c))
-    assert codes > 0 and frames >= 2 * len(capture.sites)  # each layer's callback and reader
+    assert codes > plain_codes and frames - plain_frames >= 2 * len(capture.sites)
 
 
 def test_host_work_count_runs_on_a_zoo_model(tmp_path: Any) -> None:

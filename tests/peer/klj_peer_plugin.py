@@ -368,10 +368,10 @@ def _running(obj: object) -> bool:
     return False
 
 
-def _record_in_a_pass(book: PassBook, site: Any, record: Any) -> None:
+def _record_in_a_pass(book: PassBook, site: Any, record: Any, sampling: bool = False) -> None:
     """``PassBook.record``; a record outside any pass of its model, made while the model
     itself runs, fails the check."""
-    _record(book, site, record)
+    _record(book, site, record, sampling)
     if book.active is not None or book.implicit is None or not _enabled:
         return
     ref = _models.get(book)
@@ -380,8 +380,10 @@ def _record_in_a_pass(book: PassBook, site: Any, record: Any) -> None:
         return
     # A layer called on its own records into an implicit pass of each model it belongs to,
     # by design (a hand-written loop over a model's layers). While the model itself runs,
-    # its records belong in its pass: one outside means a misplaced entry.
-    if not _running(model):
+    # its records belong in its pass: one outside means a misplaced entry. A model that is
+    # itself the layer, called by ``model.forward(x)`` (not through ``Module.__call__``, so
+    # past its entry), is such a layer called on its own.
+    if not _running(model) or site.module is model:
         STATS.outside += 1
         return
     message = (
