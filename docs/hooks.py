@@ -22,8 +22,8 @@ import logging
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from html import unescape
+from pathlib import Path
 from typing import Any
 
 from latex2mathml.converter import convert as tex_to_mathml
