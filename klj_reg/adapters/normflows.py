@@ -93,7 +93,10 @@ def _dim(layer: Any, call: Call) -> int:
     """Jacobian diagonal length per sample: numel of one input (or of a [z1, z2] pair)."""
     z = call.args[0] if call.args else next(iter(call.kwargs.values()))
     if isinstance(z, (list, tuple)):
-        return sum(t.shape[1:].numel() for t in z)
+        size = 0
+        for t in z:  # (no generator: this runs for every captured call)
+            size += t.shape[1:].numel()
+        return size
     return int(z.shape[1:].numel())
 
 
