@@ -282,12 +282,10 @@ def mean_divergence(records: Sequence[LayerRecord], form: str = "jacobian") -> T
             if t.dtype in low:
                 t = t.float()
             activation = factor.activation
-            key: Group
-            if activation is None:
-                key = (batch, factor.repeat, t.dtype, None, factor.scale)
-            else:
-                key = (batch, factor.repeat, t.dtype, _key(activation), factor.scale)
-                activations.setdefault(key[3], activation)
+            which = None if activation is None else _key(activation)
+            key = (batch, factor.repeat, t.dtype, which, factor.scale)
+            if activation is not None:
+                activations.setdefault(which, activation)
             found = groups.get(key)
             if found is None:
                 groups[key] = [t]

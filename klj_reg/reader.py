@@ -43,8 +43,7 @@ class Keep(NamedTuple):
             ``"prqct.transform_net"``; ``""``: the layer itself). An absent object (``None``)
             keeps nothing.
         method: Which call of that object: ``"__call__"`` (a module's forward hook) or a
-            method's name (watched). (The layer's own ``"__call__"``, an adapter's
-            ``method``, is watched through its class's ``forward``.)
+            method's name (watched).
         inputs: Keep the call's first argument instead of its output.
         optional: A call of the layer may leave it out (the reader then sees no key);
             otherwise the core raises :class:`~klj_reg.AdapterMismatchError`.
@@ -116,7 +115,9 @@ class Adapter:
 
     Attributes:
         read: ``read(layer, call)``: the factors of a data-to-latent call.
-        method: The data-to-latent call to watch: ``"__call__"`` or a method's name.
+        method: The data-to-latent call to watch: ``"__call__"`` (watched through the
+            class's ``forward``, so that the layer keeps ``Module.__call__``'s fast path; a
+            direct ``layer.forward(x)`` is seen too) or a method's name.
         keep: What to keep during the call, by key: a :class:`Keep`, an attribute path
             (``Keep(path)``) or a :class:`~klj_reg.kit.FunctionTap` (its latest value, or
             ``None``); or ``keep(layer)`` returning that, for keeps that depend on the layer.
@@ -255,9 +256,8 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
 
     def finisher(sample_method: bool) -> hooks.Callback:
         """After a call of ``method`` (or, ``sample_method``, of ``sample``): take what it
-        kept, and record the factors of its direction (one function: the hot path, where
-        each Python call counts: the record goes to the pass book directly, and the usual
-        places of the input and the log-det are looked at inline)."""
+        kept, and record the factors of its direction (one function: the hot path; the
+        record goes to the pass book directly)."""
 
         def finish(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             for key, tap in taps:
@@ -296,24 +296,14 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             if dim is not None:
                 size = dim(module, call)
             else:
-                # first_argument's usual cases, inline (not call.x: torch < 2.6 cannot trace
-                # a NamedTuple's property).
-                x = args[0] if args else None
-                if isinstance(x, (list, tuple)):
-                    x = x[0] if x else None
-                if not isinstance(x, Tensor):
-                    x = first_argument(args, kwargs)
+                # Not call.x: torch < 2.6 cannot trace a NamedTuple's property.
+                x = first_argument(args, kwargs)
                 size = (
                     x.shape[1:].numel()
                     if x is not None
                     else max(f.selected().shape[1:].numel() for f in factors)
                 )
-            if log_det is None:  # kit.returned_log_det, inline
-                own = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-                if not isinstance(own, Tensor):
-                    own = None
-            else:
-                own = log_det(module, call)
+            own = returned_log_det(out) if log_det is None else log_det(module, call)
             record_in(site, LayerRecord(name, kind, factors, own, size), sampling)
 
         return finish
