@@ -19,8 +19,9 @@ built-in that takes any arguments and does nothing (the hook tables keep their s
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -298,6 +299,39 @@ def _release_method(cls: type, name: str) -> None:
         setattr(cls, name, original)
     else:
         delattr(cls, name)
+
+
+def defined_by(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s MRO whose own attribute ``name`` is, klj-reg's wrappers aside
+    (a wrapper on a class that did not define ``name`` is looked through)."""
+    for c in cls.__mro__:
+        if name in c.__dict__:
+            entry = _patched.get((c, name))
+            if entry is not None and c.__dict__[name] is entry[3] and not entry[1]:
+                continue
+            return c
+    return None
+
+
+@contextlib.contextmanager
+def lifted() -> Iterator[None]:
+    """Every class patch taken off for the block and put back after it (for measurement: a
+    plain model timed in the process of an attached one runs without the wrappers its
+    classes carry meanwhile). Callbacks registered on objects stay; they are not called
+    while lifted."""
+    taken = []
+    for (cls, name), (original, had_own, _, wrapper) in list(_patched.items()):
+        if cls.__dict__.get(name) is wrapper:
+            if had_own:
+                setattr(cls, name, original)
+            else:
+                delattr(cls, name)
+            taken.append((cls, name, wrapper))
+    try:
+        yield
+    finally:
+        for cls, name, wrapper in taken:
+            setattr(cls, name, wrapper)
 
 
 class Patches:

@@ -17,6 +17,7 @@ This module imports no framework and nothing else of klj-reg's but its leaves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import math
@@ -24,7 +25,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from . import hooks
 from .errors import AdapterMismatchError
-from .records import Factor, LayerRecord
+from .records import Factor, LayerRecord, make
 
 MAX_CHECKS = 100
 """Batches on which a layer is checked against its own log-det while its scales are ~1."""
@@ -216,13 +217,8 @@ class Site(Watches):
     ) -> None:
         """Record this layer's factors from the call that just ran (``sampling``: a
         latent-to-data call, with the sampling map's factors and log-determinant)."""
-        record = LayerRecord(
-            name=self.name, kind=self.kind, factors=tuple(factors), log_det=log_det, dim=dim
-        )
-        if sampling:
-            self.sink.record(self, record, sampling=True)
-        else:
-            self.sink.record(self, record)
+        record = make(LayerRecord, (self.name, self.kind, tuple(factors), log_det, dim))
+        self.sink.record(self, record, sampling)
 
     def no_sampling(self, why: str) -> None:
         """The adapter cannot record this layer's sampling calls (``attach`` then raises
@@ -567,6 +563,7 @@ class FunctionTap:
     def acquire(self) -> Handle:
         """Wrap the functions (first user); the handle unwraps them (last user)."""
         if self.users == 0:
+            _WRAPPING.add(self)
             for namespace, name in self.targets():
                 fn = getattr(namespace, name, None)
                 if callable(fn) and not getattr(fn, "_klj_tap", False):
@@ -588,6 +585,29 @@ class FunctionTap:
             for (namespace, name), fn in self.originals.items():
                 setattr(namespace, name, fn)
             self.originals.clear()
+            _WRAPPING.discard(self)
+
+
+_WRAPPING: set[FunctionTap] = set()
+"""The function taps whose wrappers are in place (some site holds them)."""
+
+
+@contextlib.contextmanager
+def lifted() -> Iterator[None]:
+    """Every wrapper klj-reg puts in a framework's place (class patches: :func:`klj_reg.hooks.
+    lifted`; function taps) taken off for the block and put back after it. For measurement:
+    a plain model timed beside an attached one, in one process, runs as it would alone."""
+    taken = []
+    for tap in list(_WRAPPING):
+        for (namespace, name), fn in tap.originals.items():
+            taken.append((namespace, name, getattr(namespace, name)))
+            setattr(namespace, name, fn)
+    try:
+        with hooks.lifted():
+            yield
+    finally:
+        for namespace, name, wrapper in taken:
+            setattr(namespace, name, wrapper)
 
 
 def _spline_result(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> tuple[Any, Tensor]:

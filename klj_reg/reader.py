@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import hooks
 from .errors import AdapterMismatchError
 from .kit import FunctionTap, Handle, Site, first_argument, inverted, returned_log_det
-from .records import Factor, LayerRecord
+from .records import Factor, LayerRecord, make
 
 CALL = "__call__"
 """The watched call of a layer that the framework calls through ``Module.__call__``."""
@@ -269,9 +269,9 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
             else:
                 kept = {}
             sampling = sample_method
-            call = Call(args, kwargs, out, kept, sampling, setup)
+            call = make(Call, (args, kwargs, out, kept, sampling, setup))
             if not sampling and sample_when is not None and sample_when(module, call):
-                sampling, call = True, Call(args, kwargs, out, kept, True, setup)
+                sampling, call = True, make(Call, (args, kwargs, out, kept, True, setup))
             if sampling and not site.sampling:
                 return
             if required and not kept.keys() >= required:
@@ -303,8 +303,13 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
                     if x is not None
                     else max(f.selected().shape[1:].numel() for f in factors)
                 )
-            own = returned_log_det(out) if log_det is None else log_det(module, call)
-            record_in(site, LayerRecord(name, kind, factors, own, size), sampling)
+            # The layer's own log-det only while its records are still checked against it.
+            own = (
+                (returned_log_det(out) if log_det is None else log_det(module, call))
+                if (site.sample_checks_left if sampling else site.checks_left)
+                else None
+            )
+            record_in(site, make(LayerRecord, (name, kind, factors, own, size)), sampling)
 
         return finish
 

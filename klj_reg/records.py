@@ -8,11 +8,27 @@ Each factor is described by its diagonal d through ``log|d|``; entries not liste
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
+import torch
 from torch import Tensor
 
 Map = Callable[[Tensor], Tensor]
+_T = TypeVar("_T", bound=tuple[Any, ...])
+
+
+def _by_constructor(cls: type[_T], values: tuple[Any, ...]) -> _T:
+    return cls(*values)
+
+
+make: Callable[[type[_T], tuple[Any, ...]], _T] = (
+    tuple.__new__
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6)
+    else _by_constructor
+)
+"""``make(cls, values)``: a NamedTuple from a tuple of all its fields, in the hot path of
+every captured call: ``tuple.__new__`` (no Python frame); with torch < 2.6 the constructor,
+whose dynamo cannot trace ``tuple.__new__`` of a NamedTuple."""
 
 
 def as_row(t: Tensor) -> Tensor:

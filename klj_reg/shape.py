@@ -15,12 +15,15 @@ scans it again.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter
 
 import torch
 from torch import nn
 
 from . import registry
 from .errors import CaptureError
+
+_CHILDREN = attrgetter("_modules")
 
 
 class Shape:
@@ -60,14 +63,14 @@ class Shape:
     def check(self) -> None:
         """Raise if a watched module's children changed in a way that matters; accept any
         other change as the new shape."""
-        # One list comparison per pass (dicts compared at C level: the same names, the very
-        # same modules); only a change looks at what changed. Traced by torch.compile, the
-        # modules are compared by id (dynamo before torch 2.6 cannot compare dicts of
-        # modules whose class klj-reg wraps).
+        # One list comparison per pass (children gathered and dicts compared at C level: the
+        # same names, the very same modules); only a change looks at what changed. Traced by
+        # torch.compile, the modules are compared by id (dynamo before torch 2.6 cannot
+        # compare dicts of modules whose class klj-reg wraps).
         if torch.compiler.is_compiling():
             if [_ids(m._modules) for m in self.modules] == self.ids:
                 return
-        elif [m._modules for m in self.modules] == self.children:
+        elif list(map(_CHILDREN, self.modules)) == self.children:
             return
         for i, (path, module, seen) in enumerate(self.watched):
             if module._modules != seen:
@@ -87,7 +90,7 @@ class Shape:
 
     def changed(self) -> bool:
         """Whether any watched module's children differ from those seen (any change)."""
-        return [m._modules for m in self.modules] != self.children
+        return list(map(_CHILDREN, self.modules)) != self.children
 
     def _changes(
         self, path: str, module: nn.Module, seen: dict[str, nn.Module | None]

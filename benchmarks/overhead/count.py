@@ -10,7 +10,10 @@ executes in *every* Python frame:
 - ``penalty``: ``klj_reg.penalty(model, x)`` on that pass;
 - ``backward``: the backward of NLL + penalty minus the plain backward;
 
-and, apart, the part of the forward spent in klj-reg's own frames per captured layer.
+and, apart, the part of the forward spent in klj-reg's own frames per captured layer, and
+what an unattached twin of the model pays while the capture holds its class patches (a
+watched method wraps the class: every instance runs through the wrapper). The plain step is
+counted before anything is attached, so that it pays none of that.
 
 A count does not depend on the machine's load, so two commits can be compared on a machine
 whose step times drift by tens of percent between runs (this one: a plain step of 2.1-3.6
@@ -88,6 +91,14 @@ def count(entry: Z.ZooModel, settings: Settings, ops: bool = False) -> dict[str,
     torch.manual_seed(0)
     plain = Z.build(entry, settings)
     x = Z.batch(entry, plain, settings)
+    for _ in range(3):
+        nll(plain, x).backward()
+    # The plain step is counted before anything is attached: once a capture holds a class
+    # patch (a watched method), every instance of that class runs through its wrapper.
+    every, own = _Counter(), _Counter(own=True)
+    f0, n0, loss0 = every.run(lambda: nll(plain, x))
+    b0, bn0, _ = every.run(loss0.backward)
+
     torch.manual_seed(0)
     flow = Z.build(entry, settings)
     capture = klj_reg.attach(flow.model)
@@ -96,22 +107,23 @@ def count(entry: Z.ZooModel, settings: Settings, ops: bool = False) -> dict[str,
         return klj_reg.penalty(flow.model, x, alpha=settings.alpha, normaliser="dim")
 
     for _ in range(3):
-        nll(plain, x).backward()
         (nll(flow, x) + penalty()).backward()
     for site in capture.sites.values():  # the steady state: every layer verified
         site.checks_left = site.sample_checks_left = 0
     (nll(flow, x) + penalty()).backward()
+    layers = len(capture.sites)
 
-    every, own = _Counter(), _Counter(own=True)
-    f0, n0, loss0 = every.run(lambda: nll(plain, x))
     f1, n1, loss1 = every.run(lambda: nll(flow, x))
     p, pn, value = every.run(penalty)
-    b0, bn0, _ = every.run(loss0.backward)
     total = loss1 + value
     b1, bn1, _ = every.run(total.backward)
+    # What the patches cost an unattached instance of the same classes (the plain model,
+    # counted again while the capture holds them).
+    t, tn, loss2 = every.run(lambda: nll(plain, x))
+    loss2.backward()
     klj_reg.clear(flow.model)
     k, kn, _ = own.run(lambda: nll(flow, x))
-    layers = len(capture.sites)
+    klj_reg.detach(flow.model)  # its patches given back: the next model's plain runs without
     row: dict[str, Any] = {
         "name": entry.name,
         "backend": entry.backend,
@@ -121,6 +133,7 @@ def count(entry: Z.ZooModel, settings: Settings, ops: bool = False) -> dict[str,
         "penalty": {"bytecodes": p, "frames": pn},
         "backward": {"bytecodes": b1 - b0, "frames": bn1 - bn0},
         "klj_reg_forward_per_layer": {"bytecodes": k / layers, "frames": kn / layers},
+        "unattached_twin": {"bytecodes": t - f0, "frames": tn - n0},
     }
     row["step"] = {
         key: sum(row[phase][key] for phase in ("forward", "penalty", "backward"))
@@ -152,12 +165,14 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any], ops: bool) -> st
         f"Python {sys.version.split()[0]}, {versions}.",
         "",
         "Bytecodes (frames) in every Python frame, batch 256, self-checks done: the forward "
-        "attached minus plain, the penalty, the backward attached minus plain; klj-reg's own "
-        "forward work per captured layer. `python -m benchmarks.overhead.count`.",
+        "attached minus plain (plain counted before anything is attached), the penalty, the "
+        "backward attached minus plain; klj-reg's own forward work per captured layer; and "
+        "what an unattached twin's forward pays while the capture's class patches are held. "
+        "`python -m benchmarks.overhead.count`.",
         "",
         "| model | layers | forward | penalty | backward | step | klj-reg per layer |"
-        + (" aten ops |" if ops else ""),
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if ops else ""),
+        " unattached twin |" + (" aten ops |" if ops else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ops else ""),
     ]
     for r in rows:
         cells = [
@@ -170,6 +185,8 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any], ops: bool) -> st
             + " | ".join(cells)
             + f" | {own['bytecodes']:.0f} ({own['frames']:.1f}) |"
         )
+        twin = r.get("unattached_twin")
+        line += f" {twin['bytecodes']:,} ({twin['frames']}) |" if twin else " |"
         lines.append(line + (f" {r['aten_ops']} |" if ops else ""))
     return "\n".join(lines) + "\n"
 

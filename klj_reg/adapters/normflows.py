@@ -91,13 +91,14 @@ framework = Registrar("normflows", nf, nf.flows, normflows_mixing, nf.transforms
 
 def _dim(layer: Any, call: Call) -> int:
     """Jacobian diagonal length per sample: numel of one input (or of a [z1, z2] pair)."""
-    z = call.args[0] if call.args else next(iter(call.kwargs.values()))
-    if isinstance(z, (list, tuple)):
-        size = 0
-        for t in z:  # (no generator: this runs for every captured call)
-            size += t.shape[1:].numel()
-        return size
-    return int(z.shape[1:].numel())
+    args = call.args
+    z = args[0] if args else next(iter(call.kwargs.values()))
+    if isinstance(z, Tensor):
+        return z.shape[1:].numel()
+    size = 0
+    for t in z:  # (no generator: this runs for every captured call)
+        size += t.shape[1:].numel()
+    return size
 
 
 def reads(*names: str, **fields: Any) -> Any:

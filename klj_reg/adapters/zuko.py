@@ -58,6 +58,7 @@ from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 from torch.distributions.utils import _sum_rightmost
 
+from .. import hooks
 from ..errors import CaptureError
 from ..hooks import On
 from ..kit import Door, Handle, Site, on_forward, warn_left_out
@@ -94,6 +95,9 @@ def _classes(*names: str) -> tuple[Any, ...]:
 META = _classes("AutoregressiveTransform", "CouplingTransform")
 """Transforms whose ``meta(x)`` returns ``DependentTransform(univariate, 1)``."""
 
+BUILD_META = _classes("MaskedAutoregressiveTransform", "GeneralCouplingTransform")
+"""Lazy modules whose per-call Transform is one of :data:`META`."""
+
 (ComposedTransform,) = _classes("ComposedTransform")
 WATCHED = (*META, DependentTransform, LULinearTransform, _InverseTransform)
 """Classes of the transforms the layers return, watched from attach."""
@@ -127,12 +131,6 @@ Read = Callable[[Tensor, Tensor, Any], Factor]
 """``(elementwise ladj or the call's ladj, x, the watched transform) -> factor``."""
 
 
-def _ladj(method: str, out: Any) -> Tensor:
-    """The ladj a watched method returned: ``call_and_ladj -> (y, ladj)``,
-    ``log_abs_det_jacobian -> ladj``."""
-    return out[1] if method == "call_and_ladj" else out
-
-
 def _recorder(
     site: Site,
     method: str,
@@ -149,8 +147,11 @@ def _recorder(
         if cell is not None:
             cell.clear()
 
+    pair = method == "call_and_ladj"  # returns (y, ladj); log_abs_det_jacobian: ladj
+    checks = "sample_checks_left" if sampling else "checks_left"
+
     def after(obj: Any, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
-        x, ladj = args[0], _ladj(method, out)
+        x, ladj = args[0], out[1] if pair else out
         if cell is not None:
             if not cell:
                 raise site.mismatch(
@@ -160,10 +161,16 @@ def _recorder(
             cell.clear()
         else:
             ladj_each = ladj
-        features = x.shape[-1] if x.dim() else 1
-        # The layer's own ladj for the self-check, as returned where it is (no operator).
-        own = None if check is None else _flat(ladj) if check == 1.0 else check * _flat(ladj)
-        site.record([read(ladj_each, x, obj)], own, features, sampling)
+        # The layer's own ladj for the self-check (as returned, no operator), only while its
+        # records are still checked against it.
+        own = (
+            None
+            if check is None or not getattr(site, checks)
+            else _flat(ladj)
+            if check == 1.0
+            else check * _flat(ladj)
+        )
+        site.record((read(ladj_each, x, obj),), own, x.shape[-1] if x.dim() else 1, sampling)
 
     return On(method, before if cell is not None else None, after)
 
@@ -223,11 +230,13 @@ class _Decorator:
 
     __slots__ = ("site", "cell", "made", "tap")
 
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Site, generic: bool = False) -> None:
         self.site = site
         self.cell: list[Tensor] = []
         self.made: dict[str, Callable[[Any], None]] = {}
-        self.tap = self.watch("tap")
+        # A univariate whose call_and_ladj is zuko's generic one computes its ladj in
+        # log_abs_det_jacobian, either way it is called: that method alone is tapped.
+        self.tap = self.watch("tap-ladj" if generic else "tap")
 
     def watch(self, role: str) -> Callable[[Any], None]:
         """The prepared callbacks of ``role``, made on first use."""
@@ -238,7 +247,7 @@ class _Decorator:
 
     def _ons(self, role: str) -> list[On]:
         site, cell, sampling = self.site, self.cell, self.site.sampling
-        if role == "tap":  # a univariate's elementwise ladj, into the cell
+        if role in ("tap", "tap-ladj"):  # a univariate's elementwise ladj, into the cell
 
             def pair(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
                 cell.append(out[1])
@@ -246,7 +255,8 @@ class _Decorator:
             def ladj(obj: Any, args: Any, kwargs: Any, out: Any) -> None:
                 cell.append(out)
 
-            return [On("call_and_ladj", after=pair), On("log_abs_det_jacobian", after=ladj)]
+            tap_ladj = On("log_abs_det_jacobian", after=ladj)
+            return [tap_ladj] if role == "tap-ladj" else [On("call_and_ladj", after=pair), tap_ladj]
         if role == "meta":  # sampling: zuko's inverse ladj, minus the forward's at the sample
             ons = [_recorder(site, "call_and_ladj", _rows_of, cell)]
             if sampling:
@@ -323,10 +333,18 @@ def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
         for m in (module, getattr(module, "transform", None))
         if isinstance(u := getattr(m, "univariate", None), type)
     ]
-    for cls in (*WATCHED, *univariates):
+    # (A MAF or coupling layer's transform is one of META, whose meta gives a univariate:
+    # only those classes, so that other instances of the rest run unwrapped.)
+    builds_meta = isinstance(module, BUILD_META)
+    generic = bool(univariates) and all(
+        hooks.defined_by(u, "call_and_ladj") is Transform for u in univariates
+    )
+    for cls in (*(META if builds_meta else WATCHED), *univariates):
         for method in ("call_and_ladj", "log_abs_det_jacobian"):
+            if cls in univariates and generic and method == "call_and_ladj":
+                continue
             site.patches.hold(cls, method)
-    decorate = _Decorator(site)
+    decorate = _Decorator(site, generic and builds_meta)
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         decorate(output)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import klj_reg
+from klj_reg import records
 from klj_reg.divergence import mean_divergence
 from klj_reg.fallback import exact_klj, hutchinson_klj
 from klj_reg.records import Factor, LayerRecord, as_row
@@ -415,6 +416,37 @@ def test_detach_removes_every_hook_and_capturing_is_scoped() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_lifted_takes_every_wrapper_off_for_the_block() -> None:
+    """``kit.lifted()`` (the overhead benchmark's plain steps): inside the block the classes
+    and framework functions are the originals (an unattached twin runs as it would alone; the
+    attached model records nothing), after it the wrappers are back and recording resumes."""
+    model = Stack()
+    capture = klj_reg.attach(model)
+    flows = pytest.importorskip("nflows.flows")
+    flow = flows.MaskedAutoregressiveFlow(
+        features=3, hidden_features=4, num_layers=1, num_blocks_per_layer=1
+    )
+    klj_reg.attach(flow)  # taps nflows' sum_except_batch
+    classes = {type(layer) for layer in model.layers}
+    taps = [
+        (namespace, name, original, getattr(namespace, name))
+        for tap in klj_reg.kit._WRAPPING
+        for (namespace, name), original in tap.originals.items()
+    ]
+    assert taps and all(wrapper is not original for _, _, original, wrapper in taps)
+    x = torch.randn(2, 4)
+    capture.take()
+    with klj_reg.kit.lifted():
+        assert not any(getattr(c.forward, "_klj_wrapper", False) for c in classes)
+        assert all(getattr(ns, name) is original for ns, name, original, _ in taps)
+        model(x)
+        assert capture.take() == []
+    assert all(getattr(c.forward, "_klj_wrapper", False) for c in classes)
+    assert all(getattr(ns, name) is wrapper for ns, name, _, wrapper in taps)
+    model(x)
+    assert len(capture.take()) == 3
+
+
 def test_attach_is_idempotent() -> None:
     model = Stack()
     assert klj_reg.attach(model) is klj_reg.attach(model)
@@ -487,6 +519,41 @@ def test_wrong_adapter_is_caught_by_the_log_det_check() -> None:
     model(torch.randn(4, 4))
     with pytest.raises(klj_reg.AdapterMismatchError, match=r"layers\.1 \(Wrong"):
         klj_reg.penalty(model, alpha=1e-2)
+
+
+def test_verified_layers_record_no_log_det() -> None:
+    """A layer's own log-det is read only while its records are checked against it: once
+    its self-checks are done (the steady state), its records carry none, and the penalty
+    is unchanged."""
+    torch.manual_seed(0)
+    model = Stack()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    capture = klj_reg.attach(model)
+    x = torch.randn(4, 4)
+    model(x)
+    checked = capture.records
+    assert checked and all(r.log_det is not None for r in checked.values())
+    expected = klj_reg.penalty(model, x, alpha=1e-2)
+    for site in capture.sites.values():
+        site.checks_left = 0
+    model(x)
+    verified = capture.records
+    assert verified.keys() == checked.keys()
+    assert all(r.log_det is None for r in verified.values())
+    torch.testing.assert_close(klj_reg.penalty(model, x, alpha=1e-2), expected)
+
+
+@pytest.mark.parametrize("make", [records.make, records._by_constructor])
+def test_make_builds_the_named_tuple(make: object) -> None:
+    """``records.make`` (``tuple.__new__`` from torch 2.6 on, the constructor before: the
+    hot path's way to build a call's records) gives the NamedTuple itself, every field set."""
+    factor = Factor(source=torch.ones(2, 3))
+    built = make(LayerRecord, ("a", "Coupling", (factor,), None, 3))  # type: ignore[operator]
+    assert type(built) is LayerRecord
+    assert built == LayerRecord(name="a", kind="Coupling", factors=(factor,), log_det=None, dim=3)
+    assert built.dim == 3 and built.factors[0] is factor
 
 
 def test_non_finite_scale_names_the_layer() -> None:

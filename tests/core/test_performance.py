@@ -894,6 +894,8 @@ def test_host_work_count_runs_on_a_zoo_model(tmp_path: Any) -> None:
         phases = [row[p][key] for p in ("forward", "penalty", "backward")]
         assert row["step"][key] == sum(phases) and min(phases[:2]) > 0
         assert 0 < row["klj_reg_forward_per_layer"][key] * row["layers"] <= row["forward"][key]
+        # The layers' class forward is watched: an unattached twin runs through the wrapper.
+        assert row["unattached_twin"][key] > 0
     assert "| actnorm-lu/freia/small |" in (tmp_path / "count.md").read_text()
 
 
