@@ -886,7 +886,12 @@ def test_host_work_count_runs_on_a_zoo_model(tmp_path: Any) -> None:
     """``python -m benchmarks.overhead.count``: the phases add up to the step, klj-reg's own
     forward work is part of the forward's, and the report is written."""
     count = pytest.importorskip("benchmarks.overhead.count")
-    count.main(["--zoo", "actnorm-lu/freia/small", "--batch", "8", "--out", str(tmp_path)])
+    held = dict(hooks._patched)
+    args = ["--zoo", "actnorm-lu/freia/small", "--batch", "8", "--ops", "--out", str(tmp_path)]
+    count.main(args)
+    # Every model's patches are given back (the next model's plain step runs unwrapped;
+    # captures of collected models from earlier tests may be given back too).
+    assert hooks._patched.keys() <= held.keys()
     report = json.loads((tmp_path / "count.json").read_text())
     (row,) = report["results"]
     assert row["name"] == "actnorm-lu/freia/small" and row["layers"] > 0
