@@ -295,6 +295,11 @@ def _release_method(cls: type, name: str) -> None:
     del _patched[key]
     if cls.__dict__.get(name) is not wrapper:
         return  # replaced since (and restored by whoever replaced it)
+    _unwrap(cls, name, original, had_own)
+
+
+def _unwrap(cls: type, name: str, original: Any, had_own: bool) -> None:
+    """Put back what ``cls.<name>`` was before klj-reg wrapped it."""
     if had_own:
         setattr(cls, name, original)
     else:
@@ -322,10 +327,7 @@ def lifted() -> Iterator[None]:
     taken = []
     for (cls, name), (original, had_own, _, wrapper) in list(_patched.items()):
         if cls.__dict__.get(name) is wrapper:
-            if had_own:
-                setattr(cls, name, original)
-            else:
-                delattr(cls, name)
+            _unwrap(cls, name, original, had_own)
             taken.append((cls, name, wrapper))
     try:
         yield

@@ -303,12 +303,10 @@ def install(adapter: Adapter, layer: Any, site: Site) -> list[Handle]:
                     if x is not None
                     else max(f.selected().shape[1:].numel() for f in factors)
                 )
-            # The layer's own log-det only while its records are still checked against it.
-            own = (
-                (returned_log_det(out) if log_det is None else log_det(module, call))
-                if (site.sample_checks_left if sampling else site.checks_left)
-                else None
-            )
+            own = None  # the layer's own log-det, read only while it is still checked
+            # (attributes, not checks' attrgetter table: dynamo breaks the graph on that)
+            if site.sample_checks_left if sampling else site.checks_left:
+                own = returned_log_det(out) if log_det is None else log_det(module, call)
             record_in(site, make(LayerRecord, (name, kind, factors, own, size)), sampling)
 
         return finish

@@ -148,7 +148,6 @@ def _recorder(
             cell.clear()
 
     pair = method == "call_and_ladj"  # returns (y, ladj); log_abs_det_jacobian: ladj
-    checks = "sample_checks_left" if sampling else "checks_left"
 
     def after(obj: Any, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
         x, ladj = args[0], out[1] if pair else out
@@ -161,15 +160,9 @@ def _recorder(
             cell.clear()
         else:
             ladj_each = ladj
-        # The layer's own ladj for the self-check (as returned, no operator), only while its
-        # records are still checked against it.
-        own = (
-            None
-            if check is None or not getattr(site, checks)
-            else _flat(ladj)
-            if check == 1.0
-            else check * _flat(ladj)
-        )
+        own = None  # the layer's own ladj for the self-check, only while it is checked
+        if check is not None and (site.sample_checks_left if sampling else site.checks_left):
+            own = _flat(ladj) if check == 1.0 else check * _flat(ladj)
         site.record((read(ladj_each, x, obj),), own, x.shape[-1] if x.dim() else 1, sampling)
 
     return On(method, before if cell is not None else None, after)
@@ -230,13 +223,13 @@ class _Decorator:
 
     __slots__ = ("site", "cell", "made", "tap")
 
-    def __init__(self, site: Site, generic: bool = False) -> None:
+    def __init__(self, site: Site, ladj_only: bool = False) -> None:
         self.site = site
         self.cell: list[Tensor] = []
         self.made: dict[str, Callable[[Any], None]] = {}
         # A univariate whose call_and_ladj is zuko's generic one computes its ladj in
         # log_abs_det_jacobian, either way it is called: that method alone is tapped.
-        self.tap = self.watch("tap-ladj" if generic else "tap")
+        self.tap = self.watch("tap-ladj" if ladj_only else "tap")
 
     def watch(self, role: str) -> Callable[[Any], None]:
         """The prepared callbacks of ``role``, made on first use."""
@@ -336,15 +329,18 @@ def install_lazy(module: nn.Module, site: Site) -> list[Handle]:
     # (A MAF or coupling layer's transform is one of META, whose meta gives a univariate:
     # only those classes, so that other instances of the rest run unwrapped.)
     builds_meta = isinstance(module, BUILD_META)
-    generic = bool(univariates) and all(
-        hooks.defined_by(u, "call_and_ladj") is Transform for u in univariates
+    # Its univariate's ladj is tapped through log_abs_det_jacobian alone where its
+    # call_and_ladj is zuko's generic one (which calls log_abs_det_jacobian).
+    ladj_only = (
+        builds_meta
+        and bool(univariates)
+        and all(hooks.defined_by(u, "call_and_ladj") is Transform for u in univariates)
     )
     for cls in (*(META if builds_meta else WATCHED), *univariates):
         for method in ("call_and_ladj", "log_abs_det_jacobian"):
-            if cls in univariates and generic and method == "call_and_ladj":
-                continue
-            site.patches.hold(cls, method)
-    decorate = _Decorator(site, generic and builds_meta)
+            if not (ladj_only and cls in univariates and method == "call_and_ladj"):
+                site.patches.hold(cls, method)
+    decorate = _Decorator(site, ladj_only)
 
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         decorate(output)

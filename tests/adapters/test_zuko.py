@@ -33,6 +33,7 @@ from zuko.lazy import LazyInverse, Unconditional  # noqa: E402
 from zuko.transforms import (  # noqa: E402
     AutoregressiveTransform,
     ComposedTransform,
+    DependentTransform,
     LULinearTransform,
     MonotonicAffineTransform,
     MonotonicRQSTransform,
@@ -404,6 +405,31 @@ def test_missing_univariate_ladj_raises(monkeypatch: pytest.MonkeyPatch) -> None
     klj_reg.attach(flow)
     with pytest.raises(klj_reg.AdapterMismatchError, match="no elementwise"):
         flow().log_prob(torch.randn(3, FEATURES))
+
+
+@pytest.mark.parametrize("build", [MAF, NSF])
+def test_maf_and_coupling_layers_wrap_only_what_they_read(build: Callable[..., Flow]) -> None:
+    """A MAF or coupling layer wraps its transform's class (META) and its univariate, and no
+    other zuko class: an unattached ``DependentTransform`` or ``LULinearTransform`` runs its
+    own methods. A univariate with zuko's generic ``call_and_ladj`` (affine) is watched
+    through ``log_abs_det_jacobian`` alone; one with its own (the RQ spline) through both.
+    The penalty stays exact either way (the other tests)."""
+    flow = randomise(build(FEATURES, 0, transforms=2, **HIDDEN), 0.3)
+    classes = {DependentTransform, LULinearTransform, MonotonicAffineTransform}
+    classes.add(MonotonicRQSTransform)
+    capture = klj_reg.attach(flow)
+    x = torch.randn(3, FEATURES)
+    flow().log_prob(x)  # (a univariate given as a partial is met, and wrapped, in the pass)
+    # (this capture's patches: other live captures in the process may hold more)
+    held = {(c, n) for c, n in capture.patches.held if c in classes}
+    univariate = MonotonicAffineTransform if build is MAF else MonotonicRQSTransform
+    expected = {(univariate, "log_abs_det_jacobian")}
+    if build is NSF:
+        expected.add((univariate, "call_and_ladj"))
+    assert held == expected
+    assert klj_reg.penalty(flow, x, alpha=1e-2).item() > 0
+    klj_reg.detach(flow)
+    assert not capture.patches.held
 
 
 def test_continuous_flow_is_left_out_with_a_warning() -> None:
