@@ -3,6 +3,7 @@ used, and the pre-registered reading rules applied to made-up records."""
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 from typing import Any
@@ -208,3 +209,18 @@ def test_fallback_regime_stands_for_b_only_when_b_does_not_overfit(tmp_path: pat
     assert calibrated_report.analyse(tmp_path)["verdicts"]["freia"] == (
         "does not replicate at this scale"
     )
+
+
+def test_committed_report_matches_its_runs() -> None:
+    """The committed report and summary are what the pre-registered rules give on the
+    committed run records (a run added without re-rendering the report fails here)."""
+    out = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "calibrated"
+    if not (out / "report.md").exists():
+        pytest.skip("no committed calibrated report")
+    a = calibrated_report.analyse(out)
+    # every run of the table from one clean commit, as pre-registered
+    assert len(a["commits"]) == 1 and not a["commits"][0].endswith("-dirty"), a["commits"]
+    assert not a["commits"][0].startswith("None")
+    assert calibrated_report.markdown(a) == (out / "report.md").read_text()
+    committed = json.loads((out / "summary.json").read_text())
+    assert json.loads(json.dumps(a, default=str)) == committed
