@@ -6,7 +6,8 @@ In a page, ``<!-- results: KIND FOLDER -->`` is replaced by the table of the run
 ``benchmarks/results/FOLDER``; KIND is one of ``demo``, ``ood``, ``ood-mean`` (Table 1 in
 brief), ``curves`` (learning curves of ``ood`` runs), ``selection`` (alpha chosen on a
 validation split), ``outliers``, ``trainsize``, ``sweep``, ``overhead``, ``stability``,
-``tabular`` (the alpha grid's rule, ranks and validation choice). Figures
+``tabular`` (the alpha grid's rule, ranks and validation choice), ``calibrated`` (the
+pre-registered OoD experiment's report, without its title). Figures
 are linked as ``figures/<path under benchmarks/results>``.
 
 Math is rendered at build time: every formula (``$...$``, ``$$...$$`` through
@@ -126,6 +127,17 @@ def _tabular(folder: Path) -> str:
     return report.summary([json.loads(line) for line in lines if line.strip()])
 
 
+def _calibrated(folder: Path) -> str:
+    """The calibrated experiment's report as ``python -m benchmarks calibrated`` writes it,
+    from its run records (the title line dropped: the page has its own)."""
+    from benchmarks.cifar import calibrated_report
+
+    text = calibrated_report.markdown(calibrated_report.analyse(folder))
+    text = text.split("\n", 1)[1] if text.startswith("# ") else text
+    shown = folder.relative_to(ROOT).as_posix()
+    return text.replace("[preregistration.md](preregistration.md)", f"`{shown}/preregistration.md`")
+
+
 def _curves(folder: Path) -> str:
     from benchmarks.cifar import curves
 
@@ -171,6 +183,7 @@ RENDER: dict[str, Callable[[Path], str]] = {
     "overhead": _overhead,
     "stability": _stability,
     "tabular": _tabular,
+    "calibrated": _calibrated,
 }
 
 
@@ -211,9 +224,7 @@ def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
 
 
 # pymdownx.arithmatex's generic output (and the API reference's, above): TeX, HTML-escaped.
-TEX = re.compile(
-    r'<(span|div) class="arithmatex">\\(?:\((.*?)\\\)|\[(.*?)\\\])</\1>', re.S
-)
+TEX = re.compile(r'<(span|div) class="arithmatex">\\(?:\((.*?)\\\)|\[(.*?)\\\])</\1>', re.S)
 TEXT_ESCAPE = re.compile(r"(<mtext>[^<]*)\\([_%&$#])")
 LOG = logging.getLogger("mkdocs.hooks.math")
 
