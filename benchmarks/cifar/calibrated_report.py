@@ -158,14 +158,20 @@ def verdict(readings: dict[str, dict[str, str]]) -> str:
             r in ("helps", "hurts", "no detectable effect") for r in rs.values()
         )  # fmt: skip
 
+    def undecided(regime: str) -> str:
+        rs = readings.get(regime, {}).values()
+        if not rs or any(r.startswith("incomplete") for r in rs):
+            return f"no verdict yet (regime {regime} has incomplete rows)"
+        return f"no verdict (regime {regime} has unscorable rows)"
+
     if helps("A"):
         return "replicates"
     if not decided("A"):
-        return "no verdict yet (regime A has incomplete or unscorable rows)"
+        return undecided("A")
     if helps("B"):
         return "replicates only where the flow overfits (regime B), not in regime A"
     if not decided("B"):
-        return "no gain in regime A; no verdict for regime B (incomplete or unscorable rows)"
+        return "no gain in regime A; " + undecided("B")
     return "does not replicate at this scale"
 
 

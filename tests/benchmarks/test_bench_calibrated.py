@@ -165,7 +165,7 @@ def test_rules_pinned_sets_pairing_plateau_and_verdict(tmp_path: pathlib.Path) -
     assert big["headline"] == pytest.approx([2.5, 3.0, 3.5]) and big["reading"] == "helps"
     assert a["cells"]["B/freia"]["gate"]["overfits"] is True
     # regime A has an unscorable row: no verdict, whatever B says
-    assert a["verdicts"]["freia"].startswith("no verdict")
+    assert a["verdicts"]["freia"] == "no verdict (regime A has unscorable rows)"
     text = (tmp_path / "report.md").read_text()
     assert "+3.0 [+2.5, +3.0, +3.5]" in text and "3/3" in text
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -177,7 +177,15 @@ def test_verdict_rule() -> None:
     assert v({"A": {"x": "helps"}, "B": {"x": none}}) == "replicates"
     assert v({"A": {"x": none, "y": "hurts"}, "B": {"x": "helps"}}).startswith("replicates only")
     assert v({"A": {"x": none}, "B": {"x": none}}) == "does not replicate at this scale"
-    assert v({"A": {"x": "incomplete (2 of 3 seeds)"}}).startswith("no verdict")
+    assert v({"A": {"x": "incomplete (2 of 3 seeds)"}}).startswith("no verdict yet")
+    unscorable = "unscorable (test L_x still drifts)"
+    # every run done, but a row of A cannot be read: no verdict, and not "yet"
+    assert v({"A": {"x": unscorable, "y": none}, "B": {"x": "helps"}}) == (
+        "no verdict (regime A has unscorable rows)"
+    )
+    assert v({"A": {"x": none}, "B": {"x": unscorable}}) == (
+        "no gain in regime A; no verdict (regime B has unscorable rows)"
+    )
 
 
 def test_overfitting_gate() -> None:
